@@ -1,0 +1,25 @@
+//! Compiles `proto/` with protox (pure Rust, so no system `protoc`) and
+//! tonic-prost-build, and writes the encoded file descriptor set that the
+//! daemon serves through gRPC server reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "registry/v1/registry.proto",
+    "examples/prod.proto",
+    "bench/echo.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("registry_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
