@@ -1,0 +1,499 @@
+//! The registry handle: ties liveness (the [`LeaseTable`]) to the
+//! [`Catalog`], and runs the expiry task.
+//!
+//! Every operation that touches both (register, deregister, expiry) runs
+//! inside one catalog transaction, so a lease and its instances change
+//! together and each change is one revision. Heartbeats touch only the lease
+//! table and Resolve only the catalog's snapshots: neither takes the write
+//! lock. [`Registry`] is a cheap-clone handle used by the gRPC adapter, the
+//! tests and anything else that needs the registry in-process.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use registry_api::v1::{
+    DeleteReason, Instance, LeaseStatus, ListServicesResponse, RegisterRequest,
+    RegisterResponse, ResolveResponse, ServerInfo, ServiceSummary, StatusResponse,
+};
+use tokio::{task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    catalog::{Catalog, CatalogConfig, InstanceKey, WatchFilter, WatchStart, WatcherHandle},
+    config::Config,
+    error::{Error, Result},
+    lease::{Clock, Lease, LeaseId, LeaseTable},
+    validate,
+};
+
+/// Most leases expired in one pass of the expiry task before it yields, so
+/// an expiry storm cannot starve request handling.
+pub const EXPIRY_BATCH: usize = 256;
+
+/// Cheap-clone handle to one registry's state.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    leases: LeaseTable,
+    catalog: Arc<Catalog>,
+    epoch: u64,
+    started: Instant,
+    shutdown: CancellationToken,
+}
+
+impl Registry {
+    /// A new, empty registry. Call [`Registry::spawn_expiry`] to have leases
+    /// expire on their own (the server does).
+    pub fn new(config: Config) -> Self {
+        let catalog = Catalog::new(CatalogConfig {
+            history_events: config.history_events,
+            history_age: config.history_age,
+            max_watchers: config.max_watchers,
+            max_watchers_per_connection: config.max_watchers_per_connection,
+            watch_buffer: config.watch_buffer,
+            max_services: config.max_services,
+        });
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1)
+            .max(1);
+        Self {
+            shared: Arc::new(Shared {
+                leases: LeaseTable::new(Clock::new()),
+                catalog: Arc::new(catalog),
+                epoch,
+                started: Instant::now(),
+                shutdown: CancellationToken::new(),
+                config,
+            }),
+        }
+    }
+
+    /// The configuration this registry runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The catalog, for watchers and in-process readers.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.shared.catalog
+    }
+
+    /// The lease table.
+    pub fn leases(&self) -> &LeaseTable {
+        &self.shared.leases
+    }
+
+    /// Cancelled when the registry shuts down; long-lived streams end on it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+
+    /// Identifies this server life and says whether it is still warming up.
+    pub fn server_info(&self) -> ServerInfo {
+        let elapsed = self.shared.started.elapsed();
+        let warmup = self.shared.config.warmup;
+        let remaining = warmup.saturating_sub(elapsed);
+        ServerInfo {
+            epoch: self.shared.epoch,
+            warming_up: !remaining.is_zero(),
+            warmup_remaining_ms: remaining.as_millis() as u64,
+        }
+    }
+
+    /// This server life's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// Adds or replaces an instance under a new or existing lease.
+    pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
+        let config = &self.shared.config;
+        let Some(mut instance) = req.instance else {
+            return Err(Error::InvalidArgument("instance is required".into()));
+        };
+        validate::service_name("instance.service", &instance.service)?;
+        validate::instance_id("instance.id", &instance.id)?;
+        validate::address("instance.address", &instance.address)?;
+        validate::metadata("instance.metadata", &instance.metadata)?;
+        let ttl = if req.lease_id == 0 {
+            Some(validate::ttl(req.ttl_ms, config.min_ttl, config.max_ttl)?)
+        } else {
+            None
+        };
+        if instance.weight == 0 {
+            instance.weight = 1;
+        }
+        instance.lease_remaining_ms = 0;
+
+        let leases = &self.shared.leases;
+        let mut txn = self.shared.catalog.txn();
+        let existing = txn.get(&instance.service, &instance.id);
+
+        // Check everything before changing anything.
+        let attach_to: Option<Arc<Lease>> = if req.lease_id != 0 {
+            let lease = leases.get_live(req.lease_id).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "lease {} not found: it expired or was revoked; register without lease_id for a new lease",
+                    req.lease_id
+                ))
+            })?;
+            let moving_in = existing.as_ref().is_none_or(|e| e.lease_id != lease.id);
+            let n = lease.instance_count();
+            if moving_in && n >= config.max_instances_per_lease {
+                return Err(Error::ResourceExhausted(format!(
+                    "lease {} has {n} instances, the limit is {} (max_instances_per_lease)",
+                    lease.id, config.max_instances_per_lease
+                )));
+            }
+            Some(lease)
+        } else {
+            let n = leases.len();
+            if n >= config.max_leases {
+                return Err(Error::ResourceExhausted(format!(
+                    "leases: {n} live, the limit is {} (max_leases)",
+                    config.max_leases
+                )));
+            }
+            None
+        };
+        if existing.is_none() {
+            match txn.service_len(&instance.service) {
+                Some(n) if n >= config.max_instances_per_service => {
+                    return Err(Error::ResourceExhausted(format!(
+                        "service {:?} has {n} instances, the limit is {} (max_instances_per_service)",
+                        instance.service, config.max_instances_per_service
+                    )));
+                }
+                Some(_) => {}
+                None => txn.ensure_service_capacity(&instance.service)?,
+            }
+        }
+
+        // Apply.
+        let lease = match attach_to {
+            Some(lease) => {
+                leases.renew(lease.id);
+                lease
+            }
+            None => leases.grant(ttl.expect("ttl validated for a new lease")),
+        };
+        let key = InstanceKey::of(&instance);
+        let moved_from = existing
+            .as_ref()
+            .map(|e| e.lease_id)
+            .filter(|old| *old != lease.id);
+        if let Some(old) = moved_from.and_then(|id| leases.get(id)) {
+            old.instances.lock().retain(|k| *k != key);
+        }
+        if existing.is_none() || moved_from.is_some() {
+            lease.instances.lock().push(key);
+        }
+        instance.lease_id = lease.id;
+        txn.put(instance);
+        let revision = txn.commit();
+        Ok(RegisterResponse {
+            lease_id: lease.id,
+            ttl_ms: lease.ttl_ms,
+            revision,
+            server: Some(self.server_info()),
+        })
+    }
+
+    /// Renews each lease; unknown or expired ones come back `found: false`.
+    pub fn heartbeat(&self, lease_ids: &[LeaseId]) -> Result<Vec<LeaseStatus>> {
+        let max = self.shared.config.max_heartbeat_batch;
+        if lease_ids.is_empty() {
+            return Err(Error::InvalidArgument(
+                "lease_ids is empty; send at least one lease id".into(),
+            ));
+        }
+        if lease_ids.len() > max {
+            return Err(Error::InvalidArgument(format!(
+                "lease_ids has {} entries, the limit is {max} (max_heartbeat_batch)",
+                lease_ids.len()
+            )));
+        }
+        Ok(lease_ids
+            .iter()
+            .map(|&lease_id| match self.shared.leases.renew(lease_id) {
+                Some(ttl_ms) => LeaseStatus {
+                    lease_id,
+                    found: true,
+                    ttl_ms,
+                },
+                None => LeaseStatus {
+                    lease_id,
+                    found: false,
+                    ttl_ms: 0,
+                },
+            })
+            .collect())
+    }
+
+    /// Revokes a lease and removes all its instances in one revision.
+    /// Returns the revision and the number of instances removed.
+    pub fn deregister_lease(&self, lease_id: LeaseId) -> Result<(u64, u32)> {
+        let mut txn = self.shared.catalog.txn();
+        let lease = self
+            .shared
+            .leases
+            .remove(lease_id)
+            .ok_or_else(|| Error::NotFound(format!("lease {lease_id} not found")))?;
+        let keys = std::mem::take(&mut *lease.instances.lock());
+        let removed = keys.len() as u32;
+        for key in keys {
+            txn.delete(key, DeleteReason::Deregistered);
+        }
+        Ok((txn.commit(), removed))
+    }
+
+    /// Removes one instance; its lease stays.
+    pub fn deregister_instance(&self, service: &str, id: &str) -> Result<(u64, u32)> {
+        validate::service_name("instance.service", service)?;
+        validate::instance_id("instance.id", id)?;
+        let mut txn = self.shared.catalog.txn();
+        let existing = txn
+            .get(service, id)
+            .ok_or_else(|| Error::NotFound(format!("instance {id:?} of service {service:?} not found")))?;
+        let key = InstanceKey::of(&existing);
+        if let Some(lease) = self.shared.leases.get(existing.lease_id) {
+            lease.instances.lock().retain(|k| *k != key);
+        }
+        txn.delete(key, DeleteReason::Deregistered);
+        Ok((txn.commit(), 1))
+    }
+
+    /// Live instances of a service matching a selector.
+    pub fn resolve(
+        &self,
+        service: &str,
+        selector: &HashMap<String, String>,
+        include_lease_ttl: bool,
+    ) -> Result<ResolveResponse> {
+        validate::service_name("service", service)?;
+        validate::metadata("selector", selector)?;
+        let (snap, revision) = self.shared.catalog.resolve(service);
+        let instances = match &snap {
+            None => Vec::new(),
+            Some(snap) => snap
+                .instances
+                .iter()
+                .filter(|i| selector.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+                .map(|i| {
+                    let mut out = Instance::clone(i);
+                    if include_lease_ttl {
+                        out.lease_remaining_ms =
+                            self.shared.leases.remaining_ms(i.lease_id).unwrap_or(0);
+                    }
+                    out
+                })
+                .collect(),
+        };
+        Ok(ResolveResponse {
+            instances,
+            revision,
+            service_known: snap.is_some(),
+            server: Some(self.server_info()),
+        })
+    }
+
+    /// Every known service with its instance count.
+    pub fn list_services(&self) -> ListServicesResponse {
+        let (services, revision) = self.shared.catalog.list_services();
+        ListServicesResponse {
+            services: services
+                .into_iter()
+                .map(|(name, n)| ServiceSummary {
+                    name: name.to_string(),
+                    instance_count: n as u32,
+                })
+                .collect(),
+            revision,
+            server: Some(self.server_info()),
+        }
+    }
+
+    /// Sizes and identity, for operators.
+    pub fn status(&self) -> StatusResponse {
+        let catalog = &self.shared.catalog;
+        StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
+            revision: catalog.revision(),
+            services: catalog.service_count() as u64,
+            instances: catalog.stats.instances.load(Ordering::Relaxed) as u64,
+            leases: self.shared.leases.len() as u64,
+            watchers: catalog.stats.watchers.load(Ordering::Relaxed) as u64,
+            watcher_resets: catalog.stats.watcher_resets.load(Ordering::Relaxed),
+            server: Some(self.server_info()),
+        }
+    }
+
+    /// Opens a watcher (see [`Catalog::watch`]); `epoch` 0 skips the check.
+    pub fn watch(
+        &self,
+        filter: WatchFilter,
+        start_revision: u64,
+        epoch: u64,
+        conn: Option<std::net::SocketAddr>,
+    ) -> Result<(WatcherHandle, WatchStart)> {
+        let epoch_matches = epoch == 0 || epoch == self.shared.epoch;
+        self.shared
+            .catalog
+            .watch(filter, start_revision, epoch_matches, conn)
+    }
+
+    /// Expires up to `limit` leases that are past their deadline, each with
+    /// its instances in one revision. Returns how many expired.
+    pub fn expire_due(&self, limit: usize) -> usize {
+        let leases = &self.shared.leases;
+        let now = leases.clock().now_ms();
+        let due = leases.pop_expired(now, limit);
+        let mut expired = 0;
+        for lease in due {
+            let mut txn = self.shared.catalog.txn();
+            // Re-check under the lock: a register may have renewed it since.
+            if lease.is_live(leases.clock().now_ms()) {
+                leases.requeue(&lease);
+                continue;
+            }
+            if leases.remove(lease.id).is_none() {
+                continue;
+            }
+            let keys = std::mem::take(&mut *lease.instances.lock());
+            let n = keys.len();
+            for key in keys {
+                txn.delete(key, DeleteReason::Expired);
+            }
+            let revision = txn.commit();
+            expired += 1;
+            debug!(
+                lease_id = lease.id,
+                instances = n,
+                revision,
+                late_ms = now.saturating_sub(lease.deadline_ms()),
+                "lease expired"
+            );
+        }
+        expired
+    }
+
+    /// Spawns the expiry task: sleeps until the earliest deadline (or until
+    /// an earlier one is granted), expires what is due, repeats; stops when
+    /// the registry shuts down.
+    pub fn spawn_expiry(&self) -> JoinHandle<()> {
+        let registry = self.clone();
+        tokio::spawn(async move {
+            let shared = &registry.shared;
+            let clock = shared.leases.clock();
+            loop {
+                let wake_at = shared
+                    .leases
+                    .next_deadline_ms()
+                    .map(|ms| clock.instant_at(ms))
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                    _ = shared.leases.earlier_deadline() => continue,
+                }
+                while registry.expire_due(EXPIRY_BATCH) == EXPIRY_BATCH {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    }
+
+    /// Signals every background task and long-lived stream to stop.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry_api::v1::Instance;
+
+    fn req(service: &str, id: &str, ttl_ms: u64, lease_id: u64) -> RegisterRequest {
+        RegisterRequest {
+            instance: Some(Instance {
+                service: service.into(),
+                id: id.into(),
+                address: "10.0.0.1:80".into(),
+                ..Default::default()
+            }),
+            ttl_ms,
+            lease_id,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_task_removes_instances_of_dead_leases_only() {
+        let r = Registry::new(Config::default());
+        let _task = r.spawn_expiry();
+        let dying = r.register(req("svc", "a", 1000, 0)).unwrap();
+        let kept = r.register(req("svc", "b", 1000, 0)).unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            r.heartbeat(&[kept.lease_id]).unwrap();
+        }
+        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
+        let ids: Vec<_> = res.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        assert!(r.leases().get(dying.lease_id).is_none());
+        assert_eq!(res.revision, 3, "two registers and one expiry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_on_time_under_paused_clock() {
+        let r = Registry::new(Config::default());
+        let _task = r.spawn_expiry();
+        r.register(req("svc", "a", 2000, 0)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1990)).await;
+        assert_eq!(r.status().instances, 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(r.status().instances, 0);
+        assert_eq!(r.status().leases, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reregister_moves_instance_between_leases() {
+        let r = Registry::new(Config::default());
+        let first = r.register(req("svc", "a", 1000, 0)).unwrap();
+        let second = r.register(req("svc", "a", 5000, 0)).unwrap();
+        assert_eq!(r.leases().get(first.lease_id).unwrap().instance_count(), 0);
+        assert_eq!(r.leases().get(second.lease_id).unwrap().instance_count(), 1);
+        r.expire_due(10);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        r.expire_due(10);
+        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
+        assert_eq!(res.instances.len(), 1, "old lease's expiry must not delete the moved instance");
+        assert_eq!(res.instances[0].lease_id, second.lease_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_are_checked_before_anything_changes() {
+        let r = Registry::new(Config {
+            max_instances_per_lease: 1,
+            ..Config::default()
+        });
+        let first = r.register(req("svc", "a", 1000, 0)).unwrap();
+        let err = r.register(req("svc", "b", 0, first.lease_id)).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
+        assert_eq!(res.instances.len(), 1);
+        assert_eq!(res.revision, first.revision);
+    }
+}

@@ -1,0 +1,55 @@
+//! The daemon's domain errors and their single mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+/// Everything a registry operation can refuse or fail with. Each variant maps
+/// to the most specific gRPC code; messages name the field and the limit so a
+/// caller can fix the request without reading server logs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed request field, or a TTL below the minimum.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A value above its configured maximum (TTL above max).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Unknown or expired lease, or unknown instance.
+    #[error("{0}")]
+    NotFound(String),
+    /// A configured cap (leases, instances, watchers...) is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The registry cannot serve the request right now (shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Binding or serving the listener failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Socket-level failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Reflection descriptors failed to load (a build defect).
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Shorthand used throughout the daemon.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = match &err {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::NotFound(_) => Code::NotFound,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Transport(_) | Error::Io(_) | Error::Reflection(_) => {
+                // Internal causes are logged here, not leaked to callers.
+                tracing::error!(error = %err, "internal error");
+                return Status::internal("internal error");
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}

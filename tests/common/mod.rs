@@ -1,0 +1,132 @@
+//! Shared by the end-to-end tests: start a real registry on an ephemeral
+//! loopback port, connect raw clients, stop it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use registry::Config;
+use registry_api::v1::registry_client::RegistryClient;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// A registry running in this process, stopped on `stop()` or drop.
+pub struct TestServer {
+    /// Bound address (127.0.0.1:port).
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port`, what clients dial.
+    pub url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Default config, but TTLs down to 100 ms so expiry tests stay short.
+    pub fn test_config() -> Config {
+        Config {
+            min_ttl: Duration::from_millis(100),
+            ..Config::default()
+        }
+    }
+
+    /// Starts with [`TestServer::test_config`].
+    pub async fn start() -> Self {
+        Self::start_with(Self::test_config()).await
+    }
+
+    /// Starts with the given config on a free port.
+    pub async fn start_with(config: Config) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    /// Starts on a given address (used to restart on the same port).
+    pub async fn start_on(addr: SocketAddr, config: Config) -> Self {
+        let listener = bind_retrying(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            registry::server::run(listener, config, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("registry server failed");
+        });
+        Self {
+            addr,
+            url: format!("http://{addr}"),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// A raw generated client connected to this server.
+    pub async fn client(&self) -> RegistryClient<Channel> {
+        RegistryClient::connect(self.url.clone())
+            .await
+            .expect("connect to test registry")
+    }
+
+    /// Graceful stop; returns once the server task has finished.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("registry did not shut down within 10s")
+                .expect("registry task panicked");
+        }
+    }
+
+    /// Stops abruptly, as a crash would: the task is aborted and its
+    /// connections drop without a goodbye.
+    pub async fn kill(mut self) {
+        self.shutdown.take();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// Binding the same port right after a stop can race the old socket's close.
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("cannot bind {addr}: {last:?}");
+}
+
+/// Waits for `cond` to become true, polling every 10 ms, failing after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
