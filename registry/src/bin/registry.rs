@@ -1,7 +1,7 @@
 //! The `registry` daemon: parses flags, sets up logging, binds the listener
 //! and hands over to [`registry::server::run`].
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use registry::Config;
@@ -36,6 +36,9 @@ struct Args {
     /// Cap on known services.
     #[arg(long, default_value_t = Config::default().max_services)]
     max_services: usize,
+    /// Lease ids accepted in one Heartbeat or KeepAlive message.
+    #[arg(long, default_value_t = Config::default().max_heartbeat_batch)]
+    max_heartbeat_batch: usize,
     /// Watch history kept for resuming, in events.
     #[arg(long, default_value_t = Config::default().history_events)]
     history_events: usize,
@@ -72,6 +75,7 @@ impl Args {
             max_instances_per_service: self.max_instances_per_service,
             max_instances_per_lease: self.max_instances_per_lease,
             max_services: self.max_services,
+            max_heartbeat_batch: self.max_heartbeat_batch,
             history_events: self.history_events,
             history_age: self.history_age,
             max_watchers: self.max_watchers,
@@ -80,7 +84,6 @@ impl Args {
             watch_progress_interval: self.watch_progress_interval,
             warmup: self.warmup,
             shutdown_grace: self.shutdown_grace,
-            ..Config::default()
         }
     }
 }
@@ -91,6 +94,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if args.min_ttl.is_zero() || args.min_ttl > args.max_ttl {
         eprintln!(

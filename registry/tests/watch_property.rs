@@ -1,0 +1,285 @@
+//! Property: for any sequence of register / replace / deregister / lease
+//! revoke / expiry, a watcher that applies its snapshot and then its events
+//! holds exactly what Resolve returns at the same revision — for a
+//! single-service watcher, a watch-all watcher, a selector watcher, and a
+//! watcher that disconnects mid-way and resumes from its last revision + 1.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::{FutureExt, Stream, StreamExt};
+use proptest::prelude::*;
+use registry::{
+    Config, Registry,
+    catalog::WatchFilter,
+    pb::v1::{EventType, Instance, RegisterRequest, WatchResponse, watch_response::Kind},
+    watch,
+};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register {
+        svc: u8,
+        id: u8,
+        zone: u8,
+        attach: Option<u8>,
+    },
+    DeregisterId {
+        svc: u8,
+        id: u8,
+    },
+    RevokeLease {
+        idx: u8,
+    },
+    Heartbeat {
+        idx: u8,
+    },
+    Advance {
+        ms: u16,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3u8, 0..6u8, 0..2u8, proptest::option::of(0..8u8))
+            .prop_map(|(svc, id, zone, attach)| Op::Register { svc, id, zone, attach }),
+        2 => (0..3u8, 0..6u8).prop_map(|(svc, id)| Op::DeregisterId { svc, id }),
+        1 => (0..8u8).prop_map(|idx| Op::RevokeLease { idx }),
+        1 => (0..8u8).prop_map(|idx| Op::Heartbeat { idx }),
+        2 => (0..1500u16).prop_map(|ms| Op::Advance { ms }),
+    ]
+}
+
+type Key = (String, String);
+
+/// A client-side view built only from what the stream says.
+#[derive(Default)]
+struct View {
+    state: BTreeMap<Key, Instance>,
+    revision: u64,
+    pending_snapshot: Option<BTreeMap<Key, Instance>>,
+}
+
+impl View {
+    fn apply(&mut self, msg: WatchResponse) {
+        match msg.kind.expect("kind") {
+            Kind::Snapshot(s) => {
+                let snap = self.pending_snapshot.get_or_insert_with(BTreeMap::new);
+                for i in s.instances {
+                    snap.insert((i.service.clone(), i.id.clone()), i);
+                }
+                if !s.more {
+                    self.state = self.pending_snapshot.take().unwrap();
+                    assert!(s.revision >= self.revision, "snapshot went back in time");
+                    self.revision = s.revision;
+                }
+            }
+            Kind::Events(b) => {
+                // Every event is newer than anything before this message (no
+                // duplicates, no revision split across messages), and they
+                // ascend within it.
+                let base = self.revision;
+                for e in b.events {
+                    assert!(
+                        e.revision > base && e.revision >= self.revision,
+                        "event revision {} after {} (message base {base})",
+                        e.revision,
+                        self.revision
+                    );
+                    self.revision = e.revision;
+                    let kind = e.r#type();
+                    let i = e.instance.expect("instance");
+                    let key = (i.service.clone(), i.id.clone());
+                    match kind {
+                        EventType::Put => {
+                            self.state.insert(key, i);
+                        }
+                        EventType::Delete => {
+                            assert!(
+                                self.state.remove(&key).is_some(),
+                                "DELETE of unknown {key:?}"
+                            );
+                        }
+                        EventType::Unspecified => panic!("unspecified event"),
+                    }
+                }
+            }
+            Kind::Progress(_) => {}
+        }
+    }
+
+    /// Applies everything the stream has ready without waiting.
+    fn drain(
+        &mut self,
+        stream: &mut (impl Stream<Item = Result<WatchResponse, tonic::Status>> + Unpin),
+    ) {
+        while let Some(Some(msg)) = stream.next().now_or_never() {
+            self.apply(msg.expect("stream error"));
+        }
+    }
+}
+
+fn open(
+    registry: &Registry,
+    filter: WatchFilter,
+    start: u64,
+) -> impl Stream<Item = Result<WatchResponse, tonic::Status>> + Unpin {
+    let (handle, start) = registry.watch(filter, start, 0, None).expect("watch");
+    Box::pin(watch::stream(
+        registry.clone(),
+        handle,
+        start,
+        Duration::from_secs(3600),
+    ))
+}
+
+fn expected(registry: &Registry, filter: &WatchFilter) -> BTreeMap<Key, Instance> {
+    let services: Vec<String> = match &filter.service {
+        Some(s) => vec![s.to_string()],
+        None => registry
+            .list_services()
+            .services
+            .into_iter()
+            .map(|s| s.name)
+            .collect(),
+    };
+    let selector = filter.selector.iter().cloned().collect();
+    let mut out = BTreeMap::new();
+    for s in services {
+        for i in registry.resolve(&s, &selector, false).unwrap().instances {
+            out.insert((i.service.clone(), i.id.clone()), i);
+        }
+    }
+    out
+}
+
+fn run(ops: Vec<Op>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let registry = Registry::new(Config {
+            history_events: 10_000,
+            ..Config::default()
+        });
+        let filters = [
+            WatchFilter {
+                service: Some("svc0".into()),
+                selector: vec![],
+            },
+            WatchFilter::default(),
+            WatchFilter {
+                service: Some("svc1".into()),
+                selector: vec![("zone".into(), "z1".into())],
+            },
+        ];
+        let mut views: Vec<View> = filters.iter().map(|_| View::default()).collect();
+        let mut streams: Vec<_> = filters
+            .iter()
+            .map(|f| open(&registry, f.clone(), 0))
+            .collect();
+        // A watcher that will disconnect half-way and resume.
+        let resumed_filter = WatchFilter {
+            service: Some("svc2".into()),
+            selector: vec![],
+        };
+        let mut resumed_view = View::default();
+        let mut resumed = Some(open(&registry, resumed_filter.clone(), 0));
+
+        let mut leases: Vec<u64> = Vec::new();
+        let half = ops.len() / 2;
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Register {
+                    svc,
+                    id,
+                    zone,
+                    attach,
+                } => {
+                    let mut inst = Instance {
+                        service: format!("svc{svc}"),
+                        id: format!("i{id}"),
+                        address: format!("10.0.0.{id}:80"),
+                        ..Default::default()
+                    };
+                    inst.metadata.insert("zone".into(), format!("z{zone}"));
+                    let lease_id = attach
+                        .and_then(|i| leases.get(i as usize).copied())
+                        .unwrap_or(0);
+                    match registry.register(RegisterRequest {
+                        instance: Some(inst),
+                        ttl_ms: 1000,
+                        lease_id,
+                    }) {
+                        Ok(r) => {
+                            if !leases.contains(&r.lease_id) {
+                                leases.push(r.lease_id);
+                            }
+                        }
+                        Err(registry::Error::NotFound(_)) => {} // attached to an expired lease
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                Op::DeregisterId { svc, id } => {
+                    let _ = registry.deregister_instance(&format!("svc{svc}"), &format!("i{id}"));
+                }
+                Op::RevokeLease { idx } => {
+                    if let Some(id) = leases.get(idx as usize) {
+                        let _ = registry.deregister_lease(*id);
+                    }
+                }
+                Op::Heartbeat { idx } => {
+                    if let Some(id) = leases.get(idx as usize) {
+                        registry.heartbeat(&[*id]).unwrap();
+                    }
+                }
+                Op::Advance { ms } => {
+                    tokio::time::advance(Duration::from_millis(ms as u64)).await;
+                    registry.expire_due(usize::MAX);
+                }
+            }
+            if n == half {
+                let s = resumed.as_mut().unwrap();
+                resumed_view.drain(s);
+                resumed = None; // disconnect
+            }
+            if n == half + 3 || (n > half && resumed.is_none() && n % 5 == 0) {
+                if resumed.is_none() {
+                    resumed = Some(open(
+                        &registry,
+                        resumed_filter.clone(),
+                        resumed_view.revision + 1,
+                    ));
+                }
+            }
+            for (view, stream) in views.iter_mut().zip(streams.iter_mut()) {
+                view.drain(stream);
+            }
+        }
+        let resumed_stream = resumed.get_or_insert_with(|| {
+            open(&registry, resumed_filter.clone(), resumed_view.revision + 1)
+        });
+        resumed_view.drain(resumed_stream);
+        for (view, stream) in views.iter_mut().zip(streams.iter_mut()) {
+            view.drain(stream);
+        }
+        for (view, filter) in views.iter().zip(filters.iter()) {
+            assert_eq!(view.state, expected(&registry, filter), "filter {filter:?}");
+        }
+        assert_eq!(
+            resumed_view.state,
+            expected(&registry, &resumed_filter),
+            "resumed watcher"
+        );
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn watched_state_equals_resolve(ops in proptest::collection::vec(op(), 1..80)) {
+        run(ops);
+    }
+}
