@@ -38,7 +38,10 @@ mod tests {
         let fds = prost_types_shim::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET)
             .expect("descriptor set decodes");
         let names: Vec<_> = fds.file.iter().map(|f| f.name.clone()).collect();
-        assert!(names.iter().any(|n| n == "registry/v1/registry.proto"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "registry/v1/registry.proto"),
+            "{names:?}"
+        );
     }
 
     /// Minimal mirror of descriptor.proto, enough to check the set decodes.

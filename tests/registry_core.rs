@@ -218,13 +218,17 @@ async fn instance_disappears_within_ttl_plus_100ms_after_heartbeats_stop() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let gone = seen_gone.expect("instance never expired");
-    assert!(gone >= ttl - Duration::from_millis(5), "expired early: {gone:?}");
-    assert!(gone <= ttl + Duration::from_millis(100), "expired late: {gone:?}");
+    assert!(
+        gone >= ttl - Duration::from_millis(5),
+        "expired early: {gone:?}"
+    );
+    assert!(
+        gone <= ttl + Duration::from_millis(100),
+        "expired late: {gone:?}"
+    );
     // Its lease is gone too: a heartbeat now says NOT_FOUND.
     let status = c
-        .heartbeat(HeartbeatRequest {
-            lease_ids: vec![1],
-        })
+        .heartbeat(HeartbeatRequest { lease_ids: vec![1] })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -276,14 +280,21 @@ async fn keepalive_stream_renews_in_batches() {
         })
         .await
         .unwrap();
-        let resp = responses.message().await.unwrap().expect("one response per request");
+        let resp = responses
+            .message()
+            .await
+            .unwrap()
+            .expect("one response per request");
         let found: Vec<bool> = resp.leases.iter().map(|l| l.found).collect();
         assert_eq!(found, [true, true, false]);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(ids(&resolve(&mut c, "prod").await), ["a", "b"]);
     drop(tx);
-    assert!(responses.message().await.unwrap().is_none(), "stream ends when the client closes");
+    assert!(
+        responses.message().await.unwrap().is_none(),
+        "stream ends when the client closes"
+    );
 }
 
 #[tokio::test]
@@ -291,7 +302,13 @@ async fn deregister_by_instance_and_by_lease() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let reg = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 10_000, 0).await;
-    register(&mut c, instance("prod", "b", "10.0.0.1:81"), 0, reg.lease_id).await;
+    register(
+        &mut c,
+        instance("prod", "b", "10.0.0.1:81"),
+        0,
+        reg.lease_id,
+    )
+    .await;
 
     let out = c
         .deregister(DeregisterRequest {
@@ -373,13 +390,14 @@ async fn unknown_service_differs_from_empty_service() {
 async fn list_services_counts_instances() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    assert!(c
-        .list_services(ListServicesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .services
-        .is_empty());
+    assert!(
+        c.list_services(ListServicesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .services
+            .is_empty()
+    );
     for (svc, id) in [("web", "1"), ("api", "1"), ("api", "2"), ("api", "3")] {
         register(&mut c, instance(svc, id, "10.0.0.1:80"), 10_000, 0).await;
     }
@@ -418,7 +436,11 @@ async fn revision_increases_on_every_change() {
     check(&mut last, b.revision, "register");
     let replace = register(&mut c, instance("prod", "b", "10.0.0.1:99"), 0, b.lease_id).await;
     check(&mut last, replace.revision, "replace");
-    assert_eq!(resolve(&mut c, "prod").await.revision, last, "reads change nothing");
+    assert_eq!(
+        resolve(&mut c, "prod").await.revision,
+        last,
+        "reads change nothing"
+    );
     let dereg = c
         .deregister(DeregisterRequest {
             target: Some(Target::Instance(InstanceKey {
@@ -462,11 +484,23 @@ async fn status_reports_sizes() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let reg = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 10_000, 0).await;
-    register(&mut c, instance("prod", "b", "10.0.0.1:80"), 0, reg.lease_id).await;
+    register(
+        &mut c,
+        instance("prod", "b", "10.0.0.1:80"),
+        0,
+        reg.lease_id,
+    )
+    .await;
     register(&mut c, instance("web", "a", "10.0.0.1:80"), 10_000, 0).await;
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(
-        (st.services, st.instances, st.leases, st.watchers, st.revision),
+        (
+            st.services,
+            st.instances,
+            st.leases,
+            st.watchers,
+            st.revision
+        ),
         (2, 3, 2, 0, 3)
     );
     assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
@@ -540,7 +574,10 @@ async fn graceful_stop_ends_open_streams() {
         .into_inner();
     watch.message().await.unwrap().expect("snapshot");
     let stopped = tokio::time::timeout(Duration::from_secs(5), server.stop()).await;
-    assert!(stopped.is_ok(), "shutdown must not wait for open watch streams");
+    assert!(
+        stopped.is_ok(),
+        "shutdown must not wait for open watch streams"
+    );
     let end = watch.message().await;
     assert!(
         matches!(&end, Err(s) if s.code() == Code::Unavailable) || matches!(end, Ok(None)),

@@ -50,7 +50,11 @@ async fn expect_code(c: &mut Client, inst: Instance, ttl_ms: u64, code: Code, ne
 
 async fn assert_nothing_registered(c: &mut Client) {
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!((st.instances, st.leases, st.revision), (0, 0, 0), "nothing partially applied");
+    assert_eq!(
+        (st.instances, st.leases, st.revision),
+        (0, 0, 0),
+        "nothing partially applied"
+    );
 }
 
 #[tokio::test]
@@ -68,12 +72,27 @@ async fn service_names() {
         ("prød", "'ø'"),
         (long.as_str(), "253"),
     ] {
-        expect_code(&mut c, instance(name, "i", "10.0.0.1:80"), 10_000, Code::InvalidArgument, needle).await;
+        expect_code(
+            &mut c,
+            instance(name, "i", "10.0.0.1:80"),
+            10_000,
+            Code::InvalidArgument,
+            needle,
+        )
+        .await;
     }
     assert_nothing_registered(&mut c).await;
     let ok = "a".repeat(253);
-    try_register(&mut c, instance(&ok, "i", "10.0.0.1:80"), 10_000).await.unwrap();
-    try_register(&mut c, instance("payments.v2_x-y", "i", "10.0.0.1:80"), 10_000).await.unwrap();
+    try_register(&mut c, instance(&ok, "i", "10.0.0.1:80"), 10_000)
+        .await
+        .unwrap();
+    try_register(
+        &mut c,
+        instance("payments.v2_x-y", "i", "10.0.0.1:80"),
+        10_000,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -87,12 +106,23 @@ async fn instance_ids() {
         ("é".to_string(), "printable ASCII"),
         ("x".repeat(129), "128"),
     ] {
-        expect_code(&mut c, instance("prod", &id, "10.0.0.1:80"), 10_000, Code::InvalidArgument, needle).await;
+        expect_code(
+            &mut c,
+            instance("prod", &id, "10.0.0.1:80"),
+            10_000,
+            Code::InvalidArgument,
+            needle,
+        )
+        .await;
     }
     assert_nothing_registered(&mut c).await;
-    try_register(&mut c, instance("prod", &"x".repeat(128), "10.0.0.1:80"), 10_000)
-        .await
-        .unwrap();
+    try_register(
+        &mut c,
+        instance("prod", &"x".repeat(128), "10.0.0.1:80"),
+        10_000,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -113,11 +143,25 @@ async fn addresses() {
         ("-x.example:80", "DNS"),
         (":80", "empty host"),
     ] {
-        expect_code(&mut c, instance("prod", "i", addr), 10_000, Code::InvalidArgument, needle).await;
+        expect_code(
+            &mut c,
+            instance("prod", "i", addr),
+            10_000,
+            Code::InvalidArgument,
+            needle,
+        )
+        .await;
     }
     assert_nothing_registered(&mut c).await;
-    for ok in ["10.0.0.1:1", "[::1]:65535", "[2001:db8::7]:80", "prod-1.svc.cluster.local:8002"] {
-        try_register(&mut c, instance("prod", ok, ok), 10_000).await.unwrap();
+    for ok in [
+        "10.0.0.1:1",
+        "[::1]:65535",
+        "[2001:db8::7]:80",
+        "prod-1.svc.cluster.local:8002",
+    ] {
+        try_register(&mut c, instance("prod", ok, ok), 10_000)
+            .await
+            .unwrap();
     }
 }
 
@@ -126,11 +170,19 @@ async fn metadata_limits() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let cases: Vec<(HashMap<String, String>, &str)> = vec![
-        ((0..65).map(|i| (format!("k{i}"), "v".to_string())).collect(), "limit is 64"),
+        (
+            (0..65)
+                .map(|i| (format!("k{i}"), "v".to_string()))
+                .collect(),
+            "limit is 64",
+        ),
         ([("k".repeat(129), "v".to_string())].into(), "limit is 128"),
         ([(String::new(), "v".to_string())].into(), "empty key"),
         ([("a=b".to_string(), "v".to_string())].into(), "'='"),
-        ([("k".to_string(), "v".repeat(1025))].into(), "limit is 1024"),
+        (
+            [("k".to_string(), "v".repeat(1025))].into(),
+            "limit is 1024",
+        ),
     ];
     for (metadata, needle) in cases {
         let mut inst = instance("prod", "i", "10.0.0.1:80");
@@ -139,7 +191,9 @@ async fn metadata_limits() {
     }
     assert_nothing_registered(&mut c).await;
     let mut inst = instance("prod", "i", "10.0.0.1:80");
-    inst.metadata = (0..64).map(|i| (format!("k{i}"), "v".repeat(1024))).collect();
+    inst.metadata = (0..64)
+        .map(|i| (format!("k{i}"), "v".repeat(1024)))
+        .collect();
     try_register(&mut c, inst, 10_000).await.unwrap();
 }
 
@@ -153,9 +207,23 @@ async fn ttl_bounds() {
     .await;
     let mut c = server.client().await;
     let inst = || instance("prod", "i", "10.0.0.1:80");
-    expect_code(&mut c, inst(), 0, Code::InvalidArgument, "below the minimum 1s").await;
+    expect_code(
+        &mut c,
+        inst(),
+        0,
+        Code::InvalidArgument,
+        "below the minimum 1s",
+    )
+    .await;
     expect_code(&mut c, inst(), 999, Code::InvalidArgument, "ttl_ms 999").await;
-    expect_code(&mut c, inst(), 60_001, Code::OutOfRange, "above the maximum 1m").await;
+    expect_code(
+        &mut c,
+        inst(),
+        60_001,
+        Code::OutOfRange,
+        "above the maximum 1m",
+    )
+    .await;
     assert_nothing_registered(&mut c).await;
     try_register(&mut c, inst(), 1_000).await.unwrap();
     try_register(&mut c, inst(), 60_000).await.unwrap();
@@ -206,7 +274,10 @@ async fn missing_instance_and_bad_selectors() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let err = c.heartbeat(HeartbeatRequest { lease_ids: vec![] }).await.unwrap_err();
+    let err = c
+        .heartbeat(HeartbeatRequest { lease_ids: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("lease_ids"), "{}", err.message());
 }
@@ -224,8 +295,12 @@ async fn caps_are_resource_exhausted_and_change_nothing() {
     let mut c = server.client().await;
 
     // Per service.
-    try_register(&mut c, instance("a", "1", "10.0.0.1:80"), 10_000).await.unwrap();
-    try_register(&mut c, instance("a", "2", "10.0.0.1:80"), 10_000).await.unwrap();
+    try_register(&mut c, instance("a", "1", "10.0.0.1:80"), 10_000)
+        .await
+        .unwrap();
+    try_register(&mut c, instance("a", "2", "10.0.0.1:80"), 10_000)
+        .await
+        .unwrap();
     expect_code(
         &mut c,
         instance("a", "3", "10.0.0.1:80"),
@@ -235,7 +310,9 @@ async fn caps_are_resource_exhausted_and_change_nothing() {
     )
     .await;
     // Replacing an existing instance is not growth.
-    try_register(&mut c, instance("a", "2", "10.0.0.2:80"), 10_000).await.unwrap();
+    try_register(&mut c, instance("a", "2", "10.0.0.2:80"), 10_000)
+        .await
+        .unwrap();
 
     // Total leases (a/1, a/2's new lease; the old a/2 lease still exists).
     expect_code(
@@ -275,9 +352,17 @@ async fn caps_are_resource_exhausted_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("max_instances_per_lease"), "{}", err.message());
+    assert!(
+        err.message().contains("max_instances_per_lease"),
+        "{}",
+        err.message()
+    );
     let after = c.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(after.instances, st.instances + 1, "only the accepted register counted");
+    assert_eq!(
+        after.instances,
+        st.instances + 1,
+        "only the accepted register counted"
+    );
 
     // Heartbeat batch size.
     let err = c
@@ -299,5 +384,9 @@ async fn huge_names_are_quoted_briefly() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().len() < 400, "error echoes the whole name: {} bytes", err.message().len());
+    assert!(
+        err.message().len() < 400,
+        "error echoes the whole name: {} bytes",
+        err.message().len()
+    );
 }

@@ -123,10 +123,13 @@ async fn snapshot_then_put_and_delete_events_with_reasons() {
     let mut c = server.client().await;
     register(&mut c, instance("prod", "a"), 10_000, 0).await;
     register(&mut c, instance("other", "x"), 10_000, 0).await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            ..Default::default()
+        },
+    )
     .await;
     let snap = snapshot(&mut w).await;
     assert!(!snap.reset);
@@ -144,9 +147,16 @@ async fn snapshot_then_put_and_delete_events_with_reasons() {
     let s = summary(&got);
     assert_eq!(s[0], (T::Put, "b".into(), b.revision, R::Unspecified));
     assert_eq!(s[1], (T::Delete, "a".into(), dereg, R::Deregistered));
-    assert_eq!((s[2].0, s[2].1.as_str(), s[2].3), (T::Delete, "b", R::Expired));
+    assert_eq!(
+        (s[2].0, s[2].1.as_str(), s[2].3),
+        (T::Delete, "b", R::Expired)
+    );
     assert!(s[2].2 > dereg);
-    assert_eq!(got[0].instance.as_ref().unwrap().address, "10.0.0.1:80", "PUT carries the full instance");
+    assert_eq!(
+        got[0].instance.as_ref().unwrap().address,
+        "10.0.0.1:80",
+        "PUT carries the full instance"
+    );
 }
 
 #[tokio::test]
@@ -163,7 +173,13 @@ async fn events_are_ordered_gapless_and_grouped_by_revision() {
         let mut c = server.client().await;
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                register(&mut c, instance(&format!("svc{t}"), &i.to_string()), 10_000, 0).await;
+                register(
+                    &mut c,
+                    instance(&format!("svc{t}"), &i.to_string()),
+                    10_000,
+                    0,
+                )
+                .await;
             }
         }));
     }
@@ -211,10 +227,13 @@ async fn events_are_ordered_gapless_and_grouped_by_revision() {
 async fn resume_from_last_revision_plus_one_sees_exactly_what_was_missed() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            ..Default::default()
+        },
+    )
     .await;
     let snap = snapshot(&mut w).await;
     let epoch = snap.server.unwrap().epoch;
@@ -227,17 +246,23 @@ async fn resume_from_last_revision_plus_one_sees_exactly_what_was_missed() {
     register(&mut c, instance("prod", "b"), 10_000, 0).await;
     register(&mut c, instance("elsewhere", "z"), 10_000, 0).await;
     let d = deregister_id(&mut c, "prod", "a").await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        start_revision: last + 1,
-        epoch,
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            start_revision: last + 1,
+            epoch,
+            ..Default::default()
+        },
+    )
     .await;
     let got = summary(&events(&mut w, 2).await);
     assert_eq!(got[0].0, EventType::Put);
     assert_eq!(got[0].1, "b");
-    assert_eq!((got[1].0, got[1].1.as_str(), got[1].2), (EventType::Delete, "a", d));
+    assert_eq!(
+        (got[1].0, got[1].1.as_str(), got[1].2),
+        (EventType::Delete, "a", d)
+    );
     // And then live.
     register(&mut c, instance("prod", "c"), 10_000, 0).await;
     let live = events(&mut w, 1).await;
@@ -255,11 +280,14 @@ async fn too_old_revision_or_other_epoch_gets_a_reset_snapshot() {
     for i in 0..20 {
         register(&mut c, instance("prod", &i.to_string()), 10_000, 0).await;
     }
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        start_revision: 2,
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            start_revision: 2,
+            ..Default::default()
+        },
+    )
     .await;
     let snap = snapshot(&mut w).await;
     assert!(snap.reset);
@@ -268,23 +296,32 @@ async fn too_old_revision_or_other_epoch_gets_a_reset_snapshot() {
     assert_eq!(snap.instances.len(), 20);
 
     // Recent enough: replayed, no reset.
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        start_revision: 18,
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            start_revision: 18,
+            ..Default::default()
+        },
+    )
     .await;
     let replay = events(&mut w, 3).await;
-    assert_eq!(replay.iter().map(|e| e.revision).collect::<Vec<_>>(), [18, 19, 20]);
+    assert_eq!(
+        replay.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        [18, 19, 20]
+    );
 
     // Another server life (epoch) or a revision from the future: reset.
     for (start_revision, epoch) in [(3, 12345), (500, 0)] {
-        let mut w = watch(&mut c, WatchRequest {
-            service: "prod".into(),
-            start_revision,
-            epoch,
-            ..Default::default()
-        })
+        let mut w = watch(
+            &mut c,
+            WatchRequest {
+                service: "prod".into(),
+                start_revision,
+                epoch,
+                ..Default::default()
+            },
+        )
         .await;
         let snap = snapshot(&mut w).await;
         assert!(snap.reset);
@@ -303,19 +340,31 @@ async fn selector_watch_turns_leaving_replacements_into_deletes() {
     };
     register(&mut c, with("a", "z1"), 10_000, 0).await;
     register(&mut c, with("b", "z2"), 10_000, 0).await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "prod".into(),
-        selector: [("zone".to_string(), "z1".to_string())].into(),
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "prod".into(),
+            selector: [("zone".to_string(), "z1".to_string())].into(),
+            ..Default::default()
+        },
+    )
     .await;
     let snap = snapshot(&mut w).await;
-    assert_eq!(snap.instances.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(
+        snap.instances
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
     register(&mut c, with("a", "z2"), 10_000, 0).await; // leaves the view
     register(&mut c, with("b", "z1"), 10_000, 0).await; // enters it
     register(&mut c, with("c", "z3"), 10_000, 0).await; // never in it
     let got = summary(&events(&mut w, 2).await);
-    assert_eq!((got[0].0, got[0].1.as_str(), got[0].3), (EventType::Delete, "a", DeleteReason::Replaced));
+    assert_eq!(
+        (got[0].0, got[0].1.as_str(), got[0].3),
+        (EventType::Delete, "a", DeleteReason::Replaced)
+    );
     assert_eq!((got[1].0, got[1].1.as_str()), (EventType::Put, "b"));
 }
 
@@ -332,7 +381,10 @@ async fn watch_all_spans_services() {
     register(&mut c, instance("db", "1"), 10_000, 0).await;
     deregister_id(&mut c, "api", "1").await;
     let got = events(&mut w, 2).await;
-    let services: Vec<_> = got.iter().map(|e| e.instance.as_ref().unwrap().service.as_str()).collect();
+    let services: Vec<_> = got
+        .iter()
+        .map(|e| e.instance.as_ref().unwrap().service.as_str())
+        .collect();
     assert_eq!(services, ["db", "api"]);
 }
 
@@ -340,10 +392,13 @@ async fn watch_all_spans_services() {
 async fn watching_an_unknown_service_sees_it_appear() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "later".into(),
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "later".into(),
+            ..Default::default()
+        },
+    )
     .await;
     assert!(snapshot(&mut w).await.instances.is_empty());
     register(&mut c, instance("later", "1"), 10_000, 0).await;
@@ -367,19 +422,25 @@ async fn stalled_watcher_gets_a_reset_instead_of_blocking_writers() {
         .await
         .unwrap();
     let mut slow_client = RegistryClient::new(channel);
-    let mut slow = watch(&mut slow_client, WatchRequest {
-        service: "prod".into(),
-        ..Default::default()
-    })
+    let mut slow = watch(
+        &mut slow_client,
+        WatchRequest {
+            service: "prod".into(),
+            ..Default::default()
+        },
+    )
     .await;
     snapshot(&mut slow).await;
 
     // A healthy watcher alongside, on its own connection.
     let mut c = server.client().await;
-    let mut healthy = watch(&mut server.client().await, WatchRequest {
-        service: "prod".into(),
-        ..Default::default()
-    })
+    let mut healthy = watch(
+        &mut server.client().await,
+        WatchRequest {
+            service: "prod".into(),
+            ..Default::default()
+        },
+    )
     .await;
     snapshot(&mut healthy).await;
     // It reads continuously, as a well-behaved client does.
@@ -448,14 +509,23 @@ async fn stalled_watcher_gets_a_reset_instead_of_blocking_writers() {
 async fn watchers_are_removed_when_clients_go_away() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let gauge = |mut c: Client| async move { c.status(StatusRequest {}).await.unwrap().into_inner().watchers };
+    let gauge = |mut c: Client| async move {
+        c.status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .watchers
+    };
     assert_eq!(gauge(c.clone()).await, 0);
     let mut streams = Vec::new();
     for svc in ["a", "b", ""] {
-        let mut w = watch(&mut c, WatchRequest {
-            service: svc.into(),
-            ..Default::default()
-        })
+        let mut w = watch(
+            &mut c,
+            WatchRequest {
+                service: svc.into(),
+                ..Default::default()
+            },
+        )
         .await;
         snapshot(&mut w).await;
         streams.push(w);
@@ -495,7 +565,11 @@ async fn watcher_caps_are_resource_exhausted() {
     let _w2 = watch(&mut c, WatchRequest::default()).await;
     let err = c.watch(WatchRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("max_watchers_per_connection"), "{}", err.message());
+    assert!(
+        err.message().contains("max_watchers_per_connection"),
+        "{}",
+        err.message()
+    );
     let mut c2 = server.client().await;
     let _w3 = watch(&mut c2, WatchRequest::default()).await;
     let mut c3 = server.client().await;
@@ -509,11 +583,14 @@ async fn idle_streams_get_progress_messages() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     register(&mut c, instance("elsewhere", "1"), 10_000, 0).await;
-    let mut w = watch(&mut c, WatchRequest {
-        service: "quiet".into(),
-        progress_interval_ms: 100,
-        ..Default::default()
-    })
+    let mut w = watch(
+        &mut c,
+        WatchRequest {
+            service: "quiet".into(),
+            progress_interval_ms: 100,
+            ..Default::default()
+        },
+    )
     .await;
     snapshot(&mut w).await;
     register(&mut c, instance("elsewhere", "2"), 10_000, 0).await;

@@ -20,13 +20,14 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
 use registry_api::v1::{DeleteReason, Instance, ResetReason};
@@ -82,7 +83,29 @@ pub struct RevisionBatch {
     pub revision: u64,
     /// Events in the order they were applied.
     pub events: Vec<CatalogEvent>,
+    /// The one service every event belongs to, when there is one (the common
+    /// case): watchers of that service without a selector see the whole batch.
+    pub single_service: Option<Arc<str>>,
+    /// The whole batch encoded once as a `WatchResponse`, shared by every
+    /// watcher that sees all of it (see `watch`).
+    pub(crate) encoded: OnceLock<Bytes>,
     at: Instant,
+}
+
+impl RevisionBatch {
+    /// A batch outside any catalog, for unit tests of the watch encoding.
+    #[doc(hidden)]
+    pub fn for_test(revision: u64, events: Vec<CatalogEvent>) -> Self {
+        let first = events.first().map(|e| Arc::<str>::from(e.instance.service.as_str()));
+        let single_service = first.filter(|f| events.iter().all(|e| *e.instance.service == **f));
+        Self {
+            revision,
+            events,
+            single_service,
+            encoded: OnceLock::new(),
+            at: Instant::now(),
+        }
+    }
 }
 
 /// The instances of one service at one revision.
@@ -654,9 +677,16 @@ impl Txn<'_> {
         if events.is_empty() {
             return current;
         }
+        let first = &events[0].instance.service;
+        let single_service = events
+            .iter()
+            .all(|e| e.instance.service == *first)
+            .then(|| Arc::<str>::from(first.as_str()));
         let batch = Arc::new(RevisionBatch {
             revision,
             events,
+            single_service,
+            encoded: OnceLock::new(),
             at: Instant::now(),
         });
         let writer = &mut *self.writer;
@@ -692,10 +722,8 @@ fn fan_out(watchers: &Watchers, batch: &Arc<RevisionBatch>) {
         }
     };
     if !watchers.by_service.is_empty() {
-        let first = &batch.events[0].instance.service;
-        let single_service = batch.events.iter().all(|e| e.instance.service == *first);
-        if single_service {
-            if let Some(set) = watchers.by_service.get(first.as_str()) {
+        if let Some(service) = &batch.single_service {
+            if let Some(set) = watchers.by_service.get(service) {
                 set.values().for_each(send);
             }
         } else {
@@ -756,7 +784,10 @@ mod tests {
         assert_eq!(rev, 2);
         assert_eq!(snap.unwrap().instances.len(), 1);
         let mut t = c.txn();
-        t.delete(InstanceKey::of(&inst("a", "nope")), DeleteReason::Deregistered);
+        t.delete(
+            InstanceKey::of(&inst("a", "nope")),
+            DeleteReason::Deregistered,
+        );
         assert_eq!(t.commit(), 2, "deleting nothing is no change");
     }
 
@@ -825,12 +856,19 @@ mod tests {
             ..config()
         }));
         let conn: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let a = c.watch(WatchFilter::default(), 0, true, Some(conn)).unwrap();
-        let _b = c.watch(WatchFilter::default(), 0, true, Some(conn)).unwrap();
-        let err = c.watch(WatchFilter::default(), 0, true, Some(conn)).unwrap_err();
+        let a = c
+            .watch(WatchFilter::default(), 0, true, Some(conn))
+            .unwrap();
+        let _b = c
+            .watch(WatchFilter::default(), 0, true, Some(conn))
+            .unwrap();
+        let err = c
+            .watch(WatchFilter::default(), 0, true, Some(conn))
+            .unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
         drop(a);
         assert_eq!(c.stats.watchers.load(Ordering::Relaxed), 1);
-        c.watch(WatchFilter::default(), 0, true, Some(conn)).unwrap();
+        c.watch(WatchFilter::default(), 0, true, Some(conn))
+            .unwrap();
     }
 }

@@ -15,8 +15,8 @@ use std::{
 };
 
 use registry_api::v1::{
-    DeleteReason, Instance, LeaseStatus, ListServicesResponse, RegisterRequest,
-    RegisterResponse, ResolveResponse, ServerInfo, ServiceSummary, StatusResponse,
+    DeleteReason, Instance, LeaseStatus, ListServicesResponse, RegisterRequest, RegisterResponse,
+    ResolveResponse, ServerInfo, ServiceSummary, StatusResponse,
 };
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -263,9 +263,9 @@ impl Registry {
         validate::service_name("instance.service", service)?;
         validate::instance_id("instance.id", id)?;
         let mut txn = self.shared.catalog.txn();
-        let existing = txn
-            .get(service, id)
-            .ok_or_else(|| Error::NotFound(format!("instance {id:?} of service {service:?} not found")))?;
+        let existing = txn.get(service, id).ok_or_else(|| {
+            Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
+        })?;
         let key = InstanceKey::of(&existing);
         if let Some(lease) = self.shared.leases.get(existing.lease_id) {
             lease.instances.lock().retain(|k| *k != key);
@@ -479,7 +479,11 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         r.expire_due(10);
         let res = r.resolve("svc", &HashMap::new(), false).unwrap();
-        assert_eq!(res.instances.len(), 1, "old lease's expiry must not delete the moved instance");
+        assert_eq!(
+            res.instances.len(),
+            1,
+            "old lease's expiry must not delete the moved instance"
+        );
         assert_eq!(res.instances[0].lease_id, second.lease_id);
     }
 

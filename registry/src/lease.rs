@@ -183,7 +183,9 @@ impl LeaseTable {
             return None;
         }
         // fetch_max: a concurrent renewal never moves the deadline backwards.
-        lease.deadline_ms.fetch_max(now + lease.ttl_ms, Ordering::AcqRel);
+        lease
+            .deadline_ms
+            .fetch_max(now + lease.ttl_ms, Ordering::AcqRel);
         Some(lease.ttl_ms)
     }
 
@@ -230,7 +232,9 @@ impl LeaseTable {
     /// Puts a lease back in the queue at its current deadline (used when the
     /// expiry pass found it renewed at the last moment).
     pub fn requeue(&self, lease: &Lease) {
-        self.queue.lock().push(Reverse((lease.deadline_ms(), lease.id)));
+        self.queue
+            .lock()
+            .push(Reverse((lease.deadline_ms(), lease.id)));
     }
 
     /// Deadline of the queue's head: the earliest the next expiry can happen.

@@ -17,6 +17,7 @@
 //! - [`validate`], [`error`], [`config`]: request rules, the error enum and
 //!   its status codes, and the tunables.
 
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod core;

@@ -3,12 +3,16 @@
 
 use std::future::Future;
 
-use registry_api::v1::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tracing::info;
 
-use crate::{config::Config, core::Registry, error::Result, service::RegistryService};
+use crate::{
+    config::Config,
+    core::Registry,
+    error::Result,
+    service::{RegistryService, wire::registry_server::RegistryServer},
+};
 
 /// Largest request the server decodes. Registry requests are small (an
 /// instance is at most ~80 KiB of metadata); anything bigger is hostile.
@@ -40,7 +44,9 @@ pub async fn serve(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(registry_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -49,7 +49,8 @@ pub fn service_name(field: &str, name: &str) -> Result<()> {
         )));
     }
     for (i, c) in name.chars().enumerate() {
-        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || (i > 0 && matches!(c, '.' | '_' | '-'));
+        let ok =
+            c.is_ascii_lowercase() || c.is_ascii_digit() || (i > 0 && matches!(c, '.' | '_' | '-'));
         if !ok {
             let why = if i == 0 && matches!(c, '.' | '_' | '-') {
                 "must start with a lowercase letter or digit".to_string()
@@ -100,7 +101,10 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{field} is required")));
     }
     if addr.len() > MAX_ADDRESS {
-        return bad(&format!("is {} bytes, the limit is {MAX_ADDRESS}", addr.len()));
+        return bad(&format!(
+            "is {} bytes, the limit is {MAX_ADDRESS}",
+            addr.len()
+        ));
     }
     let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
         let Some((v6, port)) = rest.split_once("]:") else {
@@ -133,7 +137,9 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
                 return bad("has an invalid IPv4 host");
             }
         } else if !is_dns_name(host) {
-            return bad("has an invalid DNS hostname (labels of 1..=63 [A-Za-z0-9-], not starting or ending with -)");
+            return bad(
+                "has an invalid DNS hostname (labels of 1..=63 [A-Za-z0-9-], not starting or ending with -)",
+            );
         }
     }
     Ok(())
@@ -221,8 +227,13 @@ mod tests {
             let err = service_name("service", bad).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
         }
-        let msg = service_name("instance.service", "Prod").unwrap_err().to_string();
-        assert!(msg.contains("\"Prod\"") && msg.contains("uppercase"), "{msg}");
+        let msg = service_name("instance.service", "Prod")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("\"Prod\"") && msg.contains("uppercase"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -271,10 +282,20 @@ mod tests {
         m.insert("k=v".to_string(), String::new());
         assert!(metadata("metadata", &m).is_err());
         let big: HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
-        assert!(metadata("metadata", &big).unwrap_err().to_string().contains("64"));
+        assert!(
+            metadata("metadata", &big)
+                .unwrap_err()
+                .to_string()
+                .contains("64")
+        );
         let mut v = HashMap::new();
         v.insert("k".to_string(), "x".repeat(1025));
-        assert!(metadata("metadata", &v).unwrap_err().to_string().contains("1024"));
+        assert!(
+            metadata("metadata", &v)
+                .unwrap_err()
+                .to_string()
+                .contains("1024")
+        );
     }
 
     #[test]
@@ -282,7 +303,10 @@ mod tests {
         let (min, max) = (Duration::from_secs(1), Duration::from_secs(3600));
         assert!(matches!(ttl(0, min, max), Err(Error::InvalidArgument(_))));
         assert!(matches!(ttl(999, min, max), Err(Error::InvalidArgument(_))));
-        assert!(matches!(ttl(3_600_001, min, max), Err(Error::OutOfRange(_))));
+        assert!(matches!(
+            ttl(3_600_001, min, max),
+            Err(Error::OutOfRange(_))
+        ));
         assert_eq!(ttl(1000, min, max).unwrap(), min);
         let msg = ttl(0, min, max).unwrap_err().to_string();
         assert!(msg.contains("below the minimum 1s"), "{msg}");

@@ -5,10 +5,23 @@
 //! has flow-control window, so a client that stops reading stops draining its
 //! queue; the catalog then flags it (never blocking the writer) and the
 //! stream answers with a reset snapshot once the client reads again.
+//!
+//! Encoding once: a revision batch that a watcher sees whole (no selector,
+//! and either watch-all or the batch's only service) is encoded into a
+//! `WatchResponse` once, cached in the batch, and every such watcher sends
+//! the same bytes ([`WatchFrame`]). Several queued revisions are coalesced by
+//! concatenating their encodings: protobuf merges repeated occurrences of
+//! the same message field, so the client decodes one `EventBatch` holding
+//! all their events, in order.
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
+use prost::{
+    DecodeError, Message,
+    encoding::{DecodeContext, WireType},
+};
 use registry_api::v1::{
     DeleteReason, Event, EventBatch, EventType, Instance, Progress, ResetReason, Snapshot,
     WatchResponse, watch_response::Kind,
@@ -24,9 +37,110 @@ use crate::{
 /// message limit, so clients in any language can take it.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
-/// Most events coalesced into one message when several revisions are queued:
-/// fewer, larger writes when a watcher is behind, without unbounded messages.
-pub const MAX_EVENTS_PER_MESSAGE: usize = 1024;
+/// Bytes of queued revisions coalesced into one message: fewer, larger
+/// writes when a watcher is behind, without unbounded messages.
+pub const MAX_COALESCED_BYTES: usize = 256 << 10;
+
+/// One message of a Watch stream: on the wire exactly a `WatchResponse`,
+/// either built per watcher or shared pre-encoded bytes.
+#[derive(Debug, Clone)]
+pub struct WatchFrame(Frame);
+
+#[derive(Debug, Clone)]
+enum Frame {
+    Message(WatchResponse),
+    Encoded(Bytes),
+}
+
+impl WatchFrame {
+    /// A frame holding a message to encode as usual.
+    pub fn message(msg: WatchResponse) -> Self {
+        Self(Frame::Message(msg))
+    }
+
+    /// The `WatchResponse` this frame encodes (decodes shared bytes), for
+    /// in-process consumers and tests.
+    pub fn to_response(&self) -> Result<WatchResponse, DecodeError> {
+        match &self.0 {
+            Frame::Message(m) => Ok(m.clone()),
+            Frame::Encoded(b) => WatchResponse::decode(b.clone()),
+        }
+    }
+}
+
+impl Default for WatchFrame {
+    fn default() -> Self {
+        Self::message(WatchResponse::default())
+    }
+}
+
+impl Message for WatchFrame {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        match &self.0 {
+            Frame::Message(m) => m.encode_raw(buf),
+            Frame::Encoded(b) => buf.put_slice(b),
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if let Frame::Encoded(b) = &self.0 {
+            self.0 = Frame::Message(WatchResponse::decode(b.clone())?);
+        }
+        match &mut self.0 {
+            Frame::Message(m) => m.merge_field(tag, wire_type, buf, ctx),
+            Frame::Encoded(_) => unreachable!("converted above"),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match &self.0 {
+            Frame::Message(m) => m.encoded_len(),
+            Frame::Encoded(b) => b.len(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0 = Frame::Message(WatchResponse::default());
+    }
+}
+
+/// The encoded `WatchResponse` of a batch as a watcher with this filter sees
+/// it, or `None` when none of it is visible. Uses the batch's shared
+/// encoding when the watcher sees the whole batch.
+pub fn batch_bytes(filter: &WatchFilter, batch: &RevisionBatch) -> Option<Bytes> {
+    let sees_all = filter.selector.is_empty()
+        && match &filter.service {
+            None => true,
+            Some(s) => batch.single_service.as_deref() == Some(&**s),
+        };
+    if sees_all {
+        return Some(
+            batch
+                .encoded
+                .get_or_init(|| {
+                    let events = batch.events.iter().map(|ev| match &ev.kind {
+                        EventKind::Put { .. } => {
+                            event(EventType::Put, batch.revision, &ev.instance, None)
+                        }
+                        EventKind::Delete(reason) => {
+                            event(EventType::Delete, batch.revision, &ev.instance, Some(*reason))
+                        }
+                    });
+                    events_message(events.collect()).encode_to_vec().into()
+                })
+                .clone(),
+        );
+    }
+    let mut events = Vec::new();
+    translate(filter, batch, &mut events);
+    (!events.is_empty()).then(|| events_message(events).encode_to_vec().into())
+}
 
 /// Shortest progress interval a client may ask for.
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -67,7 +181,12 @@ pub fn translate(filter: &WatchFilter, batch: &RevisionBatch, out: &mut Vec<Even
     }
 }
 
-fn event(kind: EventType, revision: u64, instance: &Instance, reason: Option<DeleteReason>) -> Event {
+fn event(
+    kind: EventType,
+    revision: u64,
+    instance: &Instance,
+    reason: Option<DeleteReason>,
+) -> Event {
     Event {
         r#type: kind as i32,
         revision,
@@ -131,26 +250,25 @@ pub fn stream(
     mut handle: WatcherHandle,
     start: WatchStart,
     progress_interval: Duration,
-) -> impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static {
+) -> impl Stream<Item = Result<WatchFrame, Status>> + Send + 'static {
     async_stream::stream! {
         let shutdown = registry.shutdown_token().clone();
+        let filter = handle.filter().clone();
         match start {
             WatchStart::Snapshot { revision, instances, reset } => {
                 for msg in snapshot_messages(&registry, revision, &instances, reset) {
-                    yield Ok(msg);
+                    yield Ok(WatchFrame::message(msg));
                 }
             }
             WatchStart::Replay(batches) => {
-                let filter = handle.filter().clone();
-                let mut events = Vec::new();
+                let mut parts = Coalescer::default();
                 for batch in &batches {
-                    translate(&filter, batch, &mut events);
-                    if events.len() >= MAX_EVENTS_PER_MESSAGE {
-                        yield Ok(events_message(std::mem::take(&mut events)));
+                    if let Some(frame) = parts.push(batch_bytes(&filter, batch)) {
+                        yield Ok(frame);
                     }
                 }
-                if !events.is_empty() {
-                    yield Ok(events_message(events));
+                if let Some(frame) = parts.finish() {
+                    yield Ok(frame);
                 }
             }
         }
@@ -164,7 +282,7 @@ pub fn stream(
                     &instances,
                     Some(ResetReason::SlowConsumer),
                 ) {
-                    yield Ok(msg);
+                    yield Ok(WatchFrame::message(msg));
                 }
                 continue;
             }
@@ -176,16 +294,18 @@ pub fn stream(
                 }
                 batch = handle.recv() => {
                     let Some(batch) = batch else { break };
-                    let filter = handle.filter().clone();
-                    let mut events = Vec::new();
-                    translate(&filter, &batch, &mut events);
+                    let mut parts = Coalescer::default();
+                    let mut ready = parts.push(batch_bytes(&filter, &batch));
                     // Coalesce whatever else is already queued (whole revisions).
-                    while events.len() < MAX_EVENTS_PER_MESSAGE && !handle.overflowed() {
+                    while ready.is_none() && !handle.overflowed() {
                         let Some(next) = handle.try_recv() else { break };
-                        translate(&filter, &next, &mut events);
+                        ready = parts.push(batch_bytes(&filter, &next));
                     }
-                    if !events.is_empty() {
-                        yield Ok(events_message(events));
+                    if let Some(frame) = ready {
+                        yield Ok(frame);
+                    }
+                    if let Some(frame) = parts.finish() {
+                        yield Ok(frame);
                     }
                 }
                 _ = tokio::time::sleep(progress_interval) => {
@@ -194,15 +314,106 @@ pub fn stream(
                     // everything up to it has been delivered.
                     let revision = registry.catalog().revision();
                     if handle.is_empty() && !handle.overflowed() {
-                        yield Ok(WatchResponse {
+                        yield Ok(WatchFrame::message(WatchResponse {
                             kind: Some(Kind::Progress(Progress {
                                 revision,
                                 server: Some(registry.server_info()),
                             })),
-                        });
+                        }));
                     }
                 }
             }
         }
+    }
+}
+
+/// Joins consecutive encoded event messages into one frame of at most
+/// [`MAX_COALESCED_BYTES`] (a single larger batch still goes alone).
+#[derive(Default)]
+struct Coalescer {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Coalescer {
+    /// Adds a part; returns a full frame when the limit is reached.
+    fn push(&mut self, part: Option<Bytes>) -> Option<WatchFrame> {
+        let part = part?;
+        self.len += part.len();
+        self.parts.push(part);
+        (self.len >= MAX_COALESCED_BYTES).then(|| self.take())
+    }
+
+    /// The frame of whatever is left, if anything.
+    fn finish(&mut self) -> Option<WatchFrame> {
+        (!self.parts.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> WatchFrame {
+        self.len = 0;
+        let bytes = if self.parts.len() == 1 {
+            self.parts.pop().expect("one part")
+        } else {
+            let mut buf = BytesMut::with_capacity(self.parts.iter().map(Bytes::len).sum());
+            for p in self.parts.drain(..) {
+                buf.put_slice(&p);
+            }
+            buf.freeze()
+        };
+        WatchFrame(Frame::Encoded(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{CatalogEvent, EventKind};
+    use registry_api::v1::DeleteReason;
+
+    fn batch(revision: u64, ids: &[&str], service: &str) -> RevisionBatch {
+        let events: Vec<CatalogEvent> = ids
+            .iter()
+            .map(|id| CatalogEvent {
+                kind: EventKind::Put { prev: None },
+                instance: Arc::new(Instance {
+                    service: service.into(),
+                    id: (*id).into(),
+                    address: "10.0.0.1:80".into(),
+                    ..Default::default()
+                }),
+            })
+            .collect();
+        RevisionBatch::for_test(revision, events)
+    }
+
+    #[test]
+    fn shared_encoding_equals_per_watcher_translation() {
+        let b = batch(7, &["a", "b"], "svc");
+        let filter = WatchFilter {
+            service: Some("svc".into()),
+            selector: vec![],
+        };
+        let shared = batch_bytes(&filter, &b).unwrap();
+        let mut events = Vec::new();
+        translate(&filter, &b, &mut events);
+        assert_eq!(shared, events_message(events).encode_to_vec());
+        // Cached: the second watcher gets the very same buffer.
+        assert_eq!(batch_bytes(&filter, &b).unwrap().as_ptr(), shared.as_ptr());
+    }
+
+    #[test]
+    fn concatenated_frames_decode_as_one_batch_in_order() {
+        let filter = WatchFilter::default();
+        let mut c = Coalescer::default();
+        for (rev, id) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert!(c.push(batch_bytes(&filter, &batch(rev, &[id], "svc"))).is_none());
+        }
+        let frame = c.finish().unwrap();
+        let Some(Kind::Events(events)) = frame.to_response().unwrap().kind else {
+            panic!("not events");
+        };
+        let revs: Vec<_> = events.events.iter().map(|e| e.revision).collect();
+        assert_eq!(revs, [1, 2, 3]);
+        let _ = DeleteReason::Expired;
     }
 }

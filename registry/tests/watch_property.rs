@@ -124,12 +124,16 @@ fn open(
     start: u64,
 ) -> impl Stream<Item = Result<WatchResponse, tonic::Status>> + Unpin {
     let (handle, start) = registry.watch(filter, start, 0, None).expect("watch");
-    Box::pin(watch::stream(
-        registry.clone(),
-        handle,
-        start,
-        Duration::from_secs(3600),
-    ))
+    // Frames go through a real encode/decode, as on the wire: shared and
+    // coalesced encodings must decode to the same events.
+    Box::pin(
+        watch::stream(registry.clone(), handle, start, Duration::from_secs(3600)).map(|r| {
+            r.map(|frame| {
+                let bytes = prost::Message::encode_to_vec(&frame);
+                <WatchResponse as prost::Message>::decode(bytes.as_slice()).expect("frame decodes")
+            })
+        }),
+    )
 }
 
 fn expected(registry: &Registry, filter: &WatchFilter) -> BTreeMap<Key, Instance> {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod prod;
+
 use std::{net::SocketAddr, time::Duration};
 
 use registry::Config;

@@ -1,0 +1,733 @@
+//! Self-registration: [`Registration`] handles and the one background task
+//! per client that keeps them alive.
+//!
+//! The task owns all registration state; handles talk to it over an
+//! unbounded command channel (unbounded so that `Drop` can enqueue a
+//! deregistration without a runtime or an await). Its loop:
+//!
+//! - groups instances by requested TTL; each group shares one lease, the
+//!   first member gets it with `lease_id = 0` and the others attach to it;
+//! - renews every group's lease about every `ttl / 3` (with jitter) over a
+//!   single KeepAlive stream, matching responses to requests in order;
+//! - when a lease is reported unknown, or the registry's epoch changes (it
+//!   restarted, so every lease id of the old life is meaningless and may even
+//!   belong to someone else now), re-registers the affected instances;
+//! - when the registry is unreachable, retries with exponential backoff and
+//!   jitter, forever, failing over between nodes if several are configured;
+//! - ends when the last handle is gone, after deregistering it.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use registry_api::v1::{self as pb, registry_client::RegistryClient as Grpc};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::{
+    Error, Instance, ServerInfo,
+    backoff::{Backoff, jitter},
+    client::{RPC_TIMEOUT, call},
+    endpoints::Endpoints,
+};
+
+/// Heartbeats queued towards the stream; a handful is plenty since one
+/// request carries every due lease, and a full queue means the registry stopped
+/// reading, which the reply timeout catches.
+const STREAM_BUFFER: usize = 8;
+/// Shortest wait for a heartbeat reply before the stream is declared dead.
+const MIN_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for a heartbeat reply: beyond this, long-TTL leases would
+/// still be fine, but a stuck connection should be replaced anyway.
+const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Renewals never come closer than this, even for absurdly short TTLs.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(10);
+/// How far the task sleeps when it has nothing scheduled.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
+
+/// Health of one registration, as seen by the keepalive task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistrationState {
+    /// The registry has the instance and its lease is being renewed.
+    Registered,
+    /// The registry lost the instance (lease expired, registry restarted)
+    /// and the task is registering it again.
+    Reregistering,
+    /// The registry cannot be reached; the task keeps retrying with backoff.
+    /// The instance may still be registered if the outage is shorter than
+    /// its TTL.
+    Unreachable,
+}
+
+/// A live registration. While it exists, the client's background task keeps
+/// the instance registered, re-registering it whenever the registry forgets
+/// it.
+///
+/// [`Registration::deregister`] removes it at once (graceful shutdown);
+/// dropping it stops the keepalive and deregisters best-effort in the
+/// background (without waiting; if the registry is unreachable at that
+/// moment the instance simply expires after its TTL).
+#[derive(Debug)]
+#[must_use = "dropping a Registration deregisters the instance"]
+pub struct Registration {
+    instance: Instance,
+    token: u64,
+    handle: Option<Arc<KeeperHandle>>,
+    state: watch::Receiver<RegistrationState>,
+}
+
+impl Registration {
+    /// The registered instance (with its final id). `lease_id` and
+    /// `revision` are not tracked here: the lease changes on re-registration.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// A receiver of this registration's state, for health endpoints and
+    /// logs: `changed().await` fires on every transition. It reports an error
+    /// once the registration is gone.
+    pub fn state(&self) -> watch::Receiver<RegistrationState> {
+        self.state.clone()
+    }
+
+    /// The state right now.
+    pub fn current_state(&self) -> RegistrationState {
+        *self.state.borrow()
+    }
+
+    /// Removes the instance from the registry now and stops renewing it.
+    /// Returns the registry's error if it could not be told (the instance then
+    /// expires after its TTL, since nothing renews it any more).
+    pub async fn deregister(mut self) -> Result<(), Error> {
+        let handle = self.handle.take().expect("handle present until drop");
+        let (reply, answer) = oneshot::channel();
+        handle
+            .tx
+            .send(Command::Remove {
+                token: self.token,
+                key: key_of(&self.instance),
+                reply: Some(reply),
+            })
+            .map_err(|_| Error::Closed)?;
+        // Let go before waiting: if this was the last registration, the task
+        // deregisters it and then ends.
+        drop(handle);
+        answer.await.map_err(|_| Error::Closed)?
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.tx.send(Command::Remove {
+                token: self.token,
+                key: key_of(&self.instance),
+                reply: None,
+            });
+        }
+    }
+}
+
+/// The command side of a running keepalive task. Registrations hold it
+/// strongly; when the last one is dropped the channel closes and the task
+/// ends.
+#[derive(Debug)]
+pub(crate) struct KeeperHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    next_token: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Command {
+    Add {
+        /// Identifies the `Registration`, so a stale handle for an id that was
+        /// registered again cannot remove its successor.
+        token: u64,
+        instance: pb::Instance,
+        ttl: Duration,
+        state: watch::Sender<RegistrationState>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Remove {
+        token: u64,
+        key: Key,
+        /// `None` from `Drop`: best effort, nobody waits.
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+}
+
+/// `(service, id)`.
+type Key = (String, String);
+
+fn key_of(instance: &Instance) -> Key {
+    (instance.service.clone(), instance.id.clone())
+}
+
+/// Starts a keepalive task. Returns its handle and a token that is alive
+/// exactly as long as the task runs.
+pub(crate) fn spawn(endpoints: Arc<Endpoints>) -> (Arc<KeeperHandle>, Weak<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let alive = Arc::new(());
+    let weak = Arc::downgrade(&alive);
+    let keeper = Keeper {
+        endpoints,
+        rx,
+        entries: HashMap::new(),
+        groups: HashMap::new(),
+        stream: None,
+        connected: true,
+        retry_at: None,
+        reconcile_at: None,
+        backoff: Backoff::default(),
+        epoch: 0,
+    };
+    tokio::spawn(async move {
+        let _alive = alive;
+        keeper.run().await;
+    });
+    (
+        Arc::new(KeeperHandle {
+            tx,
+            next_token: AtomicU64::new(1),
+        }),
+        weak,
+    )
+}
+
+/// Registers `instance` through the task behind `handle` and waits for the
+/// registry's first answer.
+pub(crate) async fn register(
+    handle: Arc<KeeperHandle>,
+    instance: Instance,
+    ttl: Duration,
+) -> Result<Registration, Error> {
+    let token = handle.next_token.fetch_add(1, Ordering::Relaxed);
+    let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
+    let (reply, answer) = oneshot::channel();
+    let pb = instance.to_pb();
+    // The handle exists before the command is sent: if this future is dropped
+    // midway, its Drop still queues the matching removal.
+    let registration = Registration {
+        instance,
+        token,
+        handle: Some(handle.clone()),
+        state: state_rx,
+    };
+    handle
+        .tx
+        .send(Command::Add {
+            token,
+            instance: pb,
+            ttl,
+            state: state_tx,
+            reply,
+        })
+        .map_err(|_| Error::Closed)?;
+    answer.await.map_err(|_| Error::Closed)??;
+    Ok(registration)
+}
+
+struct Entry {
+    token: u64,
+    instance: pb::Instance,
+    ttl: Duration,
+    /// The registry has it under its group's current lease.
+    registered: bool,
+    state: watch::Sender<RegistrationState>,
+}
+
+/// Instances sharing a requested TTL, and the lease they share.
+struct Group {
+    lease: Option<Lease>,
+    members: BTreeSet<Key>,
+    next_renew: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: u64,
+    /// The registry life that granted it; in another life the id means
+    /// nothing (or someone else's lease).
+    epoch: u64,
+    ttl: Duration,
+}
+
+impl Lease {
+    fn renew_interval(&self) -> Duration {
+        jitter(self.ttl / 3).max(MIN_RENEW_INTERVAL)
+    }
+}
+
+struct KeepAliveStream {
+    node: usize,
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    rx: tonic::Streaming<pb::HeartbeatResponse>,
+    /// Deadline of each request still waiting for its reply, in order.
+    in_flight: VecDeque<Instant>,
+}
+
+struct Keeper {
+    endpoints: Arc<Endpoints>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    entries: HashMap<Key, Entry>,
+    groups: HashMap<Duration, Group>,
+    stream: Option<KeepAliveStream>,
+    /// False between a transport failure and the next answer.
+    connected: bool,
+    /// Set while unreachable: when to try again. No heartbeats until then.
+    retry_at: Option<Instant>,
+    /// Set when some re-registration was refused: when to retry those.
+    reconcile_at: Option<Instant>,
+    backoff: Backoff,
+    /// Epoch of the registry life we last heard from (0 = none yet).
+    epoch: u64,
+}
+
+impl Keeper {
+    async fn run(mut self) {
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                msg = next_message(&mut self.stream) => self.on_message(msg).await,
+                () = tokio::time::sleep_until(wake) => self.on_timer().await,
+            }
+            self.publish();
+        }
+        tracing::debug!("last registration gone, keepalive task finished");
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + IDLE_WAKE;
+        if let Some(at) = self.retry_at {
+            return wake.min(at);
+        }
+        if let Some(at) = self.reconcile_at {
+            wake = wake.min(at);
+        }
+        for group in self.groups.values() {
+            if group.lease.is_some() {
+                wake = wake.min(group.next_renew);
+            }
+        }
+        if let Some(deadline) = self.stream.as_ref().and_then(|s| s.in_flight.front()) {
+            wake = wake.min(*deadline);
+        }
+        wake
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add {
+                token,
+                instance,
+                ttl,
+                state,
+                reply,
+            } => {
+                let key = (instance.service.clone(), instance.id.clone());
+                // Same service + id registered again through this client: the
+                // new registration takes over (the registry replaces it too).
+                self.forget(&key);
+                self.entries.insert(
+                    key.clone(),
+                    Entry {
+                        token,
+                        instance,
+                        ttl,
+                        registered: false,
+                        state,
+                    },
+                );
+                self.groups
+                    .entry(ttl)
+                    .or_insert_with(|| Group {
+                        lease: None,
+                        members: BTreeSet::new(),
+                        next_renew: Instant::now(),
+                    })
+                    .members
+                    .insert(key.clone());
+                let result = self.register_entry(&key).await;
+                if result.is_err() {
+                    self.forget(&key);
+                }
+                self.publish();
+                let _ = reply.send(result);
+            }
+            Command::Remove { token, key, reply } => {
+                let result = self.remove(token, &key, reply.is_some()).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    /// Drops `key` from the local tables, without telling the registry.
+    fn forget(&mut self, key: &Key) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        if let Some(group) = self.groups.get_mut(&entry.ttl) {
+            group.members.remove(key);
+            if group.members.is_empty() {
+                self.groups.remove(&entry.ttl);
+            }
+        }
+        Some(entry)
+    }
+
+    async fn remove(&mut self, token: u64, key: &Key, waited_on: bool) -> Result<(), Error> {
+        if self.entries.get(key).is_none_or(|e| e.token != token) {
+            // Already replaced by a newer registration, or never accepted.
+            return Ok(());
+        }
+        let ttl = self.entries[key].ttl;
+        let lease = self.groups.get(&ttl).and_then(|g| g.lease);
+        let last_of_lease = self.groups.get(&ttl).is_some_and(|g| g.members.len() == 1);
+        self.forget(key);
+        if !self.connected && !waited_on {
+            // Best effort only: don't stall the other registrations on a
+            // registry we know is down; the lease expires on its own.
+            return Ok(());
+        }
+        let target = match lease {
+            // Revoking the lease removes the instance and frees the lease in
+            // one call, instead of leaving an empty lease to expire.
+            Some(lease) if last_of_lease => pb::deregister_request::Target::LeaseId(lease.id),
+            _ => pb::deregister_request::Target::Instance(pb::InstanceKey {
+                service: key.0.clone(),
+                id: key.1.clone(),
+            }),
+        };
+        let request = pb::DeregisterRequest {
+            target: Some(target),
+        };
+        match call(&self.endpoints, move |mut grpc| {
+            let request = request.clone();
+            async move { grpc.deregister(request).await }
+        })
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::Rejected(s)) if s.code() == Code::NotFound => Ok(()),
+            Err(e) => {
+                tracing::warn!(service = %key.0, id = %key.1, error = %e, "deregister failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers one entry under its group's lease (or a new one), coping
+    /// with the lease having vanished or belonging to an older registry life.
+    async fn register_entry(&mut self, key: &Key) -> Result<(), Error> {
+        for _ in 0..3 {
+            let entry = &self.entries[key];
+            let ttl = entry.ttl;
+            let lease = self.groups[&ttl].lease;
+            let request = pb::RegisterRequest {
+                instance: Some(entry.instance.clone()),
+                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                lease_id: lease.map_or(0, |l| l.id),
+            };
+            let result = call(&self.endpoints, move |mut grpc| {
+                let request = request.clone();
+                async move { grpc.register(request).await }
+            })
+            .await;
+            match result {
+                Ok(resp) => {
+                    self.reachable();
+                    let server = ServerInfo::from(resp.server);
+                    let stale = lease.is_some_and(|l| server.epoch != 0 && l.epoch != server.epoch);
+                    // A new epoch invalidates every lease of the old one,
+                    // including the one just used if it was from that life.
+                    self.observe_epoch(server.epoch);
+                    if stale {
+                        continue;
+                    }
+                    let granted = Lease {
+                        id: resp.lease_id,
+                        epoch: server.epoch,
+                        ttl: Duration::from_millis(resp.ttl_ms),
+                    };
+                    let group = self.groups.get_mut(&ttl).expect("group of a live entry");
+                    if group.lease.is_none_or(|l| l.id != granted.id) {
+                        group.next_renew = Instant::now() + granted.renew_interval();
+                    }
+                    group.lease = Some(granted);
+                    self.entries
+                        .get_mut(key)
+                        .expect("entry being registered")
+                        .registered = true;
+                    return Ok(());
+                }
+                Err(Error::Rejected(s))
+                    if lease.is_some()
+                        && matches!(s.code(), Code::NotFound | Code::FailedPrecondition) =>
+                {
+                    // The lease expired under us: register afresh.
+                    self.lease_lost(lease.expect("checked").id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable(tonic::Status::unavailable(
+            "the registry kept invalidating the lease while registering",
+        )))
+    }
+
+    /// Re-registers every entry the registry does not have.
+    async fn reconcile(&mut self) {
+        // Show `Reregistering` while the calls are under way.
+        self.publish();
+        let mut refused = HashSet::new();
+        loop {
+            let next = self
+                .entries
+                .iter()
+                .filter(|(k, e)| !e.registered && !refused.contains(*k))
+                .map(|(k, _)| k.clone())
+                .min();
+            let Some(key) = next else { break };
+            match self.register_entry(&key).await {
+                Ok(()) => {
+                    tracing::info!(service = %key.0, id = %key.1, "re-registered");
+                }
+                Err(e) if e.is_unavailable() => {
+                    self.connection_lost(&e.to_string(), None);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %key.0, id = %key.1, error = %e, "re-registration refused");
+                    refused.insert(key);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.reconcile_at = Some(Instant::now() + self.backoff.next_delay());
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        if let Some(at) = self.retry_at {
+            if now >= at {
+                self.retry_at = None;
+                self.recover().await;
+            }
+            return;
+        }
+        if let Some(stream) = &self.stream
+            && stream.in_flight.front().is_some_and(|d| *d <= now)
+        {
+            self.connection_lost("no keepalive reply in time", None);
+            return;
+        }
+        if self.reconcile_at.is_some_and(|at| at <= now) {
+            self.reconcile_at = None;
+            self.reconcile().await;
+        }
+        self.renew(now, false).await;
+    }
+
+    /// After an outage: renew every lease (the replies tell which survived),
+    /// and register whatever has no lease.
+    async fn recover(&mut self) {
+        self.renew(Instant::now(), true).await;
+        if self.retry_at.is_none() && self.entries.values().any(|e| !e.registered) {
+            self.reconcile().await;
+        }
+    }
+
+    /// Sends one heartbeat for every lease that is due (or for all).
+    async fn renew(&mut self, now: Instant, all: bool) {
+        let mut ids = Vec::new();
+        let mut shortest = MAX_REPLY_TIMEOUT;
+        for group in self.groups.values_mut() {
+            if let Some(lease) = group.lease
+                && (all || group.next_renew <= now)
+            {
+                ids.push(lease.id);
+                group.next_renew = now + lease.renew_interval();
+                shortest = shortest.min(lease.ttl);
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let deadline = now + shortest.clamp(MIN_REPLY_TIMEOUT, MAX_REPLY_TIMEOUT);
+        let request = pb::HeartbeatRequest { lease_ids: ids };
+        if let Err(e) = self.send_heartbeat(request, deadline).await {
+            let node = self.stream.as_ref().map(|s| s.node);
+            self.connection_lost(&e.to_string(), node);
+        }
+    }
+
+    async fn send_heartbeat(
+        &mut self,
+        request: pb::HeartbeatRequest,
+        deadline: Instant,
+    ) -> Result<(), tonic::Status> {
+        if let Some(stream) = &mut self.stream {
+            stream
+                .tx
+                .send(request)
+                .await
+                .map_err(|_| tonic::Status::unavailable("keepalive stream closed"))?;
+            stream.in_flight.push_back(deadline);
+            return Ok(());
+        }
+        let (node, channel) = self.endpoints.current();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        // Queue the first request before opening: a server may wait for it
+        // before sending response headers.
+        tx.try_send(request).expect("fresh channel has room");
+        let mut grpc = Grpc::new(channel);
+        let opened = tokio::time::timeout(RPC_TIMEOUT, grpc.keep_alive(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("opening the keepalive stream"))?;
+        let opened = match opened {
+            Ok(resp) => resp,
+            Err(status) => {
+                self.endpoints.failed(node);
+                return Err(status);
+            }
+        };
+        self.stream = Some(KeepAliveStream {
+            node,
+            tx,
+            rx: opened.into_inner(),
+            in_flight: VecDeque::from([deadline]),
+        });
+        Ok(())
+    }
+
+    async fn on_message(&mut self, msg: Option<Result<pb::HeartbeatResponse, tonic::Status>>) {
+        let resp = match msg {
+            Some(Ok(resp)) => resp,
+            Some(Err(status)) => {
+                let node = self.stream.as_ref().map(|s| s.node);
+                return self.connection_lost(&status.to_string(), node);
+            }
+            None => {
+                let node = self.stream.as_ref().map(|s| s.node);
+                return self.connection_lost("keepalive stream ended", node);
+            }
+        };
+        if let Some(stream) = &mut self.stream {
+            stream.in_flight.pop_front();
+        }
+        self.reachable();
+        self.observe_epoch(ServerInfo::from(resp.server).epoch);
+        for status in resp.leases {
+            if !status.found {
+                tracing::info!(lease = status.lease_id, "registry forgot our lease");
+                self.lease_lost(status.lease_id);
+            }
+        }
+        if self.entries.values().any(|e| !e.registered) {
+            self.reconcile().await;
+        }
+    }
+
+    fn reachable(&mut self) {
+        if !self.connected {
+            tracing::info!("registry reachable again");
+        }
+        self.connected = true;
+        self.retry_at = None;
+        self.backoff.reset();
+    }
+
+    /// The registry is unreachable: drop the stream, try again later.
+    /// `node` is the node that failed, when known and not yet reported.
+    fn connection_lost(&mut self, reason: &str, node: Option<usize>) {
+        self.stream = None;
+        if let Some(node) = node {
+            self.endpoints.failed(node);
+        }
+        self.connected = false;
+        let delay = self.backoff.next_delay();
+        tracing::warn!(reason, retry_in = ?delay, "registry unreachable");
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// Every lease of another registry life is gone.
+    fn observe_epoch(&mut self, epoch: u64) {
+        if epoch == 0 || epoch == self.epoch {
+            return;
+        }
+        if self.epoch != 0 {
+            tracing::info!(
+                old = self.epoch,
+                new = epoch,
+                "registry restarted; re-registering"
+            );
+        }
+        self.epoch = epoch;
+        let stale: Vec<u64> = self
+            .groups
+            .values()
+            .filter_map(|g| g.lease)
+            .filter(|l| l.epoch != epoch)
+            .map(|l| l.id)
+            .collect();
+        for id in stale {
+            self.lease_lost(id);
+        }
+    }
+
+    fn lease_lost(&mut self, lease_id: u64) {
+        for group in self.groups.values_mut() {
+            if group.lease.is_some_and(|l| l.id == lease_id) {
+                group.lease = None;
+                for key in &group.members {
+                    if let Some(entry) = self.entries.get_mut(key) {
+                        entry.registered = false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        for entry in self.entries.values() {
+            let state = if !self.connected {
+                RegistrationState::Unreachable
+            } else if entry.registered {
+                RegistrationState::Registered
+            } else {
+                RegistrationState::Reregistering
+            };
+            entry.state.send_if_modified(|current| {
+                let changed = *current != state;
+                *current = state;
+                changed
+            });
+        }
+    }
+}
+
+/// The next keepalive reply, or never when no stream is open.
+async fn next_message(
+    stream: &mut Option<KeepAliveStream>,
+) -> Option<Result<pb::HeartbeatResponse, tonic::Status>> {
+    match stream {
+        Some(s) => s.rx.message().await.transpose(),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,199 @@
+//! Runs the compiled `prod_service` and `prod_client` examples as real
+//! processes against an in-process registry: two services register, the
+//! client's calls reach both, one service gets SIGTERM, deregisters, and the
+//! client carries on with the other.
+//!
+//! Locating the examples: `env!("CARGO_BIN_EXE_*")` only exists for `[[bin]]`
+//! targets, and `cargo test --test examples_run` does not build examples at
+//! all. So the test asks cargo itself: it runs `cargo build --examples
+//! --message-format=json` (the same cargo, via `env!("CARGO")`, and the same
+//! target directory, so it is a no-op when they are fresh) and takes each
+//! example's path from the `executable` field cargo reports. That is exact
+//! whatever `CARGO_TARGET_DIR`, profile or target triple is in use, unlike
+//! guessing paths from the test binary's location.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::{collections::HashSet, path::PathBuf, process::Stdio, time::Duration};
+
+use common::TestServer;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+    time::{Instant, timeout},
+};
+
+/// Builds the examples (if needed) and returns the path of `name`.
+fn example_path(name: &str) -> PathBuf {
+    let output = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--package",
+            env!("CARGO_PKG_NAME"),
+            "--examples",
+            "--message-format=json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build --examples");
+    assert!(output.status.success(), "cargo build --examples failed");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let name_field = format!("\"name\":\"{name}\"");
+    for line in stdout.lines() {
+        if line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains("\"kind\":[\"example\"]")
+            && line.contains(&name_field)
+            && let Some(start) = line.find("\"executable\":\"")
+        {
+            let rest = &line[start + "\"executable\":\"".len()..];
+            let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
+            assert!(path.exists(), "{path:?}");
+            return path;
+        }
+    }
+    panic!("cargo reported no executable for example {name}");
+}
+
+struct Proc {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Proc {
+    fn spawn(path: &PathBuf, args: &[&str]) -> Self {
+        let mut child = Command::new(path)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn example");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// Next stdout line, failing after `limit`.
+    async fn line(&mut self, limit: Duration) -> String {
+        timeout(limit, self.lines.next_line())
+            .await
+            .expect("example printed nothing in time")
+            .expect("read example stdout")
+            .expect("example closed stdout")
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+fn instance_of(line: &str) -> Option<&str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_register_serve_fail_over_and_deregister() {
+    // Build first: on a cold target directory this is the slow part.
+    let (service, client) =
+        tokio::task::spawn_blocking(|| (example_path("prod_service"), example_path("prod_client")))
+            .await
+            .unwrap();
+
+    let server = TestServer::start().await;
+    let registry = server.url.clone();
+    let mut a = Proc::spawn(
+        &service,
+        &["--registry", &registry, "--id", "ex-a", "--ttl", "1s"],
+    );
+    let mut b = Proc::spawn(
+        &service,
+        &["--registry", &registry, "--id", "ex-b", "--ttl", "1s"],
+    );
+    for (p, id) in [(&mut a, "ex-a"), (&mut b, "ex-b")] {
+        let line = p.line(Duration::from_secs(20)).await;
+        assert!(
+            line.starts_with(&format!("prod_service id={id} addr=127.0.0.1:")),
+            "{line}"
+        );
+    }
+
+    // One call, one answer.
+    let mut once = Proc::spawn(&client, &["--registry", &registry]);
+    let line = once.line(Duration::from_secs(10)).await;
+    assert!(
+        line.starts_with("prod_id=233 prod_stock=631 instance=ex-"),
+        "{line}"
+    );
+    assert!(once.child.wait().await.unwrap().success());
+
+    // A loop reaches both instances.
+    let mut looping = Proc::spawn(
+        &client,
+        &["--registry", &registry, "--loop", "--interval-ms", "20"],
+    );
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "client never reached both: {seen:?}"
+        );
+        let line = looping.line(Duration::from_secs(5)).await;
+        let who = instance_of(&line).unwrap_or_else(|| panic!("unexpected line {line}"));
+        seen.insert(who.to_owned());
+    }
+
+    // SIGTERM: ex-a deregisters, then exits cleanly.
+    a.terminate();
+    let line = a.line(Duration::from_secs(5)).await;
+    assert_eq!(line, "prod_service id=ex-a deregistered");
+    let status = timeout(Duration::from_secs(5), a.child.wait())
+        .await
+        .expect("ex-a exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The client carries on with ex-b: within a second, every answer is
+    // from ex-b, and none fails.
+    let switched = Instant::now() + Duration::from_secs(1);
+    loop {
+        let line = looping.line(Duration::from_secs(5)).await;
+        if instance_of(&line) == Some("ex-b") {
+            break;
+        }
+        assert!(Instant::now() < switched, "still not only ex-b: {line}");
+    }
+    for _ in 0..20 {
+        let line = looping.line(Duration::from_secs(5)).await;
+        assert_eq!(instance_of(&line), Some("ex-b"), "{line}");
+    }
+
+    looping.child.kill().await.unwrap();
+    b.terminate();
+    assert_eq!(
+        b.line(Duration::from_secs(5)).await,
+        "prod_service id=ex-b deregistered"
+    );
+    assert!(b.child.wait().await.unwrap().success());
+    let mut raw = server.client().await;
+    let left = raw
+        .resolve(registry_api::v1::ResolveRequest {
+            service: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.instances.is_empty(), "{left:?}");
+    server.stop().await;
+}
