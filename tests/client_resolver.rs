@@ -139,7 +139,7 @@ async fn resolver_follows_registrations_and_notifies_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_tasks_end_with_their_resolver_and_channel() {
     let server = TestServer::start().await;
-    let mut raw = server.client().await;
+    let raw = server.client().await;
     let client = RegistryClient::connect(&server.url).await.unwrap();
     let watchers = || {
         let mut raw = raw.clone();
@@ -181,6 +181,5 @@ async fn watch_tasks_end_with_their_resolver_and_channel() {
         watchers().await == 0
     })
     .await;
-    let _ = &mut raw;
     server.stop().await;
 }

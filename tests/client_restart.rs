@@ -183,7 +183,7 @@ async fn restart(crash: bool) {
 
     // ...and never published anything but the three instances.
     recorder.abort();
-    let views = views.lock().unwrap();
+    let views = std::mem::take(&mut *views.lock().unwrap());
     assert!(!views.is_empty());
     for view in views.iter() {
         let got: BTreeSet<String> = view.instances.iter().map(|i| i.id.clone()).collect();
@@ -197,7 +197,6 @@ async fn restart(crash: bool) {
         "registrations back {back_after:?} after restart; {} resolver views",
         views.len()
     );
-    drop(views);
     server.stop().await;
 }
 

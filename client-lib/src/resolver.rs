@@ -255,7 +255,7 @@ impl Cache {
             let changed = state.instances != instances
                 || state.status != status
                 || state.connected != self.connected
-                || state.holding_stale != !self.held.is_empty();
+                || state.holding_stale == self.held.is_empty();
             state.revision = self.revision;
             state.epoch = self.epoch;
             if changed {

@@ -14,6 +14,7 @@
 //! - [`service`]: the gRPC adapter for `registry.v1.Registry`.
 //! - [`server`]: [`server::run`] serves the registry, health and reflection
 //!   on a bound listener until a shutdown future resolves.
+//! - [`ctl`]: `regctl`, the command line, built on `registry-client`.
 //! - [`validate`], [`error`], [`config`]: request rules, the error enum and
 //!   its status codes, and the tunables.
 
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod core;
+pub mod ctl;
 pub mod error;
 pub mod lease;
 pub mod server;

@@ -12,7 +12,9 @@ use registry_api::v1::registry_client::RegistryClient;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// A registry running in this process, stopped on `stop()` or drop.
+/// A registry running in this process, stopped on `stop()` or drop. It runs
+/// on a runtime of its own, so `kill()` takes down every task and socket of
+/// it at once, connections included, the way a crash would.
 pub struct TestServer {
     /// Bound address (127.0.0.1:port).
     pub addr: SocketAddr,
@@ -20,6 +22,7 @@ pub struct TestServer {
     pub url: String,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl TestServer {
@@ -43,10 +46,16 @@ impl TestServer {
 
     /// Starts on a given address (used to restart on the same port).
     pub async fn start_on(addr: SocketAddr, config: Config) -> Self {
-        let listener = bind_retrying(addr).await;
+        let listener = bind_retrying(addr).await.into_std().unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.spawn(async move {
+            let listener = TcpListener::from_std(listener).unwrap();
             registry::server::run(listener, config, async {
                 let _ = rx.await;
             })
@@ -58,6 +67,7 @@ impl TestServer {
             url: format!("http://{addr}"),
             shutdown: Some(tx),
             handle: Some(handle),
+            runtime: Some(runtime),
         }
     }
 
@@ -79,23 +89,28 @@ impl TestServer {
                 .expect("registry did not shut down within 10s")
                 .expect("registry task panicked");
         }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 
-    /// Stops abruptly, as a crash would: the task is aborted and its
-    /// connections drop without a goodbye.
+    /// Stops abruptly, as a crash would: the server's runtime is shut down,
+    /// so its tasks and connections vanish without a goodbye.
     pub async fn kill(mut self) {
         self.shutdown.take();
-        if let Some(handle) = self.handle.take() {
-            handle.abort();
-            let _ = handle.await;
+        self.handle.take();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
+        // Give the OS a moment to close the sockets before a restart binds.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            handle.abort();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }
