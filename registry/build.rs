@@ -7,12 +7,17 @@
 
 use tonic_build::manual::{Builder, Method, Service};
 
-fn method(name: &str, route: &str, input: &str, output: &str) -> tonic_build::manual::MethodBuilder {
+fn method(
+    name: &str,
+    route: &str,
+    input: &str,
+    output: &str,
+) -> tonic_build::manual::MethodBuilder {
     Method::builder()
         .name(name)
         .route_name(route)
         .input_type(format!("registry_api::v1::{input}"))
-        .output_type(output.to_string())
+        .output_type(output)
         .codec_path("tonic_prost::ProstCodec")
 }
 
@@ -21,19 +26,61 @@ fn main() {
     let service = Service::builder()
         .name("Registry")
         .package("registry.v1")
-        .method(method("register", "Register", "RegisterRequest", &api("RegisterResponse")).build())
-        .method(method("heartbeat", "Heartbeat", "HeartbeatRequest", &api("HeartbeatResponse")).build())
         .method(
-            method("keep_alive", "KeepAlive", "HeartbeatRequest", &api("HeartbeatResponse"))
-                .client_streaming()
-                .server_streaming()
-                .build(),
+            method(
+                "register",
+                "Register",
+                "RegisterRequest",
+                &api("RegisterResponse"),
+            )
+            .build(),
         )
-        .method(method("deregister", "Deregister", "DeregisterRequest", &api("DeregisterResponse")).build())
-        .method(method("resolve", "Resolve", "ResolveRequest", &api("ResolveResponse")).build())
         .method(
-            method("list_services", "ListServices", "ListServicesRequest", &api("ListServicesResponse"))
-                .build(),
+            method(
+                "heartbeat",
+                "Heartbeat",
+                "HeartbeatRequest",
+                &api("HeartbeatResponse"),
+            )
+            .build(),
+        )
+        .method(
+            method(
+                "keep_alive",
+                "KeepAlive",
+                "HeartbeatRequest",
+                &api("HeartbeatResponse"),
+            )
+            .client_streaming()
+            .server_streaming()
+            .build(),
+        )
+        .method(
+            method(
+                "deregister",
+                "Deregister",
+                "DeregisterRequest",
+                &api("DeregisterResponse"),
+            )
+            .build(),
+        )
+        .method(
+            method(
+                "resolve",
+                "Resolve",
+                "ResolveRequest",
+                &api("ResolveResponse"),
+            )
+            .build(),
+        )
+        .method(
+            method(
+                "list_services",
+                "ListServices",
+                "ListServicesRequest",
+                &api("ListServicesResponse"),
+            )
+            .build(),
         )
         .method(
             method("watch", "Watch", "WatchRequest", "crate::watch::WatchFrame")

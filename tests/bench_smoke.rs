@@ -48,15 +48,29 @@ async fn every_workload_runs_in_smoke_mode() {
             .latency
             .unwrap_or_else(|| panic!("{name}: no latency\n{printed}"));
         assert!(latency.p50_us <= latency.p99_us && latency.p99_us <= latency.max_us);
-        assert!(printed.contains(&format!("| {name} |")), "{name} missing from the table");
+        assert!(
+            printed.contains(&format!("| {name} |")),
+            "{name} missing from the table"
+        );
     }
     for name in ["register", "resolve", "heartbeat"] {
         let row = report.row(name).unwrap();
         assert!(row.rate.unwrap() > 0.0, "{name}: zero rate");
-        assert!(row.pct_of_ceiling.unwrap() > 0.0, "{name}: no share of the ceiling");
+        assert!(
+            row.pct_of_ceiling.unwrap() > 0.0,
+            "{name}: no share of the ceiling"
+        );
     }
-    assert_eq!(report.row("watch 50").unwrap().ops, 50 * 20, "every watcher saw every change");
-    assert_eq!(report.row("expiry lateness").unwrap().ops, 20, "every lease expired");
+    assert_eq!(
+        report.row("watch 50").unwrap().ops,
+        50 * 20,
+        "every watcher saw every change"
+    );
+    assert_eq!(
+        report.row("expiry lateness").unwrap().ops,
+        20,
+        "every lease expired"
+    );
     let memory = report.row("memory 5000").unwrap();
     assert!(
         memory.notes.iter().any(|n| n.ends_with("bytes/instance")),

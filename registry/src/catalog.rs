@@ -96,7 +96,9 @@ impl RevisionBatch {
     /// A batch outside any catalog, for unit tests of the watch encoding.
     #[doc(hidden)]
     pub fn for_test(revision: u64, events: Vec<CatalogEvent>) -> Self {
-        let first = events.first().map(|e| Arc::<str>::from(e.instance.service.as_str()));
+        let first = events
+            .first()
+            .map(|e| Arc::<str>::from(e.instance.service.as_str()));
         let single_service = first.filter(|f| events.iter().all(|e| *e.instance.service == **f));
         Self {
             revision,

@@ -35,7 +35,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Command line of `regctl`.
 #[derive(Debug, Parser)]
-#[command(name = "regctl", version, about = "Resolve, list, watch and register services in a registry")]
+#[command(
+    name = "regctl",
+    version,
+    about = "Resolve, list, watch and register services in a registry"
+)]
 pub struct Cli {
     /// Registry address (several, comma-separated, are tried in order).
     #[arg(long, global = true, env = "REGISTRY_ADDR", default_value = DEFAULT_REGISTRY)]
@@ -151,13 +155,21 @@ impl Failure {
 /// refusals pass the server's own message through.
 fn status_failure(addr: &str, status: tonic::Status) -> Failure {
     use std::error::Error as _;
-    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
-        && status.source().is_some()
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    ) && status.source().is_some()
     {
-        return Failure::error(format!("cannot reach registry at {addr}: {}", root_cause(&status)));
+        return Failure::error(format!(
+            "cannot reach registry at {addr}: {}",
+            root_cause(&status)
+        ));
     }
     if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled {
-        return Failure::error(format!("registry at {addr} did not answer in time: {}", status.message()));
+        return Failure::error(format!(
+            "registry at {addr} did not answer in time: {}",
+            status.message()
+        ));
     }
     Failure::error(status.message().to_string())
 }
@@ -190,7 +202,12 @@ impl Ctx {
     /// Connects to the first reachable of the configured addresses.
     async fn connect(&self) -> Result<RegistryClient<Channel>, Failure> {
         let mut last = None;
-        for addr in self.addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        for addr in self
+            .addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
             let endpoint = Endpoint::from_shared(addr.to_string())
                 .map_err(|e| Failure {
                     code: EXIT_USAGE,
@@ -200,8 +217,7 @@ impl Ctx {
                 .timeout(self.timeout);
             match endpoint.connect().await {
                 Ok(channel) => {
-                    return Ok(RegistryClient::new(channel)
-                        .max_decoding_message_size(64 << 20));
+                    return Ok(RegistryClient::new(channel).max_decoding_message_size(64 << 20));
                 }
                 Err(e) => {
                     last = Some(Failure::error(format!(
@@ -257,10 +273,13 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             match ctx.format {
                 Format::Json => {
                     for s in &list.services {
-                        json_line(out, &JsonService {
-                            service: &s.name,
-                            instances: s.instance_count,
-                        })
+                        json_line(
+                            out,
+                            &JsonService {
+                                service: &s.name,
+                                instances: s.instance_count,
+                            },
+                        )
                         .map_err(io)?;
                     }
                 }
@@ -299,11 +318,14 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
                 Target::Instance(k) => format!("{}/{}", k.service, k.id),
             };
             match ctx.format {
-                Format::Json => json_line(out, &JsonDeregistered {
-                    deregistered: &what,
-                    removed: resp.removed,
-                    revision: resp.revision,
-                })
+                Format::Json => json_line(
+                    out,
+                    &JsonDeregistered {
+                        deregistered: &what,
+                        removed: resp.removed,
+                        revision: resp.revision,
+                    },
+                )
                 .map_err(io)?,
                 Format::Table => writeln!(
                     out,
@@ -345,13 +367,16 @@ async fn resolve(
         .map_err(|s| ctx.status(s))?
         .into_inner();
     match ctx.format {
-        Format::Json => json_line(out, &JsonResolve {
-            service: &service,
-            known: resp.service_known,
-            revision: resp.revision,
-            warming_up: resp.server.is_some_and(|s| s.warming_up),
-            instances: resp.instances.iter().map(JsonInstance::from).collect(),
-        })
+        Format::Json => json_line(
+            out,
+            &JsonResolve {
+                service: &service,
+                known: resp.service_known,
+                revision: resp.revision,
+                warming_up: resp.server.is_some_and(|s| s.warming_up),
+                instances: resp.instances.iter().map(JsonInstance::from).collect(),
+            },
+        )
         .map_err(io)?,
         Format::Table if resp.service_known => {
             let rows = resp
@@ -411,20 +436,23 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
     let server = st.server.unwrap_or_default();
     let uptime = humantime::format_duration(Duration::from_secs(st.uptime_ms / 1000)).to_string();
     match ctx.format {
-        Format::Json => json_line(out, &JsonStatus {
-            registry: &ctx.addr,
-            health: &health,
-            version: &st.version,
-            uptime_ms: st.uptime_ms,
-            epoch: server.epoch,
-            warming_up: server.warming_up,
-            revision: st.revision,
-            services: st.services,
-            instances: st.instances,
-            leases: st.leases,
-            watchers: st.watchers,
-            watcher_resets: st.watcher_resets,
-        })
+        Format::Json => json_line(
+            out,
+            &JsonStatus {
+                registry: &ctx.addr,
+                health: &health,
+                version: &st.version,
+                uptime_ms: st.uptime_ms,
+                epoch: server.epoch,
+                warming_up: server.warming_up,
+                revision: st.revision,
+                services: st.services,
+                instances: st.instances,
+                leases: st.leases,
+                watchers: st.watchers,
+                watcher_resets: st.watcher_resets,
+            },
+        )
         .map_err(io)?,
         Format::Table => {
             let warm = if server.warming_up {
@@ -471,7 +499,11 @@ async fn watch(
             let mut stream = c
                 .watch(WatchRequest {
                     service: service.clone().unwrap_or_default(),
-                    start_revision: if last_revision == 0 { 0 } else { last_revision + 1 },
+                    start_revision: if last_revision == 0 {
+                        0
+                    } else {
+                        last_revision + 1
+                    },
                     selector: selector.clone().into_iter().collect(),
                     epoch,
                     progress_interval_ms: 0,
@@ -542,16 +574,23 @@ async fn watch(
     }
 }
 
-fn print_snapshot(format: Format, snap: &Snapshot, out: &mut (dyn Write + Send)) -> Result<(), Failure> {
+fn print_snapshot(
+    format: Format,
+    snap: &Snapshot,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
     let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
     match format {
-        Format::Json => json_line(out, &JsonSnapshot {
-            kind: "snapshot",
-            revision: snap.revision,
-            reset: snap.reset,
-            reason: reset_reason(snap),
-            instances: snap.instances.iter().map(JsonInstance::from).collect(),
-        })
+        Format::Json => json_line(
+            out,
+            &JsonSnapshot {
+                kind: "snapshot",
+                revision: snap.revision,
+                reset: snap.reset,
+                reason: reset_reason(snap),
+                instances: snap.instances.iter().map(JsonInstance::from).collect(),
+            },
+        )
         .map_err(io),
         Format::Table => {
             let reset = if snap.reset {
@@ -605,12 +644,15 @@ fn print_event(
         EventType::Unspecified => ("unspecified", None),
     };
     match format {
-        Format::Json => json_line(out, &JsonEvent {
-            kind,
-            revision: e.revision,
-            reason,
-            instance: JsonInstance::from(inst),
-        })
+        Format::Json => json_line(
+            out,
+            &JsonEvent {
+                kind,
+                revision: e.revision,
+                reason,
+                instance: JsonInstance::from(inst),
+            },
+        )
         .map_err(io),
         Format::Table => {
             let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
@@ -628,7 +670,11 @@ fn print_event(
 
 fn describe(i: &Instance) -> String {
     let meta = format_metadata(&i.metadata);
-    let meta = if meta.is_empty() { String::new() } else { format!(" {meta}") };
+    let meta = if meta.is_empty() {
+        String::new()
+    } else {
+        format!(" {meta}")
+    };
     format!("{}/{} {}{meta}", i.service, i.id, i.address)
 }
 
@@ -643,7 +689,9 @@ async fn register(
     weight: u32,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    use registry_client::{Instance as ClientInstance, RegistrationState, RegistryClient as Client};
+    use registry_client::{
+        Instance as ClientInstance, RegistrationState, RegistryClient as Client,
+    };
     let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
     let mut instance = ClientInstance::new(service, address).with_weight(weight);
     if let Some(id) = id {
@@ -663,13 +711,16 @@ async fn register(
     let inst = registration.instance().clone();
     let ttl_text = humantime::format_duration(ttl).to_string();
     match ctx.format {
-        Format::Json => json_line(out, &JsonRegistered {
-            registered: true,
-            service: &inst.service,
-            id: &inst.id,
-            address: &inst.address,
-            ttl_ms: ttl.as_millis() as u64,
-        })
+        Format::Json => json_line(
+            out,
+            &JsonRegistered {
+                registered: true,
+                service: &inst.service,
+                id: &inst.id,
+                address: &inst.address,
+                ttl_ms: ttl.as_millis() as u64,
+            },
+        )
         .map_err(io)?,
         Format::Table => writeln!(
             out,
@@ -706,11 +757,14 @@ async fn register(
         .await
         .map_err(|e| client_failure(ctx, e))?;
     match ctx.format {
-        Format::Json => json_line(out, &JsonDeregistered {
-            deregistered: &format!("{}/{}", inst.service, inst.id),
-            removed: 1,
-            revision: 0,
-        })
+        Format::Json => json_line(
+            out,
+            &JsonDeregistered {
+                deregistered: &format!("{}/{}", inst.service, inst.id),
+                removed: 1,
+                revision: 0,
+            },
+        )
         .map_err(io)?,
         Format::Table => writeln!(out, "deregistered {}/{}", inst.service, inst.id).map_err(io)?,
     }
@@ -720,7 +774,11 @@ async fn register(
 fn client_failure(ctx: &Ctx, e: registry_client::Error) -> Failure {
     match e.status() {
         Some(s) => ctx.status(s.clone()),
-        None => Failure::error(format!("cannot reach registry at {}: {}", ctx.addr, root_cause(&e))),
+        None => Failure::error(format!(
+            "cannot reach registry at {}: {}",
+            ctx.addr,
+            root_cause(&e)
+        )),
     }
 }
 
@@ -773,7 +831,13 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 fn table_rows(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -817,7 +881,11 @@ impl<'a> From<&'a Instance> for JsonInstance<'a> {
             id: &i.id,
             address: &i.address,
             weight: i.weight,
-            metadata: i.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            metadata: i
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
             lease_id: i.lease_id,
             revision: i.revision,
             lease_ttl_ms: (i.lease_remaining_ms > 0).then_some(i.lease_remaining_ms),

@@ -128,9 +128,12 @@ pub fn batch_bytes(filter: &WatchFilter, batch: &RevisionBatch) -> Option<Bytes>
                         EventKind::Put { .. } => {
                             event(EventType::Put, batch.revision, &ev.instance, None)
                         }
-                        EventKind::Delete(reason) => {
-                            event(EventType::Delete, batch.revision, &ev.instance, Some(*reason))
-                        }
+                        EventKind::Delete(reason) => event(
+                            EventType::Delete,
+                            batch.revision,
+                            &ev.instance,
+                            Some(*reason),
+                        ),
                     });
                     events_message(events.collect()).encode_to_vec().into()
                 })
@@ -406,7 +409,10 @@ mod tests {
         let filter = WatchFilter::default();
         let mut c = Coalescer::default();
         for (rev, id) in [(1, "a"), (2, "b"), (3, "c")] {
-            assert!(c.push(batch_bytes(&filter, &batch(rev, &[id], "svc"))).is_none());
+            assert!(
+                c.push(batch_bytes(&filter, &batch(rev, &[id], "svc")))
+                    .is_none()
+            );
         }
         let frame = c.finish().unwrap();
         let Some(Kind::Events(events)) = frame.to_response().unwrap().kind else {

@@ -41,13 +41,21 @@ async fn client(s: &Server) -> RegistryClient<Channel> {
     RegistryClient::connect(s.url.clone()).await.unwrap()
 }
 
-async fn register(c: &mut RegistryClient<Channel>, service: &str, id: &str, meta: &[(&str, &str)]) -> RegisterResponse {
+async fn register(
+    c: &mut RegistryClient<Channel>,
+    service: &str,
+    id: &str,
+    meta: &[(&str, &str)],
+) -> RegisterResponse {
     c.register(RegisterRequest {
         instance: Some(Instance {
             service: service.into(),
             id: id.into(),
             address: format!("10.0.0.1:{}", 8000 + id.len()),
-            metadata: meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         }),
         ttl_ms: 30_000,
@@ -99,7 +107,13 @@ fn sigint(pid: u32) {
 async fn resolve_table_json_and_exit_codes() {
     let s = server().await;
     let mut c = client(&s).await;
-    register(&mut c, "prod", "prod-1", &[("version", "1.4.2"), ("zone", "eu-1")]).await;
+    register(
+        &mut c,
+        "prod",
+        "prod-1",
+        &[("version", "1.4.2"), ("zone", "eu-1")],
+    )
+    .await;
     register(&mut c, "prod", "prod-22", &[("version", "2.0")]).await;
 
     let out = regctl(&s, &["resolve", "prod"]).await;
@@ -115,10 +129,18 @@ async fn resolve_table_json_and_exit_codes() {
     assert_eq!(&lines[1][col..col + 9], "10.0.0.1:");
     assert_eq!(&lines[2][col..col + 9], "10.0.0.1:");
     assert!(lines[1].contains("version=1.4.2,zone=eu-1"));
-    assert!(lines.iter().all(|l| l.len() <= 80), "fits 80 columns:\n{}", out.stdout);
+    assert!(
+        lines.iter().all(|l| l.len() <= 80),
+        "fits 80 columns:\n{}",
+        out.stdout
+    );
     assert!(out.stderr.is_empty(), "nothing on stderr: {}", out.stderr);
 
-    let out = regctl(&s, &["resolve", "prod", "--selector", "version=2.0", "-o", "json"]).await;
+    let out = regctl(
+        &s,
+        &["resolve", "prod", "--selector", "version=2.0", "-o", "json"],
+    )
+    .await;
     assert_eq!(out.code, 0);
     let v = &json_lines(&out.stdout)[0];
     assert_eq!(v["service"], "prod");
@@ -140,7 +162,9 @@ async fn resolve_table_json_and_exit_codes() {
     // Known but empty: an empty table and exit 0.
     let reg = register(&mut c, "empty", "e", &[]).await;
     c.deregister(registry_api::v1::DeregisterRequest {
-        target: Some(registry_api::v1::deregister_request::Target::LeaseId(reg.lease_id)),
+        target: Some(registry_api::v1::deregister_request::Target::LeaseId(
+            reg.lease_id,
+        )),
     })
     .await
     .unwrap();
@@ -152,7 +176,8 @@ async fn resolve_table_json_and_exit_codes() {
     let out = regctl(&s, &["resolve", "Prod"]).await;
     assert_eq!(out.code, 1);
     assert!(
-        out.stderr.starts_with("regctl: invalid service name \"Prod\": "),
+        out.stderr
+            .starts_with("regctl: invalid service name \"Prod\": "),
         "{}",
         out.stderr
     );
@@ -173,11 +198,23 @@ async fn list_status_and_deregister() {
     let out = regctl(&s, &["list", "-o", "json"]).await;
     let v = json_lines(&out.stdout);
     assert_eq!(v.len(), 2);
-    assert_eq!((v[0]["service"].as_str(), v[0]["instances"].as_u64()), (Some("api"), Some(2)));
+    assert_eq!(
+        (v[0]["service"].as_str(), v[0]["instances"].as_u64()),
+        (Some("api"), Some(2))
+    );
 
     let out = regctl(&s, &["status"]).await;
     assert_eq!(out.code, 0);
-    for needle in ["registry", "SERVING", "version", "uptime", "services   2", "instances  3", "leases     3", "watchers   0"] {
+    for needle in [
+        "registry",
+        "SERVING",
+        "version",
+        "uptime",
+        "services   2",
+        "instances  3",
+        "leases     3",
+        "watchers   0",
+    ] {
         assert!(out.stdout.contains(needle), "{needle:?} in\n{}", out.stdout);
     }
     let out = regctl(&s, &["status", "-o", "json"]).await;
@@ -204,7 +241,13 @@ async fn list_status_and_deregister() {
 #[tokio::test]
 async fn usage_errors_exit_2_and_unreachable_registry_exits_1() {
     let s = server().await;
-    for args in [&["frobnicate"][..], &["deregister"][..], &["register", "web"][..], &["resolve", "x", "--selector", "novalue"][..], &["-o", "yaml", "list"][..]] {
+    for args in [
+        &["frobnicate"][..],
+        &["deregister"][..],
+        &["register", "web"][..],
+        &["resolve", "x", "--selector", "novalue"][..],
+        &["-o", "yaml", "list"][..],
+    ] {
         let out = regctl(&s, args).await;
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
     }
@@ -233,7 +276,12 @@ async fn registry_addr_comes_from_the_environment() {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -241,7 +289,19 @@ async fn register_holds_the_instance_past_its_ttl_until_sigint() {
     let s = server().await;
     let mut c = client(&s).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_regctl"))
-        .args(["--registry", &s.url, "register", "web", "10.0.0.5:80", "--id", "w1", "--ttl", "300ms", "--meta", "zone=z1"])
+        .args([
+            "--registry",
+            &s.url,
+            "register",
+            "web",
+            "10.0.0.5:80",
+            "--id",
+            "w1",
+            "--ttl",
+            "300ms",
+            "--meta",
+            "zone=z1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -253,7 +313,10 @@ async fn register_holds_the_instance_past_its_ttl_until_sigint() {
         .expect("register prints a line")
         .unwrap()
         .unwrap();
-    assert!(first.starts_with("registered web/w1 at 10.0.0.5:80"), "{first}");
+    assert!(
+        first.starts_with("registered web/w1 at 10.0.0.5:80"),
+        "{first}"
+    );
 
     let resolve = |mut c: RegistryClient<Channel>| async move {
         c.resolve(ResolveRequest {
@@ -363,8 +426,14 @@ async fn watch_table_prints_snapshot_then_events() {
             .unwrap();
         read.push(line);
     }
-    assert!(read[0].starts_with("SNAPSHOT rev 1 1 instance(s)"), "{read:?}");
-    assert!(read[1].contains("prod/p1") && read[1].contains("v=1"), "{read:?}");
+    assert!(
+        read[0].starts_with("SNAPSHOT rev 1 1 instance(s)"),
+        "{read:?}"
+    );
+    assert!(
+        read[1].contains("prod/p1") && read[1].contains("v=1"),
+        "{read:?}"
+    );
     assert!(read[2].starts_with("PUT    rev 2 prod/p2"), "{read:?}");
     sigint(child.id().unwrap());
     let _ = child.wait().await;

@@ -248,14 +248,12 @@ fn run(ops: Vec<Op>) {
                 resumed_view.drain(s);
                 resumed = None; // disconnect
             }
-            if n == half + 3 || (n > half && resumed.is_none() && n % 5 == 0) {
-                if resumed.is_none() {
-                    resumed = Some(open(
-                        &registry,
-                        resumed_filter.clone(),
-                        resumed_view.revision + 1,
-                    ));
-                }
+            if resumed.is_none() && (n == half + 3 || (n > half && n % 5 == 0)) {
+                resumed = Some(open(
+                    &registry,
+                    resumed_filter.clone(),
+                    resumed_view.revision + 1,
+                ));
             }
             for (view, stream) in views.iter_mut().zip(streams.iter_mut()) {
                 view.drain(stream);
