@@ -9,11 +9,10 @@ use std::{
 };
 
 use registry_api::v1::{self as pb, registry_client::RegistryClient as Grpc};
-use tonic::transport::Channel;
 
 use crate::{
     Error, Instance, Registration, Resolution, Resolver, ServerInfo,
-    endpoints::{DEFAULT_REGISTRY_ADDR, Endpoints},
+    endpoints::{ClientOptions, DEFAULT_REGISTRY_ADDR, Endpoints, Transport},
     keeper::{self, KeeperHandle},
     resolver,
 };
@@ -59,7 +58,13 @@ impl RegistryClient {
     /// between them). Fails if no node can be reached now; use
     /// [`RegistryClient::connect_lazy`] to start before the registry does.
     pub async fn connect(addrs: impl AsRef<str>) -> Result<Self, Error> {
-        let mut endpoints = Endpoints::parse(addrs.as_ref())?;
+        Self::connect_with(addrs, ClientOptions::default()).await
+    }
+
+    /// [`RegistryClient::connect`] with a token and/or TLS (see
+    /// [`ClientOptions`]).
+    pub async fn connect_with(addrs: impl AsRef<str>, options: ClientOptions) -> Result<Self, Error> {
+        let mut endpoints = Endpoints::parse_with(addrs.as_ref(), &options)?;
         endpoints.connect_first().await?;
         Ok(Self::with_endpoints(endpoints))
     }
@@ -67,13 +72,23 @@ impl RegistryClient {
     /// Like [`RegistryClient::connect`] but without any I/O: connections are
     /// made on first use, so a service can start before its registry.
     pub fn connect_lazy(addrs: impl AsRef<str>) -> Result<Self, Error> {
-        Ok(Self::with_endpoints(Endpoints::parse(addrs.as_ref())?))
+        Self::connect_lazy_with(addrs, ClientOptions::default())
+    }
+
+    /// [`RegistryClient::connect_lazy`] with a token and/or TLS.
+    pub fn connect_lazy_with(addrs: impl AsRef<str>, options: ClientOptions) -> Result<Self, Error> {
+        Ok(Self::with_endpoints(Endpoints::parse_with(
+            addrs.as_ref(),
+            &options,
+        )?))
     }
 
     /// Connects to `$REGISTRY_ADDR`, or to [`DEFAULT_REGISTRY_ADDR`] when it
-    /// is unset, so deployments configure services without code changes.
+    /// is unset, with the credentials of [`ClientOptions::from_env`]
+    /// (`REGISTRY_TOKEN`, `REGISTRY_CACERT`, ...), so deployments configure
+    /// services without code changes.
     pub async fn from_env() -> Result<Self, Error> {
-        Self::connect(Self::env_addr()).await
+        Self::connect_with(Self::env_addr(), ClientOptions::from_env()?).await
     }
 
     /// The address [`RegistryClient::from_env`] would use.
@@ -227,7 +242,7 @@ impl<'a> IntoFuture for RegisterBuilder<'a> {
 /// on a transient failure, trying each node at most once.
 pub(crate) async fn call<T, F, Fut>(endpoints: &Endpoints, mut f: F) -> Result<T, Error>
 where
-    F: FnMut(Grpc<Channel>) -> Fut,
+    F: FnMut(Grpc<Transport>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut last = None;

@@ -11,9 +11,121 @@ use std::{
     time::Duration,
 };
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::Error;
+
+/// Environment variable holding the bearer token sent to the registry.
+pub const REGISTRY_TOKEN_ENV: &str = "REGISTRY_TOKEN";
+/// Environment variable naming the CA (PEM file) the registry's certificate
+/// must chain to; setting it switches the connection to TLS.
+pub const REGISTRY_CACERT_ENV: &str = "REGISTRY_CACERT";
+/// Environment variable naming this client's certificate (PEM file), for mTLS.
+pub const REGISTRY_CERT_ENV: &str = "REGISTRY_CERT";
+/// Environment variable naming this client's private key (PEM file), for mTLS.
+pub const REGISTRY_KEY_ENV: &str = "REGISTRY_KEY";
+/// Environment variable overriding the name checked against the registry's
+/// certificate (default: the host of the address).
+pub const REGISTRY_TLS_DOMAIN_ENV: &str = "REGISTRY_TLS_DOMAIN";
+
+/// How a client connects and authenticates to the registry: a bearer token
+/// (with `--auth-file` on the server) and TLS, with an optional client
+/// certificate (mTLS).
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<String>,
+    /// TLS settings; `None` is plaintext.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl ClientOptions {
+    /// Options from `REGISTRY_TOKEN`, `REGISTRY_CACERT`, `REGISTRY_CERT`,
+    /// `REGISTRY_KEY` and `REGISTRY_TLS_DOMAIN`, so deployments configure
+    /// credentials without code changes.
+    pub fn from_env() -> Result<Self, Error> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let token = var(REGISTRY_TOKEN_ENV);
+        let tls = match var(REGISTRY_CACERT_ENV) {
+            None => None,
+            Some(ca) => Some(tls_from_files(
+                &ca,
+                var(REGISTRY_CERT_ENV).as_deref(),
+                var(REGISTRY_KEY_ENV).as_deref(),
+                var(REGISTRY_TLS_DOMAIN_ENV).as_deref(),
+            )?),
+        };
+        Ok(Self { token, tls })
+    }
+
+    /// Sets the bearer token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Sets TLS.
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+}
+
+/// Client TLS from PEM files: the CA the registry's certificate chains to,
+/// and optionally this client's certificate and key (mTLS) and the name to
+/// expect on the registry's certificate.
+pub fn tls_from_files(
+    ca: &str,
+    cert: Option<&str>,
+    key: Option<&str>,
+    domain: Option<&str>,
+) -> Result<ClientTlsConfig, Error> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|e| Error::InvalidAddress {
+            address: path.to_owned(),
+            reason: format!("cannot read TLS file: {e}"),
+        })
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::InvalidAddress {
+                address: cert.or(key).unwrap_or_default().to_owned(),
+                reason: "a client certificate needs its key and vice versa".into(),
+            });
+        }
+    }
+    if let Some(domain) = domain {
+        tls = tls.domain_name(domain);
+    }
+    Ok(tls)
+}
+
+/// Adds the bearer token to every call.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Credentials {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// What every registry RPC of this crate goes through.
+pub(crate) type Transport = InterceptedService<Channel, Credentials>;
 
 /// Address used when neither an argument nor `REGISTRY_ADDR` names one.
 pub const DEFAULT_REGISTRY_ADDR: &str = "http://127.0.0.1:7411";
@@ -40,25 +152,43 @@ pub(crate) struct Node {
 pub(crate) struct Endpoints {
     nodes: Vec<Node>,
     current: AtomicUsize,
+    credentials: Credentials,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Endpoints {
     /// Parses a comma-separated list of `host:port` or `http(s)://host:port`
     /// and prepares a lazy channel to each; no I/O happens here.
+    #[cfg(test)]
     pub(crate) fn parse(addrs: &str) -> Result<Self, Error> {
+        Self::parse_with(addrs, &ClientOptions::default())
+    }
+
+    /// [`Endpoints::parse`] with credentials and TLS.
+    pub(crate) fn parse_with(addrs: &str, options: &ClientOptions) -> Result<Self, Error> {
+        let header = match &options.token {
+            None => None,
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Error::InvalidAddress {
+                address: "(token)".into(),
+                reason: "the token must be printable ASCII".into(),
+            })?),
+        };
         let mut nodes = Vec::new();
         for raw in addrs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let uri = if raw.contains("://") {
                 raw.to_owned()
+            } else if options.tls.is_some() {
+                format!("https://{raw}")
             } else {
                 format!("http://{raw}")
             };
-            let endpoint = configure(Endpoint::from_shared(uri.clone()).map_err(|e| {
-                Error::InvalidAddress {
+            let endpoint = configure(
+                Endpoint::from_shared(uri.clone()).map_err(|e| Error::InvalidAddress {
                     address: raw.to_owned(),
                     reason: e.to_string(),
-                }
-            })?);
+                })?,
+                options.tls.as_ref(),
+            )?;
             nodes.push(Node {
                 uri,
                 channel: endpoint.connect_lazy(),
@@ -73,6 +203,8 @@ impl Endpoints {
         Ok(Self {
             nodes,
             current: AtomicUsize::new(0),
+            credentials: Credentials { header },
+            tls: options.tls.clone(),
         })
     }
 
@@ -83,7 +215,8 @@ impl Endpoints {
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let endpoint = configure(
                 Endpoint::from_shared(node.uri.clone()).expect("uri was validated by parse"),
-            );
+                self.tls.as_ref(),
+            )?;
             match endpoint.connect().await {
                 Ok(channel) => {
                     node.channel = channel;
@@ -104,9 +237,12 @@ impl Endpoints {
 
     /// The node to use now: its index (to pass back to [`Endpoints::failed`])
     /// and a clone of its channel.
-    pub(crate) fn current(&self) -> (usize, Channel) {
+    pub(crate) fn current(&self) -> (usize, Transport) {
         let i = self.current.load(Ordering::Relaxed) % self.nodes.len();
-        (i, self.nodes[i].channel.clone())
+        (
+            i,
+            InterceptedService::new(self.nodes[i].channel.clone(), self.credentials.clone()),
+        )
     }
 
     /// Number of configured nodes.
@@ -130,14 +266,25 @@ impl Endpoints {
     }
 }
 
-fn configure(endpoint: Endpoint) -> Endpoint {
-    endpoint
+fn configure(endpoint: Endpoint, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, Error> {
+    let uri = endpoint.uri().to_string();
+    let endpoint = match tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| Error::InvalidAddress {
+                address: uri,
+                reason: format!("TLS configuration: {e}"),
+            })?,
+        None => endpoint,
+    };
+    Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
+        .keep_alive_while_idle(true))
 }
+
 
 #[cfg(test)]
 mod tests {

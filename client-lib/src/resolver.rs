@@ -297,7 +297,7 @@ impl WatchTask {
     /// One connection's worth of watching; returns why it ended.
     async fn session(
         &mut self,
-        mut grpc: Grpc<tonic::transport::Channel>,
+        mut grpc: Grpc<crate::endpoints::Transport>,
         tx: &watch::Sender<ResolverState>,
     ) -> Error {
         if !self.cache.synced {

@@ -45,6 +45,7 @@ fn fan_out(c: &mut Criterion) {
             let filter = WatchFilter {
                 service: Some("svc".into()),
                 selector: vec![],
+                reader: None,
             };
             let mut handles: Vec<_> = (0..n)
                 .map(|_| catalog.watch(filter.clone(), 0, true, None).unwrap().0)
@@ -78,6 +79,7 @@ fn translate_batch(c: &mut Criterion) {
     let filter = WatchFilter {
         service: Some("svc".into()),
         selector: vec![],
+        reader: None,
     };
     let (mut handle, _) = catalog.watch(filter.clone(), 0, true, None).unwrap();
     let mut txn = catalog.txn();

@@ -250,6 +250,9 @@ pub struct WatchFilter {
     pub service: Option<Arc<str>>,
     /// `key=value` pairs an instance's metadata must all contain.
     pub selector: Vec<(String, String)>,
+    /// With auth on, a watch-all by an identity that may not read every
+    /// service: only the services it may read are in its view.
+    pub reader: Option<Arc<crate::auth::Identity>>,
 }
 
 impl WatchFilter {
@@ -257,6 +260,11 @@ impl WatchFilter {
     pub fn matches(&self, instance: &Instance) -> bool {
         if let Some(service) = &self.service
             && **service != *instance.service
+        {
+            return false;
+        }
+        if let Some(reader) = &self.reader
+            && !reader.may(crate::auth::Action::Read, &instance.service)
         {
             return false;
         }
@@ -504,7 +512,7 @@ impl Catalog {
                 state
                     .instances
                     .values()
-                    .filter(|i| selector_matches(&filter.selector, i))
+                    .filter(|i| filter.matches(i))
                     .cloned(),
             );
         };
@@ -811,6 +819,7 @@ mod tests {
         let filter = WatchFilter {
             service: Some("a".into()),
             selector: vec![],
+            reader: None,
         };
         let (mut w, _) = c.watch(filter, 0, true, None).unwrap();
         for i in 0..10 {

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use registry_api::v1::{
@@ -23,10 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
+    auth::{Action, Identity},
     catalog::{Catalog, CatalogConfig, InstanceKey, WatchFilter, WatchStart, WatcherHandle},
     config::Config,
     error::{Error, Result},
     lease::{Clock, Lease, LeaseId, LeaseTable},
+    metrics::{self, Metrics},
     validate,
 };
 
@@ -48,6 +50,7 @@ struct Shared {
     epoch: u64,
     started: Instant,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -74,6 +77,7 @@ impl Registry {
                 epoch,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
+                metrics: Arc::new(Metrics::default()),
                 config,
             }),
         }
@@ -92,6 +96,12 @@ impl Registry {
     /// The lease table.
     pub fn leases(&self) -> &LeaseTable {
         &self.shared.leases
+    }
+
+    /// Counters for `/metrics`, bumped by the handle, the expiry task, watch
+    /// streams and the RPC layer.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
     }
 
     /// Cancelled when the registry shuts down; long-lived streams end on it.
@@ -118,6 +128,18 @@ impl Registry {
 
     /// Adds or replaces an instance under a new or existing lease.
     pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
+        self.register_as(req, None)
+    }
+
+    /// [`Registry::register`] on behalf of an authenticated caller: it needs
+    /// `register` on the service, may only attach to its own leases, and may
+    /// only replace instances registered under its own leases (admins
+    /// excepted). The new lease belongs to the caller.
+    pub fn register_as(
+        &self,
+        req: RegisterRequest,
+        caller: Option<&Identity>,
+    ) -> Result<RegisterResponse> {
         let config = &self.shared.config;
         let Some(mut instance) = req.instance else {
             return Err(Error::InvalidArgument("instance is required".into()));
@@ -131,6 +153,9 @@ impl Registry {
         } else {
             None
         };
+        if let Some(c) = caller {
+            c.check(Action::Register, &instance.service)?;
+        }
         if instance.weight == 0 {
             instance.weight = 1;
         }
@@ -148,6 +173,14 @@ impl Registry {
                     req.lease_id
                 ))
             })?;
+            if let Some(c) = caller
+                && lease.owner.as_deref() != Some(&*c.name)
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "lease {} belongs to another identity; {:?} may only attach instances to its own leases",
+                    lease.id, c.name
+                )));
+            }
             let moving_in = existing.as_ref().is_none_or(|e| e.lease_id != lease.id);
             let n = lease.instance_count();
             if moving_in && n >= config.max_instances_per_lease {
@@ -167,7 +200,24 @@ impl Registry {
             }
             None
         };
+        if let (Some(c), Some(e)) = (caller, &existing) {
+            let owner = leases.get(e.lease_id).and_then(|l| l.owner.clone());
+            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, &e.service) {
+                return Err(Error::PermissionDenied(format!(
+                    "instance {:?} of service {:?} is registered by another identity; only it or an admin may replace it",
+                    e.id, e.service
+                )));
+            }
+        }
         if existing.is_none() {
+            // Exact under the transaction: only writers change the count.
+            let n = self.shared.catalog.stats.instances.load(Ordering::Relaxed);
+            if n >= config.max_instances {
+                return Err(Error::ResourceExhausted(format!(
+                    "instances: {n} live, the limit is {} (max_instances)",
+                    config.max_instances
+                )));
+            }
             match txn.service_len(&instance.service) {
                 Some(n) if n >= config.max_instances_per_service => {
                     return Err(Error::ResourceExhausted(format!(
@@ -186,7 +236,10 @@ impl Registry {
                 leases.renew(lease.id);
                 lease
             }
-            None => leases.grant(ttl.expect("ttl validated for a new lease")),
+            None => leases.grant_owned(
+                ttl.expect("ttl validated for a new lease"),
+                caller.map(|c| c.name.clone()),
+            ),
         };
         let key = InstanceKey::of(&instance);
         let moved_from = existing
@@ -209,6 +262,7 @@ impl Registry {
         instance.lease_id = lease.id;
         txn.put(instance);
         let revision = txn.commit();
+        metrics::inc(&self.shared.metrics.registrations, 1);
         Ok(RegisterResponse {
             lease_id: lease.id,
             ttl_ms: lease.ttl_ms,
@@ -219,6 +273,16 @@ impl Registry {
 
     /// Renews each lease; unknown or expired ones come back `found: false`.
     pub fn heartbeat(&self, lease_ids: &[LeaseId]) -> Result<Vec<LeaseStatus>> {
+        self.heartbeat_as(lease_ids, None)
+    }
+
+    /// [`Registry::heartbeat`] for an authenticated caller, who may only
+    /// renew its own leases.
+    pub fn heartbeat_as(
+        &self,
+        lease_ids: &[LeaseId],
+        caller: Option<&Identity>,
+    ) -> Result<Vec<LeaseStatus>> {
         let max = self.shared.config.max_heartbeat_batch;
         if lease_ids.is_empty() {
             return Err(Error::InvalidArgument(
@@ -231,27 +295,80 @@ impl Registry {
                 lease_ids.len()
             )));
         }
-        Ok(lease_ids
+        if let Some(c) = caller {
+            for &id in lease_ids {
+                if let Some(lease) = self.shared.leases.get(id)
+                    && lease.owner.as_deref() != Some(&*c.name)
+                {
+                    return Err(Error::PermissionDenied(format!(
+                        "lease {id} belongs to another identity; {:?} may only renew its own leases",
+                        c.name
+                    )));
+                }
+            }
+        }
+        // One counter update per call, not per lease: a batch of thousands
+        // of ids must not bounce a shared cache line thousands of times.
+        let mut renewed = 0;
+        let statuses: Vec<LeaseStatus> = lease_ids
             .iter()
             .map(|&lease_id| match self.shared.leases.renew(lease_id) {
-                Some(ttl_ms) => LeaseStatus {
-                    lease_id,
-                    found: true,
-                    ttl_ms,
-                },
+                Some(ttl_ms) => {
+                    renewed += 1;
+                    LeaseStatus {
+                        lease_id,
+                        found: true,
+                        ttl_ms,
+                    }
+                }
                 None => LeaseStatus {
                     lease_id,
                     found: false,
                     ttl_ms: 0,
                 },
             })
-            .collect())
+            .collect();
+        let m = &self.shared.metrics;
+        if renewed > 0 {
+            metrics::inc(&m.heartbeats, renewed);
+        }
+        if renewed < statuses.len() as u64 {
+            metrics::inc(&m.heartbeat_misses, statuses.len() as u64 - renewed);
+        }
+        Ok(statuses)
     }
 
     /// Revokes a lease and removes all its instances in one revision.
     /// Returns the revision and the number of instances removed.
     pub fn deregister_lease(&self, lease_id: LeaseId) -> Result<(u64, u32)> {
+        self.deregister_lease_as(lease_id, None)
+    }
+
+    /// [`Registry::deregister_lease`] for an authenticated caller: its own
+    /// lease, or one whose instances it administers.
+    pub fn deregister_lease_as(
+        &self,
+        lease_id: LeaseId,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, u32)> {
         let mut txn = self.shared.catalog.txn();
+        if let Some(c) = caller
+            && let Some(lease) = self.shared.leases.get(lease_id)
+            && lease.owner.as_deref() != Some(&*c.name)
+        {
+            let keys = lease.instances.lock().clone();
+            let administers = if keys.is_empty() {
+                c.may(Action::Admin, "*")
+            } else {
+                keys.iter().all(|k| c.may(Action::Admin, &k.service))
+            };
+            if !administers {
+                return Err(Error::PermissionDenied(format!(
+                    "lease {lease_id} belongs to another identity; {:?} may only revoke its own leases",
+                    c.name
+                )));
+            }
+        }
         let lease = self
             .shared
             .leases
@@ -262,22 +379,51 @@ impl Registry {
         for key in keys {
             txn.delete(key, DeleteReason::Deregistered);
         }
+        metrics::inc(&self.shared.metrics.deregistrations, 1);
         Ok((txn.commit(), removed))
     }
 
     /// Removes one instance; its lease stays.
     pub fn deregister_instance(&self, service: &str, id: &str) -> Result<(u64, u32)> {
+        self.deregister_instance_as(service, id, None)
+    }
+
+    /// [`Registry::deregister_instance`] for an authenticated caller: an
+    /// instance under its own lease in a service it may register, or any
+    /// instance of a service it administers.
+    pub fn deregister_instance_as(
+        &self,
+        service: &str,
+        id: &str,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, u32)> {
         validate::service_name("instance.service", service)?;
         validate::instance_id("instance.id", id)?;
+        if let Some(c) = caller {
+            c.check(Action::Register, service)?;
+        }
         let mut txn = self.shared.catalog.txn();
         let existing = txn.get(service, id).ok_or_else(|| {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
         })?;
+        if let Some(c) = caller {
+            let owner = self
+                .shared
+                .leases
+                .get(existing.lease_id)
+                .and_then(|l| l.owner.clone());
+            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, service) {
+                return Err(Error::PermissionDenied(format!(
+                    "instance {id:?} of service {service:?} is registered by another identity; only it or an admin may remove it"
+                )));
+            }
+        }
         let key = InstanceKey::of(&existing);
         if let Some(lease) = self.shared.leases.get(existing.lease_id) {
             lease.instances.lock().retain(|k| *k != key);
         }
         txn.delete(key, DeleteReason::Deregistered);
+        metrics::inc(&self.shared.metrics.deregistrations, 1);
         Ok((txn.commit(), 1))
     }
 
@@ -288,7 +434,21 @@ impl Registry {
         selector: &HashMap<String, String>,
         include_lease_ttl: bool,
     ) -> Result<ResolveResponse> {
+        self.resolve_as(service, selector, include_lease_ttl, None)
+    }
+
+    /// [`Registry::resolve`] for a caller who needs `read` on the service.
+    pub fn resolve_as(
+        &self,
+        service: &str,
+        selector: &HashMap<String, String>,
+        include_lease_ttl: bool,
+        caller: Option<&Identity>,
+    ) -> Result<ResolveResponse> {
         validate::service_name("service", service)?;
+        if let Some(c) = caller {
+            c.check(Action::Read, service)?;
+        }
         validate::metadata("selector", selector)?;
         let (snap, revision) = self.shared.catalog.resolve(service);
         let instances = match &snap {
@@ -317,7 +477,15 @@ impl Registry {
 
     /// Every known service with its instance count.
     pub fn list_services(&self) -> ListServicesResponse {
-        let (services, revision) = self.shared.catalog.list_services();
+        self.list_services_as(None)
+    }
+
+    /// [`Registry::list_services`] filtered to what the caller may read.
+    pub fn list_services_as(&self, caller: Option<&Identity>) -> ListServicesResponse {
+        let (mut services, revision) = self.shared.catalog.list_services();
+        if let Some(c) = caller {
+            services.retain(|(name, _)| c.may(Action::Read, name));
+        }
         ListServicesResponse {
             services: services
                 .into_iter()
@@ -355,6 +523,26 @@ impl Registry {
         epoch: u64,
         conn: Option<std::net::SocketAddr>,
     ) -> Result<(WatcherHandle, WatchStart)> {
+        self.watch_as(filter, start_revision, epoch, conn, None)
+    }
+
+    /// [`Registry::watch`] for a caller: watching one service needs `read`
+    /// on it; watching all of them shows only the services it may read.
+    pub fn watch_as(
+        &self,
+        mut filter: WatchFilter,
+        start_revision: u64,
+        epoch: u64,
+        conn: Option<std::net::SocketAddr>,
+        caller: Option<&Arc<Identity>>,
+    ) -> Result<(WatcherHandle, WatchStart)> {
+        if let Some(c) = caller {
+            match &filter.service {
+                Some(s) => c.check(Action::Read, s)?,
+                None if !c.reads_everything() => filter.reader = Some(c.clone()),
+                None => {}
+            }
+        }
         let epoch_matches = epoch == 0 || epoch == self.shared.epoch;
         self.shared
             .catalog
@@ -365,8 +553,16 @@ impl Registry {
     /// its instances in one revision. Returns how many expired.
     pub fn expire_due(&self, limit: usize) -> usize {
         let leases = &self.shared.leases;
+        let due = leases.pop_expired(leases.clock().now_ms(), limit);
+        self.expire_leases(due)
+    }
+
+    /// Expires leases popped from the queue as due, each with its instances
+    /// in one revision; any found renewed (or extended after a stall) since
+    /// goes back in the queue. Returns how many expired.
+    pub(crate) fn expire_leases(&self, due: impl IntoIterator<Item = Arc<Lease>>) -> usize {
+        let leases = &self.shared.leases;
         let now = leases.clock().now_ms();
-        let due = leases.pop_expired(now, limit);
         let mut expired = 0;
         for lease in due {
             let mut txn = self.shared.catalog.txn();
@@ -385,6 +581,8 @@ impl Registry {
             }
             let revision = txn.commit();
             expired += 1;
+            metrics::inc(&self.shared.metrics.lease_expirations, 1);
+            metrics::inc(&self.shared.metrics.expired_instances, n as u64);
             debug!(
                 lease_id = lease.id,
                 instances = n,
@@ -396,30 +594,12 @@ impl Registry {
         expired
     }
 
-    /// Spawns the expiry task: sleeps until the earliest deadline (or until
-    /// an earlier one is granted), expires what is due, repeats; stops when
-    /// the registry shuts down.
+    /// Spawns the expiry task (see [`crate::expiry`]): sleeps until the
+    /// earliest deadline (or until an earlier one is granted), expires what
+    /// is due, repeats; gives leases back the time the daemon was stalled,
+    /// throttles expiry storms, and stops when the registry shuts down.
     pub fn spawn_expiry(&self) -> JoinHandle<()> {
-        let registry = self.clone();
-        tokio::spawn(async move {
-            let shared = &registry.shared;
-            let clock = shared.leases.clock();
-            loop {
-                let wake_at = shared
-                    .leases
-                    .next_deadline_ms()
-                    .map(|ms| clock.instant_at(ms))
-                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(wake_at) => {}
-                    _ = shared.leases.earlier_deadline() => continue,
-                }
-                while registry.expire_due(EXPIRY_BATCH) == EXPIRY_BATCH {
-                    tokio::task::yield_now().await;
-                }
-            }
-        })
+        tokio::spawn(crate::expiry::run(self.clone()))
     }
 
     /// Signals every background task and long-lived stream to stop.
@@ -432,6 +612,7 @@ impl Registry {
 mod tests {
     use super::*;
     use registry_api::v1::Instance;
+    use std::time::Duration;
 
     fn req(service: &str, id: &str, ttl_ms: u64, lease_id: u64) -> RegisterRequest {
         RegisterRequest {

@@ -16,7 +16,11 @@ use registry_api::v1::{
     registry_client::RegistryClient, watch_response::Kind,
 };
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -50,6 +54,18 @@ pub struct Cli {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    /// Bearer token for a registry started with --auth-file.
+    #[arg(long, global = true, env = "REGISTRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA (PEM) the registry's certificate must chain to: connect with TLS.
+    #[arg(long, global = true, env = "REGISTRY_CACERT")]
+    pub cacert: Option<String>,
+    /// Client certificate (PEM) for mTLS; needs --key.
+    #[arg(long, global = true, env = "REGISTRY_CERT", requires = "key")]
+    pub cert: Option<String>,
+    /// Client private key (PEM) for mTLS; needs --cert.
+    #[arg(long, global = true, env = "REGISTRY_KEY", requires = "cert")]
+    pub key: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -192,15 +208,38 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Transport = InterceptedService<Channel, Bearer>;
+
 struct Ctx {
     addr: String,
     timeout: Duration,
     format: Format,
+    bearer: Bearer,
+    tls: Option<ClientTlsConfig>,
+    client_options: registry_client::ClientOptions,
 }
 
 impl Ctx {
     /// Connects to the first reachable of the configured addresses.
-    async fn connect(&self) -> Result<RegistryClient<Channel>, Failure> {
+    async fn connect(&self) -> Result<RegistryClient<Transport>, Failure> {
+        Ok(RegistryClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
+
+    /// A channel (with credentials) to the first reachable address.
+    async fn channel(&self) -> Result<Transport, Failure> {
         let mut last = None;
         for addr in self
             .addr
@@ -208,17 +247,21 @@ impl Ctx {
             .map(str::trim)
             .filter(|a| !a.is_empty())
         {
-            let endpoint = Endpoint::from_shared(addr.to_string())
+            let mut endpoint = Endpoint::from_shared(addr.to_string())
                 .map_err(|e| Failure {
                     code: EXIT_USAGE,
                     message: format!("invalid registry address {addr:?}: {e}"),
                 })?
                 .connect_timeout(self.timeout)
                 .timeout(self.timeout);
+            if let Some(tls) = &self.tls {
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Failure {
+                    code: EXIT_USAGE,
+                    message: format!("TLS configuration: {e}"),
+                })?;
+            }
             match endpoint.connect().await {
-                Ok(channel) => {
-                    return Ok(RegistryClient::new(channel).max_decoding_message_size(64 << 20));
-                }
+                Ok(channel) => return Ok(InterceptedService::new(channel, self.bearer.clone())),
                 Err(e) => {
                     last = Some(Failure::error(format!(
                         "cannot reach registry at {addr}: {}",
@@ -251,10 +294,39 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
 }
 
 async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure> {
+    let usage = |message: String| Failure {
+        code: EXIT_USAGE,
+        message,
+    };
+    let bearer = match &cli.token {
+        None => Bearer(None),
+        Some(t) => Bearer(Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| usage("--token must be printable ASCII".into()))?,
+        )),
+    };
+    let tls = match &cli.cacert {
+        None => None,
+        Some(ca) => Some(
+            registry_client::tls_from_files(ca, cli.cert.as_deref(), cli.key.as_deref(), None)
+                .map_err(|e| usage(e.to_string()))?,
+        ),
+    };
+    let mut client_options = registry_client::ClientOptions::default();
+    if let Some(t) = &cli.token {
+        client_options = client_options.with_token(t.clone());
+    }
+    if let Some(tls) = &tls {
+        client_options = client_options.with_tls(tls.clone());
+    }
     let ctx = Ctx {
         addr: cli.registry,
         timeout: cli.timeout,
         format: cli.output,
+        bearer,
+        tls,
+        client_options,
     };
     let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
     match cli.command {
@@ -420,10 +492,7 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
         .await
         .map_err(|s| ctx.status(s))?
         .into_inner();
-    let channel = Endpoint::from_shared(ctx.addr.split(',').next().unwrap_or_default().to_string())
-        .map_err(|e| Failure::error(e.to_string()))?
-        .timeout(ctx.timeout)
-        .connect_lazy();
+    let channel = ctx.channel().await?;
     let health = match HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -700,7 +769,10 @@ async fn register(
     for (k, v) in meta {
         instance = instance.with_metadata(k, v);
     }
-    let client = tokio::time::timeout(ctx.timeout, Client::connect(&ctx.addr))
+    let client = tokio::time::timeout(
+        ctx.timeout,
+        Client::connect_with(&ctx.addr, ctx.client_options.clone()),
+    )
         .await
         .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?
         .map_err(|e| client_failure(ctx, e))?;

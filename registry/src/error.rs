@@ -19,6 +19,12 @@ pub enum Error {
     /// A configured cap (leases, instances, watchers...) is reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// No or unknown credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Credentials valid, but not for this service or lease.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The registry cannot serve the request right now (shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -44,6 +50,8 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Transport(_) | Error::Io(_) | Error::Reflection(_) => {
                 // Internal causes are logged here, not leaked to callers.
                 tracing::error!(error = %err, "internal error");

@@ -73,6 +73,9 @@ pub struct Lease {
     pub ttl_ms: u64,
     /// Milliseconds on the table's clock after which the lease is dead.
     deadline_ms: AtomicU64,
+    /// Identity that created the lease (with auth on): only it may renew or
+    /// revoke it.
+    pub owner: Option<Arc<str>>,
     /// Instances attached. Only changed under the catalog's write lock, so
     /// this mutex is never contended; it exists for interior mutability.
     pub(crate) instances: Mutex<Vec<InstanceKey>>,
@@ -140,6 +143,11 @@ impl LeaseTable {
 
     /// Creates a lease expiring `ttl` from now.
     pub fn grant(&self, ttl: Duration) -> Arc<Lease> {
+        self.grant_owned(ttl, None)
+    }
+
+    /// Creates a lease owned by an identity.
+    pub fn grant_owned(&self, ttl: Duration, owner: Option<Arc<str>>) -> Arc<Lease> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ttl_ms = ttl.as_millis() as u64;
         let deadline = self.clock.now_ms() + ttl_ms;
@@ -147,6 +155,7 @@ impl LeaseTable {
             id,
             ttl_ms,
             deadline_ms: AtomicU64::new(deadline),
+            owner,
             instances: Mutex::new(Vec::new()),
         });
         self.leases.insert(id, lease.clone());

@@ -11,24 +11,46 @@
 //!   heartbeat, deregister, resolve, list, watch, and the expiry task.
 //! - [`watch`]: turns a watcher's queue into the Watch response stream
 //!   (snapshot chunks, filtered events, reset snapshots, progress).
+//! - [`auth`]: who is calling (bearer tokens, mTLS names), what each role
+//!   may do, the tower layer enforcing it on every RPC, per-identity rate
+//!   limits.
+//! - [`limits`]: transport limits against hostile peers: the connection
+//!   cap, handshake/idle timeouts, the per-call timeout, and gRPC codes for
+//!   oversize or undecodable messages.
 //! - [`service`]: the gRPC adapter for `registry.v1.Registry`.
+//! - [`xds`]: the xDS management server (ADS): Listener, Route, Cluster and
+//!   ClusterLoadAssignment per service, pushed from catalog watchers, so any
+//!   gRPC client (`xds:///name`) or Envoy discovers services through us.
 //! - [`server`]: [`server::run`] serves the registry, health and reflection
 //!   on a bound listener until a shutdown future resolves.
+//! - [`expiry`]: the expiry task, with its pause-safety (leases get back
+//!   time the daemon was stalled) and expiry-storm guard.
+//! - [`metrics`], [`telemetry`], [`ops`]: operations. Counters and the
+//!   Prometheus exposition, the per-RPC tower layer (metrics and tracing
+//!   spans) and log set-up, and the `/metrics`, `/healthz`, `/readyz`
+//!   HTTP endpoints.
 //! - [`ctl`]: `regctl`, the command line, built on `registry-client`.
 //! - [`validate`], [`error`], [`config`]: request rules, the error enum and
 //!   its status codes, and the tunables.
 
 pub mod bench;
+pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod core;
 pub mod ctl;
 pub mod error;
+pub mod expiry;
 pub mod lease;
+pub mod limits;
+pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod validate;
 pub mod watch;
+pub mod xds;
 
 pub use crate::{config::Config, core::Registry, error::Error};
 

@@ -13,10 +13,11 @@ use registry_api::v1::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    auth,
     catalog::WatchFilter,
     core::Registry,
     error::Error,
-    validate,
+    telemetry, validate,
     watch::{self, MIN_PROGRESS_INTERVAL, WatchFrame},
 };
 
@@ -51,15 +52,23 @@ impl registry_server::Registry for RegistryService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(self.registry.register(request.into_inner())?))
+        let caller = auth::caller(&request);
+        let req = request.into_inner();
+        if let Some(instance) = &req.instance {
+            telemetry::record_service(&instance.service);
+        }
+        Ok(Response::new(
+            self.registry.register_as(req, caller.as_deref())?,
+        ))
     }
 
     async fn heartbeat(
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = auth::caller(&request);
         let ids = request.into_inner().lease_ids;
-        let leases = self.registry.heartbeat(&ids)?;
+        let leases = self.registry.heartbeat_as(&ids, caller.as_deref())?;
         if let [only] = leases.as_slice()
             && !only.found
         {
@@ -83,12 +92,13 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let registry = self.registry.clone();
         let shutdown = registry.shutdown_token().clone();
+        let caller = auth::caller(&request);
         let inbound = request.into_inner();
         let out = inbound
             .take_until(shutdown.cancelled_owned())
             .map(move |req| {
                 let req = req?;
-                let leases = registry.heartbeat(&req.lease_ids)?;
+                let leases = registry.heartbeat_as(&req.lease_ids, caller.as_deref())?;
                 Ok(HeartbeatResponse {
                     leases,
                     server: Some(registry.server_info()),
@@ -101,10 +111,14 @@ impl registry_server::Registry for RegistryService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let caller = auth::caller(&request);
+        let caller = caller.as_deref();
         let (revision, removed) = match request.into_inner().target {
-            Some(Target::LeaseId(id)) => self.registry.deregister_lease(id)?,
+            Some(Target::LeaseId(id)) => self.registry.deregister_lease_as(id, caller)?,
             Some(Target::Instance(key)) => {
-                self.registry.deregister_instance(&key.service, &key.id)?
+                telemetry::record_service(&key.service);
+                self.registry
+                    .deregister_instance_as(&key.service, &key.id, caller)?
             }
             None => {
                 return Err(Status::invalid_argument(
@@ -119,19 +133,23 @@ impl registry_server::Registry for RegistryService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        let caller = auth::caller(&request);
         let req = request.into_inner();
-        Ok(Response::new(self.registry.resolve(
+        telemetry::record_service(&req.service);
+        Ok(Response::new(self.registry.resolve_as(
             &req.service,
             &req.selector,
             req.include_lease_ttl,
+            caller.as_deref(),
         )?))
     }
 
     async fn list_services(
         &self,
-        _request: Request<ListServicesRequest>,
+        request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
-        Ok(Response::new(self.registry.list_services()))
+        let caller = auth::caller(&request);
+        Ok(Response::new(self.registry.list_services_as(caller.as_deref())))
     }
 
     type WatchStream = BoxStream<WatchFrame>;
@@ -141,7 +159,9 @@ impl registry_server::Registry for RegistryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let conn = request.remote_addr();
+        let caller = auth::caller(&request);
         let req = request.into_inner();
+        telemetry::record_service(&req.service);
         let service: Option<Arc<str>> = if req.service.is_empty() {
             None
         } else {
@@ -155,10 +175,18 @@ impl registry_server::Registry for RegistryService {
             0 => self.registry.config().watch_progress_interval,
             ms => Duration::from_millis(ms).max(MIN_PROGRESS_INTERVAL),
         };
-        let filter = WatchFilter { service, selector };
-        let (handle, start) = self
-            .registry
-            .watch(filter, req.start_revision, req.epoch, conn)?;
+        let filter = WatchFilter {
+            service,
+            selector,
+            reader: None,
+        };
+        let (handle, start) = self.registry.watch_as(
+            filter,
+            req.start_revision,
+            req.epoch,
+            conn,
+            caller.as_ref(),
+        )?;
         Ok(Response::new(Box::pin(watch::stream(
             self.registry.clone(),
             handle,

@@ -114,13 +114,20 @@ impl Message for WatchFrame {
 /// it, or `None` when none of it is visible. Uses the batch's shared
 /// encoding when the watcher sees the whole batch.
 pub fn batch_bytes(filter: &WatchFilter, batch: &RevisionBatch) -> Option<Bytes> {
+    batch_events(filter, batch).map(|(bytes, _)| bytes)
+}
+
+/// [`batch_bytes`] with the number of events the watcher sees in it (for
+/// `registry_watch_events_sent_total`).
+pub fn batch_events(filter: &WatchFilter, batch: &RevisionBatch) -> Option<(Bytes, usize)> {
     let sees_all = filter.selector.is_empty()
+        && filter.reader.is_none()
         && match &filter.service {
             None => true,
             Some(s) => batch.single_service.as_deref() == Some(&**s),
         };
     if sees_all {
-        return Some(
+        return Some((
             batch
                 .encoded
                 .get_or_init(|| {
@@ -138,11 +145,20 @@ pub fn batch_bytes(filter: &WatchFilter, batch: &RevisionBatch) -> Option<Bytes>
                     events_message(events.collect()).encode_to_vec().into()
                 })
                 .clone(),
-        );
+            batch.events.len(),
+        ));
     }
     let mut events = Vec::new();
     translate(filter, batch, &mut events);
-    (!events.is_empty()).then(|| events_message(events).encode_to_vec().into())
+    let n = events.len();
+    (n > 0).then(|| (events_message(events).encode_to_vec().into(), n))
+}
+
+/// Counts the events of a batch about to be sent; passes its bytes on.
+fn count_sent(registry: &Registry, seen: Option<(Bytes, usize)>) -> Option<Bytes> {
+    let (bytes, n) = seen?;
+    crate::metrics::inc(&registry.metrics().watch_events_sent, n as u64);
+    Some(bytes)
 }
 
 /// Shortest progress interval a client may ask for.
@@ -266,7 +282,7 @@ pub fn stream(
             WatchStart::Replay(batches) => {
                 let mut parts = Coalescer::default();
                 for batch in &batches {
-                    if let Some(frame) = parts.push(batch_bytes(&filter, batch)) {
+                    if let Some(frame) = parts.push(count_sent(&registry, batch_events(&filter, batch))) {
                         yield Ok(frame);
                     }
                 }
@@ -298,11 +314,11 @@ pub fn stream(
                 batch = handle.recv() => {
                     let Some(batch) = batch else { break };
                     let mut parts = Coalescer::default();
-                    let mut ready = parts.push(batch_bytes(&filter, &batch));
+                    let mut ready = parts.push(count_sent(&registry, batch_events(&filter, &batch)));
                     // Coalesce whatever else is already queued (whole revisions).
                     while ready.is_none() && !handle.overflowed() {
                         let Some(next) = handle.try_recv() else { break };
-                        ready = parts.push(batch_bytes(&filter, &next));
+                        ready = parts.push(count_sent(&registry, batch_events(&filter, &next)));
                     }
                     if let Some(frame) = ready {
                         yield Ok(frame);
@@ -395,6 +411,7 @@ mod tests {
         let filter = WatchFilter {
             service: Some("svc".into()),
             selector: vec![],
+            reader: None,
         };
         let shared = batch_bytes(&filter, &b).unwrap();
         let mut events = Vec::new();

@@ -171,11 +171,13 @@ fn run(ops: Vec<Op>) {
             WatchFilter {
                 service: Some("svc0".into()),
                 selector: vec![],
+                reader: None,
             },
             WatchFilter::default(),
             WatchFilter {
                 service: Some("svc1".into()),
                 selector: vec![("zone".into(), "z1".into())],
+                reader: None,
             },
         ];
         let mut views: Vec<View> = filters.iter().map(|_| View::default()).collect();
@@ -187,6 +189,7 @@ fn run(ops: Vec<Op>) {
         let resumed_filter = WatchFilter {
             service: Some("svc2".into()),
             selector: vec![],
+            reader: None,
         };
         let mut resumed_view = View::default();
         let mut resumed = Some(open(&registry, resumed_filter.clone(), 0));

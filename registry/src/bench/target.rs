@@ -25,8 +25,13 @@ const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 /// Flags a spawned registry gets so no workload hits a cap meant for
 /// production: 3M leases and 1M instances per service cover workload 7 at
 /// 1,000,000 instances on top of everything else in an `all` run, and a
-/// 100 ms minimum TTL lets `--smoke` expire leases quickly.
+/// 100 ms minimum TTL lets `--smoke` expire leases quickly. The per-identity
+/// rate limit is off: every workload comes from one loopback address.
 const SPAWN_FLAGS: &[&str] = &[
+    "--rate-limit",
+    "0",
+    "--max-instances",
+    "3000000",
     "--min-ttl",
     "100ms",
     "--max-leases",

@@ -1,11 +1,12 @@
 //! The `registry` daemon: parses flags, sets up logging, binds the listener
 //! and hands over to [`registry::server::run`].
 
-use std::{io::IsTerminal, net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use registry::Config;
-use tracing_subscriber::EnvFilter;
+use registry::{Registry, telemetry::LogFormat};
+use tokio_util::sync::CancellationToken;
 
 /// Service registry and discovery daemon.
 ///
@@ -18,6 +19,26 @@ struct Args {
     /// Address to serve gRPC on. Loopback by default: expose it deliberately.
     #[arg(long, default_value = "127.0.0.1:7411", env = "REGISTRY_LISTEN")]
     listen: SocketAddr,
+    /// Server certificate (PEM): serve TLS. Needs --tls-key.
+    #[arg(long, requires = "tls_key", env = "REGISTRY_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Server private key (PEM). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "REGISTRY_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) client certificates must chain to: require mTLS.
+    #[arg(long, requires = "tls_cert", env = "REGISTRY_TLS_CLIENT_CA")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Auth file (TOML) mapping token hashes and certificate names to roles;
+    /// reloaded on SIGHUP. Without it every caller may do everything.
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    auth_file: Option<std::path::PathBuf>,
+    /// Requests per second per identity (token or certificate name; client
+    /// IP without auth). 0 disables the limit.
+    #[arg(long, default_value_t = Config::default().rate_limit)]
+    rate_limit: u32,
+    /// Burst allowed above --rate-limit (default: twice the rate).
+    #[arg(long)]
+    rate_burst: Option<u32>,
     /// Shortest lease TTL accepted (e.g. 500ms, 1s).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     min_ttl: Duration,
@@ -36,6 +57,37 @@ struct Args {
     /// Cap on known services.
     #[arg(long, default_value_t = Config::default().max_services)]
     max_services: usize,
+    /// Cap on live instances across all services.
+    #[arg(long, default_value_t = Config::default().max_instances)]
+    max_instances: usize,
+    /// Largest request message decoded, in bytes; larger is RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Config::default().max_message_size)]
+    max_message_size: usize,
+    /// Cap on open client connections; a new one beyond it is closed at once.
+    /// Keep `ulimit -n` above it.
+    #[arg(long, default_value_t = Config::default().max_connections)]
+    max_connections: usize,
+    /// HTTP/2 streams (calls, watches) in flight per connection.
+    #[arg(long, default_value_t = Config::default().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+    /// HTTP/2 ping interval on quiet connections (0s: no pings).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    /// Close a connection whose ping is unanswered this long.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
+    /// Close a connection that sends nothing for this long (0s: never); must
+    /// exceed keepalive interval + timeout.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Close a new connection that has not sent its HTTP/2 preface within
+    /// this time (0s: no limit).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Longest time a call may take to produce its response; open streams
+    /// are not limited (0s: no limit).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Lease ids accepted in one Heartbeat or KeepAlive message.
     #[arg(long, default_value_t = Config::default().max_heartbeat_batch)]
     max_heartbeat_batch: usize,
@@ -64,6 +116,33 @@ struct Args {
     /// How long shutdown waits for in-flight calls.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Do not serve xDS (the Aggregated Discovery Service gRPC clients and
+    /// Envoy use to discover services) on the gRPC port.
+    #[arg(long, env = "REGISTRY_NO_XDS")]
+    no_xds: bool,
+    /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
+    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:7412. Off unless
+    /// given: exposing it is a deliberate choice, like --listen.
+    #[arg(long, env = "REGISTRY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr: `text`, or `json` (one object per line) for log
+    /// shippers.
+    #[arg(long, value_enum, default_value = "text", env = "REGISTRY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// If the expiry task was not scheduled for longer than this (the process
+    /// was paused or starved), every lease is extended by the stall first.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    stall_threshold: Duration,
+    /// Expiry storm: more than this fraction of all leases expiring within
+    /// one second; they are then expired gradually (1 disables the guard).
+    #[arg(long, default_value_t = Config::default().storm_fraction)]
+    storm_fraction: f64,
+    /// The storm guard applies only with at least this many leases.
+    #[arg(long, default_value_t = Config::default().storm_min_leases)]
+    storm_min_leases: usize,
+    /// Leases expired per second during a storm (at least 1).
+    #[arg(long, default_value_t = Config::default().storm_rate)]
+    storm_rate: u32,
 }
 
 impl Args {
@@ -75,6 +154,15 @@ impl Args {
             max_instances_per_service: self.max_instances_per_service,
             max_instances_per_lease: self.max_instances_per_lease,
             max_services: self.max_services,
+            max_instances: self.max_instances,
+            max_message_size: self.max_message_size,
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            idle_timeout: self.idle_timeout,
+            handshake_timeout: self.handshake_timeout,
+            request_timeout: self.request_timeout,
             max_heartbeat_batch: self.max_heartbeat_batch,
             history_events: self.history_events,
             history_age: self.history_age,
@@ -84,6 +172,22 @@ impl Args {
             watch_progress_interval: self.watch_progress_interval,
             warmup: self.warmup,
             shutdown_grace: self.shutdown_grace,
+            xds: !self.no_xds,
+            stall_threshold: self.stall_threshold,
+            storm_fraction: self.storm_fraction,
+            storm_min_leases: self.storm_min_leases,
+            storm_rate: self.storm_rate,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(registry::config::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            tls_client_ca: self.tls_client_ca.clone(),
+            auth_file: self.auth_file.clone(),
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst.unwrap_or(self.rate_limit.saturating_mul(2)),
         }
     }
 }
@@ -91,17 +195,25 @@ impl Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    registry::telemetry::init_logging(args.log_format);
+    if !(args.storm_fraction > 0.0 && args.storm_fraction <= 1.0) || args.storm_rate == 0 {
+        eprintln!(
+            "registry: --storm-fraction ({}) must be in (0, 1] and --storm-rate ({}) at least 1",
+            args.storm_fraction, args.storm_rate
+        );
+        return ExitCode::from(2);
+    }
     if args.min_ttl.is_zero() || args.min_ttl > args.max_ttl {
         eprintln!(
             "registry: --min-ttl ({}) must be above 0 and at most --max-ttl ({})",
             humantime::format_duration(args.min_ttl),
             humantime::format_duration(args.max_ttl)
         );
+        return ExitCode::from(2);
+    }
+    let config = args.config();
+    if let Err(e) = registry::limits::validate(&config) {
+        eprintln!("registry: {e}");
         return ExitCode::from(2);
     }
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -111,7 +223,26 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match registry::server::run(listener, args.config(), shutdown_signal()).await {
+    let registry = Registry::new(config);
+    let stop_ops = CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let ops_listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("registry: cannot listen on {addr} (--metrics-listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (registry, stop) = (registry.clone(), stop_ops.clone().cancelled_owned());
+        tokio::spawn(async move {
+            if let Err(e) = registry::ops::serve(ops_listener, registry, stop).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let result = registry::server::serve(listener, registry, shutdown_signal()).await;
+    stop_ops.cancel();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("registry: {e}");

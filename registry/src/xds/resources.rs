@@ -1,0 +1,364 @@
+//! The four xDS resources the registry serves for a service, built from the
+//! catalog's view of it. Every resource of service `S` is named `S`:
+//!
+//! - **Listener `S`**: an API listener (what proxyless gRPC asks for when
+//!   dialing `xds:///S`) whose HttpConnectionManager takes its routes over
+//!   RDS from the same ADS stream, with the `router` HTTP filter that gRPC
+//!   and Envoy both require as the last filter.
+//! - **RouteConfiguration `S`**: one virtual host for the authority `S`
+//!   (and `S:<port>`) routing every path to cluster `S`.
+//! - **Cluster `S`**: EDS over ADS, round robin, HTTP/2 upstream (the
+//!   instances serve gRPC; Envoy would otherwise speak HTTP/1.1 to them).
+//! - **ClusterLoadAssignment `S`**: the live instances, one locality per
+//!   `zone` metadata value, `weight` as the endpoint's load-balancing weight.
+//!
+//! Listener, RouteConfiguration and Cluster depend only on the name; they
+//! exist while the service has at least one live instance. The load
+//! assignment exists while the catalog knows the service, possibly with no
+//! endpoints, so that clients drop the last instance at once.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{
+                Cluster,
+                cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+            },
+            core::v3::{
+                Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
+                Http2ProtocolOptions, Locality, SocketAddress, address,
+                config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+            },
+            endpoint::v3::{
+                ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+                lb_endpoint::HostIdentifier,
+            },
+            listener::v3::{ApiListener, Listener},
+            route::v3::{
+                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route::Action,
+                route_action::ClusterSpecifier, route_match::PathSpecifier,
+            },
+        },
+        extensions::{
+            filters::{
+                http::router::v3::Router,
+                network::http_connection_manager::v3::{
+                    HttpConnectionManager, HttpFilter, Rds,
+                    http_connection_manager::RouteSpecifier, http_filter::ConfigType,
+                },
+            },
+            upstreams::http::v3::{
+                HttpProtocolOptions,
+                http_protocol_options::{
+                    ExplicitHttpConfig, UpstreamProtocolOptions,
+                    explicit_http_config::ProtocolConfig,
+                },
+            },
+        },
+    },
+    google::protobuf::{Any, Duration as PbDuration, UInt32Value},
+};
+use envoy_types::util::pack_any;
+use registry_api::v1::Instance;
+use std::sync::Arc;
+
+/// The metadata key whose value becomes an endpoint's locality zone.
+pub const ZONE_KEY: &str = "zone";
+
+/// Connect timeout Envoy uses for the instances: registry instances are on
+/// the same network, so a connection that takes longer than this is to a
+/// dead host and the next one should be tried.
+const CONNECT_TIMEOUT_SECS: i64 = 5;
+
+/// Name of the terminal HTTP filter both gRPC and Envoy expect.
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+
+/// Key under which Envoy looks up upstream HTTP options in a cluster.
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// A config source meaning "the same ADS stream this came on".
+fn ads_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+/// The API listener gRPC resolves `xds:///service` through.
+pub fn listener(service: &str) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: service.to_owned(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_source()),
+            route_config_name: service.to_owned(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: ROUTER_FILTER.to_owned(),
+            config_type: Some(ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: service.to_owned(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(hcm)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Routes everything addressed to the service to its cluster.
+pub fn route_configuration(service: &str) -> RouteConfiguration {
+    RouteConfiguration {
+        name: service.to_owned(),
+        virtual_hosts: vec![VirtualHost {
+            name: service.to_owned(),
+            // gRPC matches the dialed authority (`xds:///prod` -> "prod");
+            // Envoy matches the Host header, which may carry a port.
+            domains: vec![service.to_owned(), format!("{service}:*")],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix("/".to_owned())),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(service.to_owned())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An EDS cluster whose endpoints come over the same ADS stream.
+pub fn cluster(service: &str) -> Cluster {
+    let http2 = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    Cluster {
+        name: service.to_owned(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads_source()),
+            service_name: service.to_owned(),
+        }),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(PbDuration {
+            seconds: CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        }),
+        typed_extension_protocol_options: HashMap::from([(
+            HTTP_PROTOCOL_OPTIONS_KEY.to_owned(),
+            pack_any(http2),
+        )]),
+        ..Default::default()
+    }
+}
+
+/// The service's instances as endpoints, grouped into one locality per
+/// `zone` (instances without one share the empty locality). Instances
+/// whose address is a DNS name are left out: gRPC and Envoy both require
+/// IP addresses in EDS, and one bad endpoint would make them reject the
+/// whole assignment.
+pub fn load_assignment(service: &str, instances: &[Arc<Instance>]) -> ClusterLoadAssignment {
+    let mut zones: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    for inst in instances {
+        let Ok(addr) = inst.address.parse::<SocketAddr>() else {
+            tracing::debug!(
+                service,
+                id = %inst.id,
+                address = %inst.address,
+                "xds: instance with a non-IP address left out of the load assignment"
+            );
+            continue;
+        };
+        let zone = inst.metadata.get(ZONE_KEY).map_or("", String::as_str);
+        zones.entry(zone).or_default().push(LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: addr.ip().to_string(),
+                        port_specifier: Some(PortSpecifier::PortValue(u32::from(addr.port()))),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            health_status: HealthStatus::Healthy as i32,
+            load_balancing_weight: Some(UInt32Value {
+                value: inst.weight.max(1),
+            }),
+            ..Default::default()
+        });
+    }
+    let endpoints = zones
+        .into_iter()
+        .map(|(zone, lb_endpoints)| {
+            // A locality's weight is the sum of its endpoints' weights, so
+            // traffic across zones follows the instance weights. gRPC drops
+            // localities of weight 0, hence at least 1.
+            let weight = lb_endpoints
+                .iter()
+                .map(|e| e.load_balancing_weight.map_or(1, |w| w.value))
+                .fold(0u32, u32::saturating_add)
+                .max(1);
+            LocalityLbEndpoints {
+                locality: Some(Locality {
+                    zone: zone.to_owned(),
+                    ..Default::default()
+                }),
+                lb_endpoints,
+                load_balancing_weight: Some(UInt32Value { value: weight }),
+                priority: 0,
+                ..Default::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: service.to_owned(),
+        endpoints,
+        ..Default::default()
+    }
+}
+
+/// Packs a resource for a `DiscoveryResponse`.
+pub fn any<T: prost::Name>(resource: T) -> Any {
+    pack_any(resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn inst(id: &str, address: &str, weight: u32, zone: Option<&str>) -> Arc<Instance> {
+        Arc::new(Instance {
+            service: "prod".into(),
+            id: id.into(),
+            address: address.into(),
+            weight,
+            metadata: zone
+                .map(|z| [(ZONE_KEY.to_owned(), z.to_owned())].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn load_assignment_groups_by_zone_and_keeps_weights() {
+        let cla = load_assignment(
+            "prod",
+            &[
+                inst("a", "10.0.0.1:80", 3, Some("z1")),
+                inst("b", "[::1]:81", 1, Some("z2")),
+                inst("c", "10.0.0.3:82", 2, Some("z1")),
+                inst("d", "db.internal:83", 1, None),
+                inst("e", "10.0.0.5:84", 1, None),
+            ],
+        );
+        assert_eq!(cla.cluster_name, "prod");
+        /// (zone, locality weight, [(ip, port, weight)])
+        type Summary = Vec<(String, u32, Vec<(String, u32, u32)>)>;
+        let summary: Summary = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                (
+                    l.locality.as_ref().unwrap().zone.clone(),
+                    l.load_balancing_weight.unwrap().value,
+                    l.lb_endpoints
+                        .iter()
+                        .map(|e| {
+                            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                                panic!("no endpoint");
+                            };
+                            let Some(address::Address::SocketAddress(sa)) =
+                                &ep.address.as_ref().unwrap().address
+                            else {
+                                panic!("no socket address");
+                            };
+                            let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                                panic!("no port");
+                            };
+                            (
+                                sa.address.clone(),
+                                port,
+                                e.load_balancing_weight.unwrap().value,
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("".into(), 1, vec![("10.0.0.5".into(), 84, 1)]),
+                (
+                    "z1".into(),
+                    5,
+                    vec![("10.0.0.1".into(), 80, 3), ("10.0.0.3".into(), 82, 2)]
+                ),
+                ("z2".into(), 1, vec![("::1".into(), 81, 1)]),
+            ],
+            "the DNS-named instance is left out"
+        );
+    }
+
+    #[test]
+    fn listener_points_at_rds_over_ads_with_the_router_filter() {
+        let l = listener("prod");
+        let any = l.api_listener.unwrap().api_listener.unwrap();
+        assert_eq!(
+            any.type_url,
+            "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        );
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+            panic!("not RDS");
+        };
+        assert_eq!(rds.route_config_name, "prod");
+        assert!(matches!(
+            rds.config_source.unwrap().config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(_))
+        ));
+        assert_eq!(hcm.http_filters.last().unwrap().name, ROUTER_FILTER);
+    }
+
+    #[test]
+    fn route_and_cluster_name_the_service() {
+        let rc = route_configuration("prod");
+        let vh = &rc.virtual_hosts[0];
+        assert!(vh.domains.contains(&"prod".to_owned()));
+        let Some(Action::Route(ra)) = &vh.routes[0].action else {
+            panic!("no route action");
+        };
+        assert_eq!(
+            ra.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("prod".into()))
+        );
+        let c = cluster("prod");
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+        );
+        assert_eq!(c.eds_cluster_config.unwrap().service_name, "prod");
+    }
+}

@@ -1,0 +1,756 @@
+//! One state-of-the-world ADS stream: the client's subscriptions per type,
+//! nonces and ACK/NACK, the catalog watchers that wake it, and what to send.
+//!
+//! The stream is an `async_stream` polled by the connection's HTTP/2 task,
+//! so while the client does not read, nothing here runs: its catalog
+//! watchers fill up and are flagged (the writer never waits), and on the
+//! next read the stream recomputes from current snapshots. Nothing is
+//! queued per response beyond the one being sent.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::ControlPlane,
+        service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+    },
+    google::protobuf::Any,
+};
+use futures::{FutureExt, Stream, StreamExt, stream::SelectAll};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::{
+    CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType, resources,
+};
+use crate::{
+    catalog::{ServiceSnapshot, WatchFilter, WatcherHandle},
+    core::Registry,
+    validate,
+};
+
+/// What a watch-all watcher reports.
+enum Change {
+    /// These services changed.
+    Services(Vec<Arc<str>>),
+    /// The watcher fell behind and was reset: anything may have changed.
+    Everything,
+}
+
+type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
+type ServiceStream = Pin<Box<dyn Stream<Item = Arc<str>> + Send>>;
+
+/// Turns a watcher into a stream of "something changed" signals, several
+/// queued revisions coalescing into one. An overflowed watcher is reset
+/// (its queue is useless: the stream re-reads snapshots anyway).
+fn changes(registry: Registry, mut handle: WatcherHandle) -> ChangeStream {
+    Box::pin(async_stream::stream! {
+        loop {
+            if handle.overflowed() {
+                let _ = registry.catalog().resnapshot(&mut handle);
+                yield Change::Everything;
+                continue;
+            }
+            let Some(batch) = handle.recv().await else { break };
+            let mut services: Vec<Arc<str>> = Vec::new();
+            let mut add = |batch: &crate::catalog::RevisionBatch| {
+                for ev in &batch.events {
+                    let s = ev.instance.service.as_str();
+                    if !services.iter().any(|have| &**have == s) {
+                        services.push(s.into());
+                    }
+                }
+            };
+            add(&batch);
+            while let Some(more) = handle.try_recv() {
+                add(&more);
+            }
+            yield Change::Services(services);
+        }
+    })
+}
+
+/// A per-service watcher's signals, tagged with the service and ending when
+/// the subscription is cancelled.
+fn service_changes(
+    registry: Registry,
+    handle: WatcherHandle,
+    service: Arc<str>,
+    cancel: CancellationToken,
+) -> ServiceStream {
+    Box::pin(
+        changes(registry, handle)
+            .map(move |_| service.clone())
+            .take_until(cancel.cancelled_owned()),
+    )
+}
+
+/// The client's subscription to one resource type.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// The client asked for this type on this stream.
+    active: bool,
+    /// Legacy wildcard: the first request named nothing. Lasts until the
+    /// client names something.
+    legacy_wildcard: bool,
+    /// Explicit (`*`) or legacy wildcard.
+    wildcard: bool,
+    /// Names subscribed to (besides the wildcard).
+    names: BTreeSet<Arc<str>>,
+    /// Nonce of the last response sent; requests carrying another are stale.
+    nonce: Option<String>,
+    /// Last version the client accepted.
+    acked: Option<String>,
+    /// What the client was last sent: resource name -> the service revision
+    /// it reflects (0 for resources that depend only on the name).
+    sent: HashMap<Arc<str>, u64>,
+    /// A response is due whatever changed (initial request, new names).
+    owed: bool,
+    /// A response was withheld during warm-up.
+    held: bool,
+}
+
+impl Subscription {
+    /// Applies the names of a request; returns whether the set changed.
+    /// Only Listener and Cluster know the legacy wildcard (a first request
+    /// naming nothing).
+    fn set_names(&mut self, ty: ResourceType, requested: Vec<String>) -> Result<bool, Status> {
+        if requested.len() > MAX_RESOURCE_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "resource_names has {} entries, the limit is {MAX_RESOURCE_NAMES} per type per stream",
+                requested.len()
+            )));
+        }
+        let first = !self.active;
+        self.active = true;
+        if first && requested.is_empty() && ty.full_state() {
+            self.legacy_wildcard = true;
+        } else if !requested.is_empty() {
+            self.legacy_wildcard = false;
+        }
+        let explicit = requested.iter().any(|n| n == "*");
+        let wildcard = explicit || self.legacy_wildcard;
+        let names: BTreeSet<Arc<str>> = requested
+            .into_iter()
+            .filter(|n| n != "*")
+            .map(Arc::from)
+            .collect();
+        let changed = first || wildcard != self.wildcard || names != self.names;
+        self.wildcard = wildcard;
+        self.names = names;
+        if !self.wildcard {
+            let names = &self.names;
+            self.sent.retain(|n, _| names.contains(n));
+        }
+        Ok(changed)
+    }
+
+    /// Whether this subscription covers `name`.
+    fn covers(&self, name: &str) -> bool {
+        self.active && (self.wildcard || self.names.contains(name))
+    }
+}
+
+/// The protocol machine of one stream.
+struct Ads {
+    registry: Registry,
+    cache: Arc<LoadAssignmentCache>,
+    conn: Option<SocketAddr>,
+    may_read: ReadCheck,
+    node: String,
+    subs: [Subscription; 4],
+    next_nonce: u64,
+    /// Services changed since the last computation.
+    dirty: HashSet<Arc<str>>,
+    /// Anything may have changed (a watcher was reset, warm-up ended).
+    all_dirty: bool,
+    /// Per-service watchers, by subscription, each with its cancel token.
+    watched: HashMap<Arc<str>, CancellationToken>,
+    watchers: SelectAll<ServiceStream>,
+    /// The watch-all watcher, while a wildcard CDS/EDS subscription exists.
+    wildcard: Option<ChangeStream>,
+    /// When a withheld response is to be reconsidered (end of warm-up).
+    recheck_at: Option<Instant>,
+}
+
+impl Ads {
+    fn new(
+        registry: Registry,
+        cache: Arc<LoadAssignmentCache>,
+        conn: Option<SocketAddr>,
+        may_read: ReadCheck,
+    ) -> Self {
+        Self {
+            registry,
+            cache,
+            conn,
+            may_read,
+            node: String::new(),
+            subs: Default::default(),
+            next_nonce: 0,
+            dirty: HashSet::new(),
+            all_dirty: false,
+            watched: HashMap::new(),
+            watchers: SelectAll::new(),
+            wildcard: None,
+            recheck_at: None,
+        }
+    }
+
+    /// Handles one request: ACK, NACK, stale, or (re)subscription.
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if self.node.is_empty()
+            && let Some(node) = &req.node
+        {
+            self.node = if node.id.is_empty() {
+                "<no id>".to_owned()
+            } else {
+                node.id.clone()
+            };
+            info!(node = %self.node, conn = ?self.conn, "xds: ADS stream opened");
+        }
+        let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
+            debug!(node = %self.node, type_url = %req.type_url, "xds: ignoring request for an unserved type");
+            return Ok(());
+        };
+        let sub = &mut self.subs[ty as usize];
+        if !req.response_nonce.is_empty() {
+            if sub
+                .nonce
+                .as_deref()
+                .is_some_and(|n| n != req.response_nonce)
+            {
+                // A newer response is on its way; the client will answer
+                // that one with its current subscription.
+                debug!(node = %self.node, ?ty, nonce = %req.response_nonce, "xds: stale nonce ignored");
+                return Ok(());
+            }
+            match &req.error_detail {
+                Some(err) => warn!(
+                    node = %self.node,
+                    ?ty,
+                    rejected_version = %req.version_info,
+                    kept_version = sub.acked.as_deref().unwrap_or(""),
+                    code = err.code,
+                    error = %err.message,
+                    "xds: client rejected (NACK) a response; it keeps its last accepted version"
+                ),
+                None => {
+                    debug!(node = %self.node, ?ty, version = %req.version_info, "xds: ACK");
+                    sub.acked = Some(req.version_info.clone());
+                }
+            }
+        }
+        let initial = req.response_nonce.is_empty();
+        let changed = sub.set_names(ty, req.resource_names)?;
+        if changed || initial {
+            sub.owed = true;
+        }
+        if changed {
+            self.sync_watchers()?;
+        }
+        Ok(())
+    }
+
+    /// Opens and closes catalog watchers to match the subscriptions: one
+    /// watch-all watcher while any CDS/EDS subscription is a wildcard,
+    /// otherwise one per subscribed (valid, readable) service name.
+    fn sync_watchers(&mut self) -> Result<(), Status> {
+        let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
+            .iter()
+            .any(|t| self.subs[*t as usize].active && self.subs[*t as usize].wildcard);
+        if want_all {
+            for (_, cancel) in self.watched.drain() {
+                cancel.cancel();
+            }
+            if self.wildcard.is_none() {
+                let handle = self.watch(WatchFilter::default())?;
+                self.wildcard = Some(changes(self.registry.clone(), handle));
+                self.all_dirty = true;
+            }
+            return Ok(());
+        }
+        self.wildcard = None;
+        let wanted: HashSet<Arc<str>> = self
+            .subs
+            .iter()
+            .filter(|s| s.active)
+            .flat_map(|s| s.names.iter().cloned())
+            .filter(|n| validate::service_name("resource_names", n).is_ok() && (self.may_read)(n))
+            .collect();
+        self.watched.retain(|name, cancel| {
+            let keep = wanted.contains(name);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        for name in wanted {
+            if self.watched.contains_key(&name) {
+                continue;
+            }
+            let handle = self.watch(WatchFilter {
+                service: Some(name.clone()),
+                selector: Vec::new(),
+                reader: None,
+            })?;
+            let cancel = CancellationToken::new();
+            self.watchers.push(service_changes(
+                self.registry.clone(),
+                handle,
+                name.clone(),
+                cancel.clone(),
+            ));
+            self.watched.insert(name.clone(), cancel);
+            // Read after the watcher exists, so no change falls in between.
+            self.dirty.insert(name);
+        }
+        Ok(())
+    }
+
+    fn watch(&self, filter: WatchFilter) -> Result<WatcherHandle, Status> {
+        // The initial snapshot is not needed: the stream reads the service's
+        // snapshot itself when computing a response.
+        let (handle, _start) = self.registry.watch(filter, 0, 0, self.conn)?;
+        Ok(handle)
+    }
+
+    /// The responses now due, in push order. Clears the dirty set.
+    fn responses(&mut self) -> Vec<DiscoveryResponse> {
+        let info = self.registry.server_info();
+        let mut ctx = Ctx {
+            registry: &self.registry,
+            cache: &self.cache,
+            may_read: &self.may_read,
+            snapshots: HashMap::new(),
+            revision: self.registry.catalog().revision(),
+            warming: info.warming_up,
+            held: false,
+        };
+        let mut out = Vec::new();
+        for ty in ResourceType::ALL {
+            let sub = &mut self.subs[ty as usize];
+            if !sub.active {
+                continue;
+            }
+            let touched = self.all_dirty
+                || sub.owed
+                || sub.held
+                || self.dirty.iter().any(|d| sub.covers(d))
+                // A wildcard CDS sees services come and go.
+                || (sub.wildcard && !self.dirty.is_empty());
+            if !touched {
+                continue;
+            }
+            let everything = self.all_dirty || sub.owed || sub.held;
+            let dirty = (!everything).then_some(&self.dirty);
+            let resources = match ty {
+                ResourceType::Listener | ResourceType::Cluster => ctx.full_state(ty, sub, dirty),
+                ResourceType::Route => ctx.routes(sub, dirty),
+                ResourceType::LoadAssignment => ctx.load_assignments(sub, dirty),
+            };
+            sub.owed = false;
+            if let Some(resources) = resources {
+                self.next_nonce += 1;
+                let nonce = self.next_nonce.to_string();
+                sub.nonce = Some(nonce.clone());
+                debug!(node = %self.node, ?ty, n = resources.len(), version = ctx.revision, "xds: push");
+                out.push(DiscoveryResponse {
+                    version_info: ctx.revision.to_string(),
+                    resources,
+                    type_url: ty.type_url().to_owned(),
+                    nonce,
+                    control_plane: Some(ControlPlane {
+                        identifier: CONTROL_PLANE_ID.to_owned(),
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        self.dirty.clear();
+        self.all_dirty = false;
+        self.recheck_at = ctx.held.then(|| {
+            Instant::now() + std::time::Duration::from_millis(info.warmup_remaining_ms.max(1))
+        });
+        out
+    }
+}
+
+/// One computation of responses: snapshot reads shared by the types.
+struct Ctx<'a> {
+    registry: &'a Registry,
+    cache: &'a LoadAssignmentCache,
+    may_read: &'a ReadCheck,
+    snapshots: HashMap<Arc<str>, Option<Arc<ServiceSnapshot>>>,
+    /// Highest revision any read reflects: the response version.
+    revision: u64,
+    warming: bool,
+    /// Something was withheld for warm-up.
+    held: bool,
+}
+
+impl Ctx<'_> {
+    /// The service's snapshot if the subscriber may see it.
+    fn snapshot(&mut self, name: &Arc<str>) -> Option<Arc<ServiceSnapshot>> {
+        if let Some(s) = self.snapshots.get(name) {
+            return s.clone();
+        }
+        let snap = if (self.may_read)(name) {
+            let (snap, revision) = self.registry.catalog().resolve(name);
+            self.revision = self.revision.max(revision);
+            snap
+        } else {
+            None
+        };
+        self.snapshots.insert(name.clone(), snap.clone());
+        snap
+    }
+
+    /// Whether the service has live instances the subscriber may see.
+    fn live(&mut self, name: &Arc<str>) -> bool {
+        self.snapshot(name).is_some_and(|s| !s.instances.is_empty())
+    }
+
+    /// Every live service, for wildcard subscriptions.
+    fn live_services(&mut self) -> Vec<Arc<str>> {
+        let (services, revision) = self.registry.catalog().list_services();
+        self.revision = self.revision.max(revision);
+        services
+            .into_iter()
+            .filter(|(name, n)| *n > 0 && (self.may_read)(name))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Listener or Cluster: the full set, sent when it differs from what
+    /// the client has (or is owed). `None` when nothing is to be sent.
+    fn full_state(
+        &mut self,
+        ty: ResourceType,
+        sub: &mut Subscription,
+        dirty: Option<&HashSet<Arc<str>>>,
+    ) -> Option<Vec<Any>> {
+        // A wildcard LDS gets only named listeners: API listeners are for
+        // proxyless clients, which always name them; Envoy would reject them.
+        let wildcard = sub.wildcard && ty == ResourceType::Cluster;
+        if let Some(dirty) = dirty {
+            // The content depends only on the name: what matters is whether
+            // a changed service started or stopped having instances.
+            let flipped = dirty
+                .iter()
+                .filter(|d| wildcard || sub.names.contains(*d))
+                .any(|d| self.live(d) != sub.sent.contains_key(d));
+            if !flipped {
+                return None;
+            }
+        }
+        let mut present: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut missing = false;
+        for name in &sub.names {
+            if self.live(name) {
+                present.insert(name.clone());
+            } else {
+                missing = true;
+            }
+        }
+        if wildcard {
+            present.extend(self.live_services());
+        }
+        if self.warming && (missing || wildcard) {
+            sub.held = true;
+            self.held = true;
+            return None;
+        }
+        let must = std::mem::take(&mut sub.held) | sub.owed;
+        let same =
+            present.len() == sub.sent.len() && present.iter().all(|n| sub.sent.contains_key(n));
+        if same && !must {
+            return None;
+        }
+        sub.sent = present.iter().map(|n| (n.clone(), 0)).collect();
+        Some(
+            present
+                .iter()
+                .map(|n| match ty {
+                    ResourceType::Listener => resources::any(resources::listener(n)),
+                    _ => resources::any(resources::cluster(n)),
+                })
+                .collect(),
+        )
+    }
+
+    /// Route configurations: each live subscribed service the client does
+    /// not have yet (their content depends only on the name). `dirty`
+    /// limits the names looked at; `None` means all.
+    fn routes(
+        &mut self,
+        sub: &mut Subscription,
+        dirty: Option<&HashSet<Arc<str>>>,
+    ) -> Option<Vec<Any>> {
+        sub.held = false;
+        let names: Vec<Arc<str>> = candidates(sub, dirty);
+        let mut out = Vec::new();
+        for name in names {
+            if self.live(&name) {
+                if sub.sent.insert(name.clone(), 0).is_none() {
+                    out.push(resources::any(resources::route_configuration(&name)));
+                }
+            } else {
+                sub.sent.remove(&name);
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Load assignments whose service changed since the client's copy.
+    /// Unknown services are left out (the protocol's "does not exist");
+    /// a known service without instances gets an empty assignment, except
+    /// during warm-up.
+    fn load_assignments(
+        &mut self,
+        sub: &mut Subscription,
+        dirty: Option<&HashSet<Arc<str>>>,
+    ) -> Option<Vec<Any>> {
+        sub.held = false;
+        let mut names = candidates(sub, dirty);
+        if sub.wildcard && dirty.is_none() {
+            names.extend(self.live_services());
+        } else if sub.wildcard
+            && let Some(dirty) = dirty
+        {
+            names.extend(dirty.iter().cloned());
+        }
+        names.sort_unstable();
+        names.dedup();
+        let mut out = Vec::new();
+        for name in names {
+            let Some(snap) = self.snapshot(&name) else {
+                continue;
+            };
+            if sub.sent.get(&name) == Some(&snap.revision) {
+                continue;
+            }
+            if self.warming && snap.instances.is_empty() {
+                sub.held = true;
+                self.held = true;
+                continue;
+            }
+            let cap = self.registry.config().max_services;
+            out.push(self.cache.get_or_build(&name, snap.revision, cap, || {
+                resources::any(resources::load_assignment(&name, &snap.instances))
+            }));
+            sub.sent.insert(name, snap.revision);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+/// The subscribed names worth looking at: all of them, or those changed.
+fn candidates(sub: &Subscription, dirty: Option<&HashSet<Arc<str>>>) -> Vec<Arc<str>> {
+    match dirty {
+        None => sub.names.iter().cloned().collect(),
+        Some(dirty) => dirty
+            .iter()
+            .filter(|d| sub.names.contains(*d))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Waits for the watch-all watcher's next change, or forever without one.
+async fn next_wildcard(w: &mut Option<ChangeStream>) -> Option<Change> {
+    match w {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The response stream of one StreamAggregatedResources call. Ends with
+/// `UNAVAILABLE` when the registry shuts down; dropping it (client gone)
+/// drops its watchers.
+pub(super) fn stream<R>(
+    registry: Registry,
+    cache: Arc<LoadAssignmentCache>,
+    conn: Option<SocketAddr>,
+    may_read: ReadCheck,
+    mut requests: R,
+) -> impl Stream<Item = Result<DiscoveryResponse, Status>> + Send + 'static
+where
+    R: Stream<Item = Result<DiscoveryRequest, Status>> + Send + Unpin + 'static,
+{
+    async_stream::stream! {
+        let shutdown = registry.shutdown_token().clone();
+        let mut ads = Ads::new(registry, cache, conn, may_read);
+        loop {
+            for response in ads.responses() {
+                yield Ok(response);
+            }
+            let recheck = ads.recheck_at;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    yield Err(Status::unavailable("registry is shutting down; reconnect"));
+                    break;
+                }
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        if let Err(status) = ads.on_request(req) {
+                            warn!(node = %ads.node, %status, "xds: closing ADS stream");
+                            yield Err(status);
+                            break;
+                        }
+                    }
+                    Some(Err(status)) => {
+                        debug!(node = %ads.node, %status, "xds: ADS stream ended by the client");
+                        break;
+                    }
+                    None => break,
+                },
+                Some(service) = ads.watchers.next(), if !ads.watchers.is_empty() => {
+                    ads.dirty.insert(service);
+                    // Coalesce whatever else is ready into this computation.
+                    while let Some(Some(more)) = ads.watchers.next().now_or_never() {
+                        ads.dirty.insert(more);
+                    }
+                }
+                change = next_wildcard(&mut ads.wildcard) => match change {
+                    Some(Change::Services(services)) => ads.dirty.extend(services),
+                    Some(Change::Everything) => ads.all_dirty = true,
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => {
+                    ads.recheck_at = None;
+                }
+            }
+        }
+        debug!(node = %ads.node, "xds: ADS stream closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use prost::Message;
+    use registry_api::v1::{Instance, RegisterRequest};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    fn registry() -> Registry {
+        Registry::new(Config {
+            warmup: Duration::ZERO,
+            ..Config::default()
+        })
+    }
+
+    fn register(r: &Registry, service: &str) {
+        r.register(RegisterRequest {
+            instance: Some(Instance {
+                service: service.into(),
+                id: "1".into(),
+                address: "127.0.0.1:80".into(),
+                ..Default::default()
+            }),
+            ttl_ms: 60_000,
+            lease_id: 0,
+        })
+        .unwrap();
+    }
+
+    fn request(ty: ResourceType, names: &[&str]) -> Result<DiscoveryRequest, Status> {
+        Ok(DiscoveryRequest {
+            type_url: ty.type_url().into(),
+            resource_names: names.iter().map(|n| (*n).into()).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn next(
+        s: &mut (impl Stream<Item = Result<DiscoveryResponse, Status>> + Unpin),
+    ) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(2), s.next())
+            .await
+            .expect("a response in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+
+    #[tokio::test]
+    async fn unreadable_services_are_answered_as_absent() {
+        let r = registry();
+        register(&r, "prod");
+        register(&r, "secret");
+        let (tx, rx) = mpsc::channel(8);
+        let may_read: ReadCheck = Arc::new(|s: &str| s != "secret");
+        let mut s = Box::pin(stream(
+            r.clone(),
+            Arc::default(),
+            None,
+            may_read,
+            ReceiverStream::new(rx),
+        ));
+        // Wildcard CDS: only the readable service.
+        tx.send(request(ResourceType::Cluster, &[])).await.unwrap();
+        let cds = next(&mut s).await;
+        let names: Vec<String> = cds
+            .resources
+            .iter()
+            .map(|a| Cluster::decode(a.value.as_slice()).unwrap().name)
+            .collect();
+        assert_eq!(names, ["prod"]);
+        // Named LDS: the unreadable one does not exist.
+        tx.send(request(ResourceType::Listener, &["secret"]))
+            .await
+            .unwrap();
+        let lds = next(&mut s).await;
+        assert!(lds.resources.is_empty());
+        // A change to it is not pushed either.
+        register(&r, "secret");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.next())
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn wildcard_rules_follow_the_protocol() {
+        let mut sub = Subscription::default();
+        // First request naming nothing: legacy wildcard, for LDS/CDS only.
+        assert!(sub.set_names(ResourceType::Cluster, vec![]).unwrap());
+        assert!(sub.wildcard);
+        assert!(!sub.set_names(ResourceType::Cluster, vec![]).unwrap());
+        assert!(sub.wildcard, "an ACK naming nothing keeps the wildcard");
+        assert!(
+            sub.set_names(ResourceType::Cluster, vec!["a".into()])
+                .unwrap()
+        );
+        assert!(!sub.wildcard, "naming something ends the legacy wildcard");
+        assert!(sub.set_names(ResourceType::Cluster, vec![]).unwrap());
+        assert!(!sub.wildcard && sub.names.is_empty(), "now it unsubscribes");
+        assert!(
+            sub.set_names(ResourceType::Cluster, vec!["*".into(), "b".into()])
+                .unwrap()
+        );
+        assert!(sub.wildcard && sub.covers("anything") && sub.names.len() == 1);
+
+        let mut eds = Subscription::default();
+        eds.set_names(ResourceType::LoadAssignment, vec![]).unwrap();
+        assert!(!eds.wildcard, "no legacy wildcard for assignments");
+
+        let too_many = (0..=MAX_RESOURCE_NAMES).map(|i| i.to_string()).collect();
+        let err = Subscription::default()
+            .set_names(ResourceType::LoadAssignment, too_many)
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,302 @@
+//! Restart without an outage, with the real daemon: 20 ProdService
+//! instances registered through registry-client and 5 callers calling
+//! ProdService through balanced channels; the registry process is killed
+//! with SIGKILL and restarted on the same port. No call may fail, all 20
+//! instances must be back in Resolve within one TTL, and no instance may
+//! appear twice, in Resolve or in any list a caller's resolver publishes.
+//! Also exercises `--log-format json` and `--metrics-listen`.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/common/prod.rs"]
+mod prod;
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::SocketAddr,
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use prod::ProdInstance;
+use registry_api::{
+    prod::{ProductRequest, prod_service_client::ProdServiceClient},
+    v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
+};
+use registry_client::{RegistryClient, balanced_channel_from};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+    time::Instant,
+};
+
+/// Lease TTL of the instances: heartbeats every TTL/3, so they are back
+/// within one TTL of the restart.
+const TTL: Duration = Duration::from_secs(2);
+const INSTANCES: usize = 20;
+const CALLERS: usize = 5;
+
+/// One run of the daemon, with the addresses it logged.
+struct Daemon {
+    child: Child,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+}
+
+/// Starts the daemon on `listen`; `None` if it exited first (the port was
+/// not free yet after the previous process).
+async fn spawn(listen: &str) -> Option<Daemon> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
+        .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--min-ttl", "100ms"])
+        // Warm-up of one TTL: long enough for every instance to re-register.
+        .args(["--warmup", "2s", "--shutdown-grace", "1s"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn registry binary");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut grpc, mut metrics) = (None, None);
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                panic!("--log-format json wrote a non-JSON line {line:?}: {e}")
+            });
+            let fields = &v["fields"];
+            let addr = fields["addr"].as_str().and_then(|a| a.parse().ok());
+            match fields["message"].as_str() {
+                Some("registry listening") => grpc = addr,
+                Some("metrics and health endpoint listening") => metrics = addr,
+                _ => {}
+            }
+            if grpc.is_some() && metrics.is_some() {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("registry logs its addresses within 20 s");
+    if !found {
+        return None;
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Some(Daemon {
+        child,
+        grpc: grpc.unwrap(),
+        metrics: metrics.unwrap(),
+    })
+}
+
+/// Starts the daemon on `listen`, retrying while the port is still taken.
+async fn start(listen: &str) -> Daemon {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(d) = spawn(listen).await {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot start registry on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn resolve_ids(raw: &mut RawClient<tonic::transport::Channel>) -> Vec<String> {
+    match raw
+        .resolve(ResolveRequest {
+            service: "prod".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().instances.into_iter().map(|i| i.id).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
+/// What the callers saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failures: Mutex<Vec<String>>,
+    /// Resolver views (per caller) with a repeated id or address.
+    duplicate_views: Mutex<Vec<Vec<String>>>,
+    /// Smallest list any resolver published after it first had all 20.
+    min_view: Mutex<usize>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_under_load_loses_no_call() {
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let mut daemon = start(&listen).await;
+    let url = format!("http://{}", daemon.grpc);
+
+    let mut instances = Vec::new();
+    for i in 0..INSTANCES {
+        instances.push(ProdInstance::start(&url, &format!("prod-{i:02}"), TTL).await);
+    }
+    let expected: BTreeSet<String> = instances.iter().map(|i| i.id.clone()).collect();
+
+    let tally = Arc::new(Tally {
+        min_view: Mutex::new(usize::MAX),
+        ..Default::default()
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..CALLERS {
+        let client = RegistryClient::connect(&url).await.unwrap();
+        let resolver = client.resolver("prod");
+        let mut views = resolver.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            views.wait_for(|s| s.instances.len() == INSTANCES),
+        )
+        .await
+        .expect("resolver sees all instances")
+        .unwrap();
+        let channel = balanced_channel_from(resolver.clone());
+        // Every list the resolver publishes from now on.
+        callers.push(tokio::spawn({
+            let tally = tally.clone();
+            async move {
+                while views.changed().await.is_ok() {
+                    let state = views.borrow_and_update().clone();
+                    let ids: Vec<String> = state.instances.iter().map(|i| i.id.clone()).collect();
+                    let addrs: HashSet<&str> =
+                        state.instances.iter().map(|i| i.address.as_str()).collect();
+                    let unique: HashSet<&String> = ids.iter().collect();
+                    if unique.len() != ids.len() || addrs.len() != ids.len() {
+                        tally.duplicate_views.lock().unwrap().push(ids.clone());
+                    }
+                    let mut min = tally.min_view.lock().unwrap();
+                    *min = (*min).min(ids.len());
+                }
+                drop(client);
+            }
+        }));
+        callers.push(tokio::spawn({
+            let (tally, stop) = (tally.clone(), stop.clone());
+            async move {
+                let mut prod = ProdServiceClient::new(channel);
+                while !stop.load(Ordering::Relaxed) {
+                    let call = prod.get_product_stock(ProductRequest { prod_id: 233 });
+                    match tokio::time::timeout(Duration::from_secs(2), call).await {
+                        Ok(Ok(_)) => {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(status)) => tally.failures.lock().unwrap().push(status.to_string()),
+                        Err(_) => tally.failures.lock().unwrap().push("timed out".into()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                drop(resolver);
+            }
+        }));
+    }
+    let metrics = scrape(daemon.metrics).await;
+    assert!(metrics.contains("registry_instances 20"), "{metrics}");
+
+    // Steady load, then the crash.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kill = tally.ok.load(Ordering::Relaxed);
+    daemon.child.start_kill().expect("SIGKILL");
+    daemon.child.wait().await.unwrap();
+    // An outage long enough for every caller to notice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let restarted = Instant::now();
+    let daemon = start(&listen).await;
+    let mut raw = RawClient::connect(format!("http://{}", daemon.grpc))
+        .await
+        .unwrap();
+    let back = loop {
+        let ids = resolve_ids(&mut raw).await;
+        let unique: BTreeSet<String> = ids.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "duplicate instance in Resolve: {ids:?}"
+        );
+        if unique == expected {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < TTL + Duration::from_secs(3),
+            "only {} of {INSTANCES} back after {:?}",
+            unique.len(),
+            restarted.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!(
+        "all {INSTANCES} instances back in Resolve {back:?} after the restart (process start included)"
+    );
+    // One more heartbeat round: still exactly the 20, no duplicates.
+    tokio::time::sleep(TTL / 2).await;
+    let ids = resolve_ids(&mut raw).await;
+    assert_eq!(ids.len(), INSTANCES, "{ids:?}");
+    let during = tally.ok.load(Ordering::Relaxed) - before_kill;
+
+    stop.store(true, Ordering::Relaxed);
+    for c in callers.iter_mut().skip(1).step_by(2) {
+        tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    for c in callers.iter().step_by(2) {
+        c.abort();
+    }
+    let failures = tally.failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        during > 100,
+        "callers kept calling through the outage: {during} calls"
+    );
+    let duplicates = tally.duplicate_views.lock().unwrap().clone();
+    assert!(
+        duplicates.is_empty(),
+        "resolver published duplicates: {duplicates:?}"
+    );
+    // Partial lists while services re-register are allowed (no call fails
+    // on them); an empty one would be an outage.
+    let min_view = *tally.min_view.lock().unwrap();
+    println!("smallest list a resolver published: {min_view}");
+    assert!(min_view > 0, "a resolver published an empty list");
+    assert!(
+        back <= TTL,
+        "all instances must be back within one TTL ({TTL:?}); took {back:?}"
+    );
+    let metrics = scrape(daemon.metrics).await;
+    assert!(metrics.contains("registry_instances 20"), "{metrics}");
+    let registrations: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("registry_registrations_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("registrations counter");
+    assert!(registrations >= INSTANCES as u64, "{metrics}");
+}
