@@ -688,3 +688,79 @@ async fn mtls_requires_a_trusted_client_certificate() {
     .unwrap();
     both.register(register_req("web", "x", 0)).await.unwrap();
 }
+
+#[tokio::test]
+async fn client_lib_authenticates_with_token_and_tls() {
+    use registry_client::{ClientOptions, Instance as ClientInstance, RegistryClient as Rc};
+    let pki = pki();
+    let server = tls_server(&pki, true, true).await;
+    let ca = write_tmp("ca.pem", &pki.ca_pem);
+    let cert = write_tmp("client.pem", &pki.client_cert);
+    let key = write_tmp("client.key", &pki.client_key);
+    let tls = registry_client::tls_from_files(
+        ca.to_str().unwrap(),
+        Some(cert.to_str().unwrap()),
+        Some(key.to_str().unwrap()),
+        Some("localhost"),
+    )
+    .unwrap();
+    // Certificate identity (prod role) plus an admin token: the token wins.
+    let client = Rc::connect_with(
+        server.addr.to_string(),
+        ClientOptions::default().with_tls(tls.clone()).with_token(ADMIN),
+    )
+    .await
+    .unwrap();
+    let reg = client
+        .register(ClientInstance::new("web", "10.0.0.9:80").with_id("w1"))
+        .ttl(Duration::from_secs(5))
+        .await
+        .expect("admin token may register web");
+    let resolved = client.resolve("web").await.unwrap();
+    assert_eq!(resolved.instances.len(), 1);
+    reg.deregister().await.unwrap();
+
+    // The certificate alone: the prod role, which may not register web.
+    let cert_only = Rc::connect_with(server.addr.to_string(), ClientOptions::default().with_tls(tls))
+        .await
+        .unwrap();
+    let err = cert_only
+        .register(ClientInstance::new("web", "10.0.0.9:80"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.code()), Some(Code::PermissionDenied), "{err}");
+    let ok = cert_only
+        .register(ClientInstance::new("prod", "10.0.0.9:80"))
+        .ttl(Duration::from_secs(5))
+        .await
+        .expect("prod role may register prod");
+    drop(ok);
+}
+
+#[tokio::test]
+async fn client_lib_without_token_is_rejected() {
+    use registry_client::{ClientOptions, Instance as ClientInstance, RegistryClient as Rc};
+    let server = auth_server().await;
+    let anon = Rc::connect(&server.url).await.unwrap();
+    let err = anon
+        .register(ClientInstance::new("prod", "10.0.0.9:80"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.code()), Some(Code::Unauthenticated), "{err}");
+    let with = Rc::connect_with(&server.url, ClientOptions::default().with_token(PROD))
+        .await
+        .unwrap();
+    let reg = with
+        .register(ClientInstance::new("prod", "10.0.0.9:80"))
+        .ttl(Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Its keepalive renews under the same identity, and its resolver reads.
+    let resolver = with.resolver("prod");
+    let state = tokio::time::timeout(Duration::from_secs(5), resolver.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.instances.len(), 1);
+    reg.deregister().await.unwrap();
+}

@@ -114,3 +114,113 @@ async fn bad_flags_are_usage_errors() {
         assert!(!out.stderr.is_empty(), "{args:?} explains itself");
     }
 }
+
+/// Bearer-token interceptor for the raw client.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn auth_toml(tokens: &[(&str, &str)]) -> String {
+    let mut s = String::from("[roles.all]\nadmin = [\"*\"]\n");
+    for (name, token) in tokens {
+        s.push_str(&format!(
+            "\n[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"all\"]\n",
+            registry::auth::hash_token(token)
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_auth_file_without_dropping_connections() {
+    use registry_api::v1::{StatusRequest, WatchRequest, watch_response::Kind};
+    use tonic::service::interceptor::InterceptedService;
+
+    let path = std::env::temp_dir().join(format!("registry-sighup-{}.toml", std::process::id()));
+    std::fs::write(&path, auth_toml(&[("alice", "token-a")])).unwrap();
+    let (mut child, addr) = start(&["--auth-file", path.to_str().unwrap()]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let with = |token: &str| {
+        RegistryClient::new(InterceptedService::new(
+            channel.clone(),
+            Bearer(format!("Bearer {token}").parse().unwrap()),
+        ))
+    };
+    let mut alice = with("token-a");
+    let mut bob = with("token-b");
+    alice.status(StatusRequest {}).await.expect("alice is known");
+    assert_eq!(
+        bob.status(StatusRequest {}).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    // A stream opened before the reload...
+    let mut watch = alice
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        watch.message().await.unwrap().unwrap().kind,
+        Some(Kind::Snapshot(_))
+    ));
+
+    std::fs::write(&path, auth_toml(&[("bob", "token-b")])).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bob.status(StatusRequest {}).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "reload never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        alice.status(StatusRequest {}).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated,
+        "alice's token was removed"
+    );
+    // ...is still open and still delivering, over the same connection.
+    bob.register(RegisterRequest {
+        instance: Some(Instance {
+            service: "web".into(),
+            id: "w1".into(),
+            address: "10.0.0.1:80".into(),
+            ..Default::default()
+        }),
+        ttl_ms: 10_000,
+        lease_id: 0,
+    })
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the old stream still delivers")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(msg.kind, Some(Kind::Events(_))));
+
+    // A broken file keeps the previous policy.
+    std::fs::write(&path, "this is not toml [").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bob.status(StatusRequest {}).await.expect("previous policy kept");
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&path);
+}

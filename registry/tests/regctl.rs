@@ -449,3 +449,46 @@ async fn completions_for_each_shell() {
         assert!(out.stdout.contains("resolve"), "{shell}");
     }
 }
+
+#[tokio::test]
+async fn token_flag_and_env_authenticate() {
+    let path = std::env::temp_dir().join(format!("regctl-auth-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "[roles.ops]\nadmin = [\"*\"]\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"ops\"]\n",
+            registry::auth::hash_token("s3cret")
+        ),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, rx) = oneshot::channel::<()>();
+    tokio::spawn(registry::server::run(
+        listener,
+        Config {
+            auth_file: Some(path.clone()),
+            ..Config::default()
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let s = Server { url, _stop };
+    let out = regctl(&s, &["list"]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.starts_with("regctl: missing credentials"), "{}", out.stderr);
+    let out = regctl(&s, &["--token", "nope", "list"]).await;
+    assert_eq!(out.code, 1);
+    assert_eq!(out.stderr.trim(), "regctl: unknown token");
+    let out = regctl(&s, &["--token", "s3cret", "status", "-o", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let env = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["--registry", &s.url, "list"])
+        .env("REGISTRY_TOKEN", "s3cret")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(env.status.code(), Some(0));
+    let _ = std::fs::remove_file(&path);
+}
