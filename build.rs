@@ -21,5 +21,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // etcd's v3 API (the subset the registry's etcd store uses), client
+    // only, and kept out of the reflection descriptor: it is not our API.
+    let etcd = protox::compile(["etcd/etcdserverpb/rpc.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(etcd)?;
     Ok(())
 }

@@ -69,7 +69,7 @@ fn main() {
                 "resolve",
                 "Resolve",
                 "ResolveRequest",
-                &api("ResolveResponse"),
+                "crate::frame::ResolveFrame",
             )
             .build(),
         )

@@ -5,6 +5,7 @@
 //! - [`prod`]: the `ProdService` example that registers itself and is found
 //!   by name.
 //! - [`bench`]: a no-op echo service the load generator uses as its ceiling.
+//! - [`etcd`]: the subset of etcd's v3 API the registry's etcd store uses.
 //! - [`FILE_DESCRIPTOR_SET`]: every file above, for server reflection.
 
 #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -22,6 +23,20 @@ pub mod prod {
 /// `bench.v1`: no-op service measuring tonic's own ceiling.
 pub mod bench {
     tonic::include_proto!("bench.v1");
+}
+
+/// etcd's v3 API (KV, Watch, Lease; `proto/etcd/`), client side, for the
+/// registry's `--store etcd`. Generated here with protox like the rest, so
+/// no system `protoc` is needed.
+pub mod etcd {
+    /// `etcdserverpb`: the KV, Watch and Lease services.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    /// `mvccpb`: keys, values and watch events.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
 }
 
 /// Encoded `FileDescriptorSet` of every proto in this crate, so the daemon

@@ -105,6 +105,9 @@ pub struct ServerInfo {
     pub warming_up: bool,
     /// Time left in that warm-up window.
     pub warmup_remaining: Duration,
+    /// True when the answering node of a registry cluster has lost etcd:
+    /// the answer is its last known catalog and may miss recent changes.
+    pub stale: bool,
 }
 
 impl From<Option<pb::ServerInfo>> for ServerInfo {
@@ -113,6 +116,7 @@ impl From<Option<pb::ServerInfo>> for ServerInfo {
             epoch: p.epoch,
             warming_up: p.warming_up,
             warmup_remaining: Duration::from_millis(p.warmup_remaining_ms),
+            stale: p.stale,
         })
         .unwrap_or_default()
     }

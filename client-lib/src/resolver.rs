@@ -442,6 +442,7 @@ mod tests {
             epoch,
             warming_up: true,
             warmup_remaining: Duration::from_secs(2),
+            stale: false,
         }
     }
 

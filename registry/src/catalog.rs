@@ -83,9 +83,10 @@ pub struct RevisionBatch {
     pub revision: u64,
     /// Events in the order they were applied.
     pub events: Vec<CatalogEvent>,
-    /// The one service every event belongs to, when there is one (the common
-    /// case): watchers of that service without a selector see the whole batch.
-    pub single_service: Option<Arc<str>>,
+    /// Whether every event belongs to one service (the common case):
+    /// watchers of that service without a selector see the whole batch. A
+    /// flag rather than the name, so a history entry costs no string.
+    single: bool,
     /// The whole batch encoded once as a `WatchResponse`, shared by every
     /// watcher that sees all of it (see `watch`).
     pub(crate) encoded: OnceLock<Bytes>,
@@ -93,17 +94,24 @@ pub struct RevisionBatch {
 }
 
 impl RevisionBatch {
+    /// The one service all events belong to, if there is one.
+    pub fn single_service(&self) -> Option<&str> {
+        match self.events.first() {
+            Some(e) if self.single => Some(e.instance.service.as_str()),
+            _ => None,
+        }
+    }
+
     /// A batch outside any catalog, for unit tests of the watch encoding.
     #[doc(hidden)]
     pub fn for_test(revision: u64, events: Vec<CatalogEvent>) -> Self {
-        let first = events
-            .first()
-            .map(|e| Arc::<str>::from(e.instance.service.as_str()));
-        let single_service = first.filter(|f| events.iter().all(|e| *e.instance.service == **f));
+        let single = events
+            .iter()
+            .all(|e| e.instance.service == events[0].instance.service);
         Self {
             revision,
             events,
-            single_service,
+            single,
             encoded: OnceLock::new(),
             at: Instant::now(),
         }
@@ -117,6 +125,18 @@ pub struct ServiceSnapshot {
     pub revision: u64,
     /// Instances ordered by id.
     pub instances: Vec<Arc<Instance>>,
+    /// The instances encoded once as `ResolveResponse.instances` records,
+    /// shared by every unfiltered Resolve until the service changes.
+    encoded: OnceLock<Bytes>,
+}
+
+impl ServiceSnapshot {
+    /// The instances as encoded Resolve records, built on first use.
+    pub fn encoded_instances(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| crate::frame::encode_instances(self.instances.iter().map(|i| &**i)))
+            .clone()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +175,7 @@ impl ServiceEntry {
         let snap = Arc::new(ServiceSnapshot {
             revision: state.revision,
             instances: state.instances.values().cloned().collect(),
+            encoded: OnceLock::new(),
         });
         self.snapshot.store(Some(snap.clone()));
         snap
@@ -330,11 +351,20 @@ pub struct Txn<'a> {
     catalog: &'a Catalog,
     writer: MutexGuard<'a, Writer>,
     staged: Vec<Staged>,
+    /// Revision to commit as, when given from outside (the etcd store's
+    /// revisions); `None` is the next one.
+    at: Option<u64>,
+    /// Set by a resync: the history before this commit no longer leads to
+    /// it, so resuming at or below its revision must reset.
+    discontinuity: bool,
 }
 
 #[derive(Debug)]
 enum Staged {
-    Put(Instance),
+    /// The instance, and the shared id string to key it by (if the caller
+    /// already has one, so the lease's key and the map's key are one
+    /// allocation).
+    Put(Instance, Option<Arc<str>>),
     Delete(InstanceKey, DeleteReason),
 }
 
@@ -366,6 +396,8 @@ impl Catalog {
             catalog: self,
             writer: self.writer.lock(),
             staged: Vec::new(),
+            at: None,
+            discontinuity: false,
         }
     }
 
@@ -621,12 +653,58 @@ impl Txn<'_> {
 
     /// Stages a put; the instance's `revision` is set on commit.
     pub fn put(&mut self, instance: Instance) {
-        self.staged.push(Staged::Put(instance));
+        self.staged.push(Staged::Put(instance, None));
+    }
+
+    /// [`Txn::put`] keyed by an id string the caller shares (see
+    /// [`Txn::key_for`]).
+    pub fn put_keyed(&mut self, instance: Instance, id: Arc<str>) {
+        debug_assert_eq!(*id, *instance.id);
+        self.staged.push(Staged::Put(instance, Some(id)));
+    }
+
+    /// The key of an instance, reusing the catalog's interned service name
+    /// when the service exists: at a million instances, one string per
+    /// service instead of one per instance.
+    pub fn key_for(&self, instance: &Instance) -> InstanceKey {
+        let service = self
+            .catalog
+            .services
+            .get(instance.service.as_str())
+            .map(|e| e.key().clone())
+            .unwrap_or_else(|| instance.service.as_str().into());
+        InstanceKey {
+            service,
+            id: instance.id.as_str().into(),
+        }
     }
 
     /// Stages a delete; deleting an absent key is a no-op.
     pub fn delete(&mut self, key: InstanceKey, reason: DeleteReason) {
         self.staged.push(Staged::Delete(key, reason));
+    }
+
+    /// Makes this commit a resync point (etcd store): the changes staged are
+    /// a diff against an unknown number of missed revisions, so the history
+    /// is dropped and a watcher resuming at or below the committed revision
+    /// gets a `COMPACTED` reset instead of a replay that would skip them.
+    /// Live watchers still get the diff as an ordinary batch, which is exact
+    /// for them: it leads from what they have to the new state.
+    pub fn mark_discontinuity(&mut self) {
+        self.discontinuity = true;
+    }
+
+    /// [`Txn::commit`] at a revision given from outside (the etcd store:
+    /// the catalog revision *is* etcd's revision, so clients may resume on
+    /// any node). Revisions must increase but need not be contiguous; one
+    /// not above the current revision commits nothing and returns the
+    /// current one (a change already applied).
+    pub fn commit_at(mut self, revision: u64) -> u64 {
+        if revision <= self.catalog.revision() {
+            return self.catalog.revision();
+        }
+        self.at = Some(revision);
+        self.commit()
     }
 
     /// Applies everything staged as one revision, records it in the history
@@ -636,24 +714,31 @@ impl Txn<'_> {
         let catalog = self.catalog;
         let current = catalog.revision();
         if self.staged.is_empty() {
-            return current;
+            return self.empty_commit(current);
         }
-        let revision = current + 1;
+        let revision = self.at.unwrap_or(current + 1);
         let mut events = Vec::with_capacity(self.staged.len());
         for op in std::mem::take(&mut self.staged) {
             match op {
-                Staged::Put(mut instance) => {
+                Staged::Put(mut instance, id) => {
                     instance.revision = revision;
                     let instance = Arc::new(instance);
-                    let entry = catalog
+                    // Look up first: the entry API would allocate a key even
+                    // when the service exists.
+                    let existing = catalog
                         .services
-                        .entry(instance.service.as_str().into())
-                        .or_insert_with(|| Arc::new(ServiceEntry::new()))
-                        .clone();
+                        .get(instance.service.as_str())
+                        .map(|e| e.value().clone());
+                    let entry = existing.unwrap_or_else(|| {
+                        catalog
+                            .services
+                            .entry(instance.service.as_str().into())
+                            .or_insert_with(|| Arc::new(ServiceEntry::new()))
+                            .clone()
+                    });
+                    let id = id.unwrap_or_else(|| instance.id.as_str().into());
                     let mut state = entry.state.lock();
-                    let prev = state
-                        .instances
-                        .insert(instance.id.as_str().into(), instance.clone());
+                    let prev = state.instances.insert(id, instance.clone());
                     state.revision = revision;
                     entry.snapshot.store(None);
                     entry.count.store(state.instances.len(), Ordering::Relaxed);
@@ -685,21 +770,23 @@ impl Txn<'_> {
             }
         }
         if events.is_empty() {
-            return current;
+            return self.empty_commit(current);
         }
         let first = &events[0].instance.service;
-        let single_service = events
-            .iter()
-            .all(|e| e.instance.service == *first)
-            .then(|| Arc::<str>::from(first.as_str()));
+        let single = events.iter().all(|e| e.instance.service == *first);
         let batch = Arc::new(RevisionBatch {
             revision,
             events,
-            single_service,
+            single,
             encoded: OnceLock::new(),
             at: Instant::now(),
         });
         let writer = &mut *self.writer;
+        if self.discontinuity {
+            writer.history.clear();
+            writer.history_len = 0;
+            writer.compacted = revision;
+        }
         writer.history_len += batch.events.len();
         writer.history.push_back(batch.clone());
         let max_age = catalog.config.history_age;
@@ -719,6 +806,25 @@ impl Txn<'_> {
     }
 }
 
+impl Txn<'_> {
+    /// A commit that changed nothing: the current revision, except at a
+    /// resync point with an external revision, where the catalog still moves
+    /// to it and forgets its history (see [`Txn::mark_discontinuity`]).
+    fn empty_commit(&mut self, current: u64) -> u64 {
+        match self.at {
+            Some(at) if self.discontinuity && at > current => {
+                let writer = &mut *self.writer;
+                writer.history.clear();
+                writer.history_len = 0;
+                writer.compacted = at;
+                self.catalog.revision.store(at, Ordering::Release);
+                at
+            }
+            _ => current,
+        }
+    }
+}
+
 /// Hands a batch to each watcher of the services it touches and to every
 /// watch-all watcher. Never blocks: a full buffer flags the watcher for a
 /// reset snapshot.
@@ -732,7 +838,7 @@ fn fan_out(watchers: &Watchers, batch: &Arc<RevisionBatch>) {
         }
     };
     if !watchers.by_service.is_empty() {
-        if let Some(service) = &batch.single_service {
+        if let Some(service) = batch.single_service() {
             if let Some(set) = watchers.by_service.get(service) {
                 set.values().for_each(send);
             }
@@ -833,6 +939,42 @@ mod tests {
         put(&c, "a", "x");
         assert_eq!(w.try_recv().unwrap().revision, 11);
         assert_eq!(c.stats.watcher_resets.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn external_revisions_and_resync_points() {
+        let c = Arc::new(Catalog::new(config()));
+        let mut t = c.txn();
+        t.put(inst("a", "1"));
+        assert_eq!(t.commit_at(10), 10, "gaps are allowed");
+        let mut t = c.txn();
+        t.put(inst("a", "2"));
+        assert_eq!(t.commit_at(10), 10, "an old revision commits nothing");
+        assert_eq!(c.resolve("a").0.unwrap().instances.len(), 1);
+        let (_w, start) = c.watch(WatchFilter::default(), 10, true, None).unwrap();
+        assert!(matches!(start, WatchStart::Replay(ref b) if b[0].revision == 10));
+
+        // A resync at 20 with an empty diff still moves to 20 and makes
+        // resuming at or below it a reset (the missed revisions are gone).
+        let mut t = c.txn();
+        t.mark_discontinuity();
+        assert_eq!(t.commit_at(20), 20);
+        assert_eq!(c.revision(), 20);
+        assert_eq!(c.compacted_revision(), 20);
+        let (_w, start) = c.watch(WatchFilter::default(), 15, true, None).unwrap();
+        assert!(matches!(
+            start,
+            WatchStart::Snapshot {
+                reset: Some(ResetReason::Compacted),
+                ..
+            }
+        ));
+        let (_w, start) = c.watch(WatchFilter::default(), 21, true, None).unwrap();
+        assert!(matches!(start, WatchStart::Replay(ref b) if b.is_empty()));
+        let mut t = c.txn();
+        t.put(inst("a", "3"));
+        assert_eq!(t.commit_at(25), 25);
+        assert_eq!(c.resolve("a").0.unwrap().instances[1].revision, 25);
     }
 
     #[test]

@@ -22,11 +22,13 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::frame::ResolveFrame;
 use crate::{
     auth::{Action, Identity},
-    catalog::{Catalog, CatalogConfig, InstanceKey, WatchFilter, WatchStart, WatcherHandle},
+    catalog::{Catalog, CatalogConfig, InstanceKey, Txn, WatchFilter, WatchStart, WatcherHandle},
     config::Config,
     error::{Error, Result},
+    etcd::EtcdStore,
     lease::{Clock, Lease, LeaseId, LeaseTable},
     metrics::{self, Metrics},
     validate,
@@ -51,7 +53,30 @@ struct Shared {
     started: Instant,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    /// `None`: the in-memory store (the default), where the catalog is the
+    /// truth. `Some`: a node of a cluster over etcd, where writes go to etcd
+    /// and the catalog is fed back from etcd's watch (see `crate::etcd`).
+    /// Chosen once at start-up; memory mode never takes an etcd branch on
+    /// its hot paths beyond this `None` check.
+    store: Option<Arc<EtcdStore>>,
 }
+
+/// What a register changed in the lease table before its instance was
+/// written, so a failed etcd write can be undone.
+#[derive(Debug)]
+pub(crate) struct RegisterUndo {
+    /// The instance registered.
+    pub(crate) key: InstanceKey,
+    /// Its lease.
+    pub(crate) lease: Arc<Lease>,
+    /// The lease was granted by this register.
+    pub(crate) new_lease: bool,
+    /// The key was added to the lease's instance list by this register.
+    pub(crate) added_key: bool,
+}
+
+/// The instance keys taken from a revoked lease.
+pub(crate) type LeaseKeys = smallvec::SmallVec<[InstanceKey; 1]>;
 
 impl Registry {
     /// A new, empty registry. Call [`Registry::spawn_expiry`] to have leases
@@ -79,8 +104,25 @@ impl Registry {
                 shutdown: CancellationToken::new(),
                 metrics: Arc::new(Metrics::default()),
                 config,
+                store: None,
             }),
         }
+    }
+
+    /// A registry node over etcd (see `crate::etcd`): `epoch` is the same
+    /// on every node of the cluster (derived from etcd's cluster id), so
+    /// revisions, which are etcd's, mean the same on all of them.
+    pub(crate) fn with_store(config: Config, store: Arc<EtcdStore>, epoch: u64) -> Self {
+        let mut registry = Self::new(config);
+        let shared = Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
+        shared.store = Some(store);
+        shared.epoch = epoch;
+        registry
+    }
+
+    /// The etcd store of a cluster node, `None` in memory mode.
+    pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
+        self.shared.store.as_ref()
     }
 
     /// The configuration this registry runs with.
@@ -118,6 +160,7 @@ impl Registry {
             epoch: self.shared.epoch,
             warming_up: !remaining.is_zero(),
             warmup_remaining_ms: remaining.as_millis() as u64,
+            stale: self.shared.store.as_ref().is_some_and(|s| s.is_stale()),
         }
     }
 
@@ -140,6 +183,44 @@ impl Registry {
         req: RegisterRequest,
         caller: Option<&Identity>,
     ) -> Result<RegisterResponse> {
+        if let Some(store) = &self.shared.store {
+            return Err(store.sync_only("Register"));
+        }
+        let (lease, revision) = self.register_with(req, caller, |mut txn, instance, undo| {
+            txn.put_keyed(instance, undo.key.id);
+            txn.commit()
+        })?;
+        Ok(RegisterResponse {
+            lease_id: lease.id,
+            ttl_ms: lease.ttl_ms,
+            revision,
+            server: Some(self.server_info()),
+        })
+    }
+
+    /// [`Registry::register_as`] in either mode: in a cluster the instance is
+    /// written to etcd, and the answer waits until this node's catalog has
+    /// applied that write, so a Resolve on the same node sees it.
+    pub async fn register_as_async(
+        &self,
+        req: RegisterRequest,
+        caller: Option<&Identity>,
+    ) -> Result<RegisterResponse> {
+        match &self.shared.store {
+            None => self.register_as(req, caller),
+            Some(store) => crate::etcd::register(self, store, req, caller).await,
+        }
+    }
+
+    /// Checks and applies a register up to the write of the instance, which
+    /// `finish` does with the open transaction (memory: put and commit;
+    /// etcd: hand it to the store). Returns the lease and what `finish` did.
+    pub(crate) fn register_with<R>(
+        &self,
+        req: RegisterRequest,
+        caller: Option<&Identity>,
+        finish: impl FnOnce(Txn<'_>, Instance, RegisterUndo) -> R,
+    ) -> Result<(Arc<Lease>, R)> {
         let config = &self.shared.config;
         let Some(mut instance) = req.instance else {
             return Err(Error::InvalidArgument("instance is required".into()));
@@ -241,7 +322,7 @@ impl Registry {
                 caller.map(|c| c.name.clone()),
             ),
         };
-        let key = InstanceKey::of(&instance);
+        let key = txn.key_for(&instance);
         let moved_from = existing
             .as_ref()
             .map(|e| e.lease_id)
@@ -249,26 +330,21 @@ impl Registry {
         if let Some(old) = moved_from.and_then(|id| leases.get(id)) {
             old.instances.lock().retain(|k| *k != key);
         }
-        if existing.is_none() || moved_from.is_some() {
-            let mut keys = lease.instances.lock();
-            // Most leases carry one instance: reserve exactly one slot
-            // rather than Vec's first growth to four keys (96 bytes wasted
-            // per lease, ~10% of an instance's footprint; issue 7).
-            if keys.capacity() == 0 {
-                keys.reserve_exact(1);
-            }
-            keys.push(key);
+        let added_key = existing.is_none() || moved_from.is_some();
+        if added_key {
+            // Inline for the first key (see `Lease::instances`).
+            lease.instances.lock().push(key.clone());
         }
         instance.lease_id = lease.id;
-        txn.put(instance);
-        let revision = txn.commit();
+        let undo = RegisterUndo {
+            key,
+            lease: lease.clone(),
+            new_lease: req.lease_id == 0,
+            added_key,
+        };
+        let done = finish(txn, instance, undo);
         metrics::inc(&self.shared.metrics.registrations, 1);
-        Ok(RegisterResponse {
-            lease_id: lease.id,
-            ttl_ms: lease.ttl_ms,
-            revision,
-            server: Some(self.server_info()),
-        })
+        Ok((lease, done))
     }
 
     /// Renews each lease; unknown or expired ones come back `found: false`.
@@ -351,7 +427,40 @@ impl Registry {
         lease_id: LeaseId,
         caller: Option<&Identity>,
     ) -> Result<(u64, u32)> {
-        let mut txn = self.shared.catalog.txn();
+        if let Some(store) = &self.shared.store {
+            return Err(store.sync_only("Deregister"));
+        }
+        self.deregister_lease_with(lease_id, caller, |mut txn, keys| {
+            let removed = keys.len() as u32;
+            for key in keys {
+                txn.delete(key, DeleteReason::Deregistered);
+            }
+            (txn.commit(), removed)
+        })
+    }
+
+    /// [`Registry::deregister_lease_as`] in either mode (in a cluster the
+    /// deletes go through etcd; see [`Registry::register_as_async`]).
+    pub async fn deregister_lease_as_async(
+        &self,
+        lease_id: LeaseId,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, u32)> {
+        match &self.shared.store {
+            None => self.deregister_lease_as(lease_id, caller),
+            Some(store) => crate::etcd::deregister_lease(self, store, lease_id, caller).await,
+        }
+    }
+
+    /// Checks and revokes a lease; `finish` removes its instances (the keys
+    /// taken from the lease) with the open transaction.
+    pub(crate) fn deregister_lease_with<R>(
+        &self,
+        lease_id: LeaseId,
+        caller: Option<&Identity>,
+        finish: impl FnOnce(Txn<'_>, LeaseKeys) -> R,
+    ) -> Result<R> {
+        let txn = self.shared.catalog.txn();
         if let Some(c) = caller
             && let Some(lease) = self.shared.leases.get(lease_id)
             && lease.owner.as_deref() != Some(&*c.name)
@@ -375,12 +484,8 @@ impl Registry {
             .remove(lease_id)
             .ok_or_else(|| Error::NotFound(format!("lease {lease_id} not found")))?;
         let keys = std::mem::take(&mut *lease.instances.lock());
-        let removed = keys.len() as u32;
-        for key in keys {
-            txn.delete(key, DeleteReason::Deregistered);
-        }
         metrics::inc(&self.shared.metrics.deregistrations, 1);
-        Ok((txn.commit(), removed))
+        Ok(finish(txn, keys))
     }
 
     /// Removes one instance; its lease stays.
@@ -397,12 +502,44 @@ impl Registry {
         id: &str,
         caller: Option<&Identity>,
     ) -> Result<(u64, u32)> {
+        if let Some(store) = &self.shared.store {
+            return Err(store.sync_only("Deregister"));
+        }
+        self.deregister_instance_with(service, id, caller, |mut txn, key| {
+            txn.delete(key, DeleteReason::Deregistered);
+            (txn.commit(), 1)
+        })
+    }
+
+    /// [`Registry::deregister_instance_as`] in either mode (in a cluster
+    /// the delete goes through etcd; see [`Registry::register_as_async`]).
+    pub async fn deregister_instance_as_async(
+        &self,
+        service: &str,
+        id: &str,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, u32)> {
+        match &self.shared.store {
+            None => self.deregister_instance_as(service, id, caller),
+            Some(store) => crate::etcd::deregister_instance(self, store, service, id, caller).await,
+        }
+    }
+
+    /// Checks a single-instance deregister and detaches the instance from
+    /// its lease; `finish` deletes it with the open transaction.
+    pub(crate) fn deregister_instance_with<R>(
+        &self,
+        service: &str,
+        id: &str,
+        caller: Option<&Identity>,
+        finish: impl FnOnce(Txn<'_>, InstanceKey) -> R,
+    ) -> Result<R> {
         validate::service_name("instance.service", service)?;
         validate::instance_id("instance.id", id)?;
         if let Some(c) = caller {
             c.check(Action::Register, service)?;
         }
-        let mut txn = self.shared.catalog.txn();
+        let txn = self.shared.catalog.txn();
         let existing = txn.get(service, id).ok_or_else(|| {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
         })?;
@@ -422,9 +559,8 @@ impl Registry {
         if let Some(lease) = self.shared.leases.get(existing.lease_id) {
             lease.instances.lock().retain(|k| *k != key);
         }
-        txn.delete(key, DeleteReason::Deregistered);
         metrics::inc(&self.shared.metrics.deregistrations, 1);
-        Ok((txn.commit(), 1))
+        Ok(finish(txn, key))
     }
 
     /// Live instances of a service matching a selector.
@@ -472,6 +608,38 @@ impl Registry {
             revision,
             service_known: snap.is_some(),
             server: Some(self.server_info()),
+        })
+    }
+
+    /// [`Registry::resolve_as`] as a wire frame: an unfiltered answer without
+    /// lease TTLs (the common case) reuses the service snapshot's encoded
+    /// instance list instead of cloning and encoding every instance per call.
+    pub fn resolve_frame_as(
+        &self,
+        service: &str,
+        selector: &HashMap<String, String>,
+        include_lease_ttl: bool,
+        caller: Option<&Identity>,
+    ) -> Result<ResolveFrame> {
+        if !selector.is_empty() || include_lease_ttl {
+            return self
+                .resolve_as(service, selector, include_lease_ttl, caller)
+                .map(ResolveFrame::message);
+        }
+        validate::service_name("service", service)?;
+        if let Some(c) = caller {
+            c.check(Action::Read, service)?;
+        }
+        let (snap, revision) = self.shared.catalog.resolve(service);
+        let rest = ResolveResponse {
+            instances: Vec::new(),
+            revision,
+            service_known: snap.is_some(),
+            server: Some(self.server_info()),
+        };
+        Ok(match snap {
+            Some(snap) => ResolveFrame::shared(snap.encoded_instances(), rest),
+            None => ResolveFrame::message(rest),
         })
     }
 
@@ -576,10 +744,20 @@ impl Registry {
             }
             let keys = std::mem::take(&mut *lease.instances.lock());
             let n = keys.len();
-            for key in keys {
-                txn.delete(key, DeleteReason::Expired);
-            }
-            let revision = txn.commit();
+            let revision = match &self.shared.store {
+                None => {
+                    for key in keys {
+                        txn.delete(key, DeleteReason::Expired);
+                    }
+                    txn.commit()
+                }
+                // The deletes go to etcd; the catalog follows from its watch.
+                Some(store) => {
+                    drop(txn);
+                    store.expire(lease.id, keys);
+                    self.shared.catalog.revision()
+                }
+            };
             expired += 1;
             metrics::inc(&self.shared.metrics.lease_expirations, 1);
             metrics::inc(&self.shared.metrics.expired_instances, n as u64);

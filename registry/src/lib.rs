@@ -17,6 +17,11 @@
 //! - [`limits`]: transport limits against hostile peers: the connection
 //!   cap, handshake/idle timeouts, the per-call timeout, and gRPC codes for
 //!   oversize or undecodable messages.
+//! - [`frame`]: Resolve answers whose instance list is encoded once per
+//!   service revision and shared by every caller.
+//! - [`etcd`]: `--store etcd`, several nodes over one etcd cluster: the
+//!   node's etcd lease, batched writes, the watch that feeds the local
+//!   catalog, and resync after losing etcd.
 //! - [`service`]: the gRPC adapter for `registry.v1.Registry`.
 //! - [`xds`]: the xDS management server (ADS): Listener, Route, Cluster and
 //!   ClusterLoadAssignment per service, pushed from catalog watchers, so any
@@ -40,6 +45,8 @@ pub mod config;
 pub mod core;
 pub mod ctl;
 pub mod error;
+pub mod etcd;
+pub mod frame;
 pub mod expiry;
 pub mod lease;
 pub mod limits;

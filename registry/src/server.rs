@@ -128,6 +128,11 @@ pub async fn serve(
     registry.metrics().set_serving(false);
     registry.shutdown();
     let _ = expiry.await;
+    if let Some(store) = registry.etcd() {
+        // Lets the node revoke its etcd lease: its instances leave the
+        // cluster now rather than after the lease TTL.
+        store.stopped().await;
+    }
     background.abort();
     info!(
         connections_rejected = conn_stats.rejected(),

@@ -8,12 +8,13 @@ use futures::{Stream, StreamExt};
 use registry_api::v1::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
     ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
-    ResolveResponse, StatusRequest, StatusResponse, WatchRequest, deregister_request::Target,
+    StatusRequest, StatusResponse, WatchRequest, deregister_request::Target,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth,
+    frame::ResolveFrame,
     catalog::WatchFilter,
     core::Registry,
     error::Error,
@@ -58,7 +59,9 @@ impl registry_server::Registry for RegistryService {
             telemetry::record_service(&instance.service);
         }
         Ok(Response::new(
-            self.registry.register_as(req, caller.as_deref())?,
+            self.registry
+                .register_as_async(req, caller.as_deref())
+                .await?,
         ))
     }
 
@@ -114,11 +117,14 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let caller = caller.as_deref();
         let (revision, removed) = match request.into_inner().target {
-            Some(Target::LeaseId(id)) => self.registry.deregister_lease_as(id, caller)?,
+            Some(Target::LeaseId(id)) => {
+                self.registry.deregister_lease_as_async(id, caller).await?
+            }
             Some(Target::Instance(key)) => {
                 telemetry::record_service(&key.service);
                 self.registry
-                    .deregister_instance_as(&key.service, &key.id, caller)?
+                    .deregister_instance_as_async(&key.service, &key.id, caller)
+                    .await?
             }
             None => {
                 return Err(Status::invalid_argument(
@@ -132,11 +138,11 @@ impl registry_server::Registry for RegistryService {
     async fn resolve(
         &self,
         request: Request<ResolveRequest>,
-    ) -> Result<Response<ResolveResponse>, Status> {
+    ) -> Result<Response<ResolveFrame>, Status> {
         let caller = auth::caller(&request);
         let req = request.into_inner();
         telemetry::record_service(&req.service);
-        Ok(Response::new(self.registry.resolve_as(
+        Ok(Response::new(self.registry.resolve_frame_as(
             &req.service,
             &req.selector,
             req.include_lease_ttl,
@@ -180,6 +186,11 @@ impl registry_server::Registry for RegistryService {
             selector,
             reader: None,
         };
+        if let Some(store) = self.registry.etcd() {
+            // A watch resumed from another node may be a little ahead of
+            // this one: give it a moment to catch up rather than reset.
+            store.catch_up(req.start_revision.saturating_sub(1)).await;
+        }
         let (handle, start) = self.registry.watch_as(
             filter,
             req.start_revision,

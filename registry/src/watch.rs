@@ -124,7 +124,7 @@ pub fn batch_events(filter: &WatchFilter, batch: &RevisionBatch) -> Option<(Byte
         && filter.reader.is_none()
         && match &filter.service {
             None => true,
-            Some(s) => batch.single_service.as_deref() == Some(&**s),
+            Some(s) => batch.single_service() == Some(&**s),
         };
     if sees_all {
         return Some((

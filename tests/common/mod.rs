@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod etcd;
 pub mod hostile;
 pub mod prod;
 

@@ -95,6 +95,13 @@ pub struct Options {
     /// Watcher counts of the watch workload (comma-separated, one run each).
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     pub watchers: Vec<usize>,
+    /// Registry nodes the watch workload's watchers connect to (comma-
+    /// separated, watchers spread over them), while its changes still go to
+    /// --registry: watch fan-out across the nodes of a cluster
+    /// (`--store etcd`, where every node numbers revisions alike). Default:
+    /// --registry itself.
+    #[arg(long, value_delimiter = ',')]
+    pub watch_registry: Vec<String>,
     /// Changes made while the watchers listen.
     #[arg(long, default_value_t = 200)]
     pub changes: usize,

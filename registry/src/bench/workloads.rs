@@ -506,8 +506,15 @@ pub(crate) async fn watch(ctx: &mut Ctx<'_>, n: usize) -> Result<Row, BenchError
     let deadline = Instant::now() + WATCH_GRACE + interval * changes as u32 + WATCH_GRACE;
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(n.max(1));
     let mut watchers: JoinSet<Seen> = JoinSet::new();
+    let mut watch_channels = Vec::new();
+    for url in &ctx.options.watch_registry {
+        watch_channels.extend(super::target::connect(url, ctx.options.connections).await?);
+    }
+    if watch_channels.is_empty() {
+        watch_channels = ctx.channels.clone();
+    }
     for i in 0..n {
-        let mut client = RegistryClient::new(ctx.channels[i % ctx.channels.len()].clone());
+        let mut client = RegistryClient::new(watch_channels[i % watch_channels.len()].clone());
         let service = service.clone();
         let ready = ready_tx.clone();
         watchers.spawn(async move {

@@ -143,6 +143,34 @@ struct Args {
     /// Leases expired per second during a storm (at least 1).
     #[arg(long, default_value_t = Config::default().storm_rate)]
     storm_rate: u32,
+    /// Where the catalog lives: `memory` (this process alone, the default)
+    /// or `etcd` (one node of a cluster: several registries over one etcd
+    /// cluster, each serving reads from memory; see --etcd-endpoints).
+    #[arg(long, value_enum, default_value = "memory", env = "REGISTRY_STORE")]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        env = "REGISTRY_ETCD_ENDPOINTS"
+    )]
+    etcd_endpoints: String,
+    /// Key prefix of this registry cluster in etcd (with --store etcd).
+    #[arg(long, default_value = "/registry", env = "REGISTRY_ETCD_PREFIX")]
+    etcd_prefix: String,
+    /// TTL of this node's own etcd lease: how long the instances registered
+    /// through it outlive the node if it dies (with --store etcd).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    etcd_lease_ttl: Duration,
+}
+
+/// Where the catalog lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// In this process only.
+    Memory,
+    /// In etcd, shared by every registry node on the same prefix.
+    Etcd,
 }
 
 impl Args {
@@ -223,7 +251,23 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let registry = Registry::new(config);
+    let registry = match args.store {
+        StoreKind::Memory => Registry::new(config),
+        StoreKind::Etcd => {
+            let mut options = registry::etcd::EtcdOptions::new(
+                registry::etcd::EtcdOptions::parse_endpoints(&args.etcd_endpoints),
+            );
+            options.prefix = args.etcd_prefix.clone();
+            options.lease_ttl = args.etcd_lease_ttl;
+            match registry::etcd::start(config, options).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("registry: --store etcd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let stop_ops = CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
         let ops_listener = match tokio::net::TcpListener::bind(addr).await {

@@ -1,0 +1,521 @@
+//! The sync task: the node's etcd session. Keeps the node's etcd lease
+//! alive, loads the prefix into the catalog, applies etcd's watch events to
+//! it revision by revision, and resynchronises after any break.
+//!
+//! A session: (1) make sure the node has a live etcd lease (a new one if it
+//! was lost); (2) list the prefix at one revision R and commit the diff
+//! against the catalog at R as a resync point; (3) reconcile what the node
+//! owns (put everything back after a lost lease, forget instances others
+//! removed or took over, delete our keys whose client lease expired while
+//! etcd was away); (4) watch from R + 1 and apply every revision, while
+//! renewing the lease. Any error ends the session: the node turns stale and
+//! a new session starts after a backoff.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use prost::Message;
+use registry_api::{
+    etcd::{
+        etcdserverpb::{
+            LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, RangeRequest,
+            WatchCreateRequest, WatchRequest, lease_client::LeaseClient, watch_client::WatchClient,
+            watch_request::RequestUnion,
+        },
+        mvccpb::{Event, KeyValue, event::EventType},
+    },
+    v1::{DeleteReason, Instance},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{ETCD_CALL_TIMEOUT, EtcdStore, MAX_ETCD_MESSAGE, Op};
+use crate::{catalog::InstanceKey, core::Registry};
+
+/// First wait before a new session after a failed one; doubles up to
+/// [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between sessions: a returning etcd is noticed within it.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// `{prefix}/i/`: where instances live.
+pub(super) fn instance_prefix(prefix: &str) -> Vec<u8> {
+    format!("{}/i/", prefix.trim_end_matches('/')).into_bytes()
+}
+
+/// `{prefix}/r/`: where delete reasons live for one revision.
+fn reason_prefix(prefix: &str) -> Vec<u8> {
+    format!("{}/r/", prefix.trim_end_matches('/')).into_bytes()
+}
+
+/// `{prefix}/`: everything the node watches.
+fn root_prefix(prefix: &str) -> Vec<u8> {
+    format!("{}/", prefix.trim_end_matches('/')).into_bytes()
+}
+
+/// The etcd key of an instance. Service names never contain `/`, so the
+/// first `/` after the prefix ends the service even if the id has some.
+pub(super) fn instance_key(prefix: &str, key: &InstanceKey) -> Vec<u8> {
+    let mut k = instance_prefix(prefix);
+    k.extend_from_slice(key.service.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(key.id.as_bytes());
+    k
+}
+
+/// The reason key of an instance.
+pub(super) fn reason_key(prefix: &str, key: &InstanceKey) -> Vec<u8> {
+    let mut k = reason_prefix(prefix);
+    k.extend_from_slice(key.service.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(key.id.as_bytes());
+    k
+}
+
+/// The range end covering every key that starts with `prefix`.
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// `service/id` after a prefix, as an instance key.
+fn parse_key(rest: &[u8]) -> Option<InstanceKey> {
+    let s = std::str::from_utf8(rest).ok()?;
+    let (service, id) = s.split_once('/')?;
+    Some(InstanceKey {
+        service: service.into(),
+        id: id.into(),
+    })
+}
+
+/// Runs sessions until the registry shuts down, then revokes the node's
+/// lease so its instances leave the cluster at once.
+pub(super) async fn run(store: Arc<EtcdStore>, registry: Registry) {
+    let shutdown = registry.shutdown_token().clone();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            r = session(&store, &registry) => r,
+        };
+        store.stale.store(true, Ordering::Release);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), retry_in = ?backoff,
+                    "etcd session ended; serving the last catalog as stale");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if !store.is_stale() {
+            backoff = MIN_BACKOFF;
+        }
+    }
+    let lease = store.node_lease();
+    if lease != 0 {
+        let mut client = LeaseClient::new(store.channel.clone());
+        let revoke = client.lease_revoke(LeaseRevokeRequest { id: lease });
+        match tokio::time::timeout(ETCD_CALL_TIMEOUT, revoke).await {
+            Ok(Ok(_)) => tracing::info!(lease, "etcd lease revoked on shutdown"),
+            _ => tracing::warn!(
+                lease,
+                "could not revoke the etcd lease; it expires on its own"
+            ),
+        }
+    }
+    store.finished.cancel();
+}
+
+async fn call<T>(
+    fut: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(ETCD_CALL_TIMEOUT, fut).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::unavailable(format!(
+            "etcd did not answer within {ETCD_CALL_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Grants the node a new etcd lease.
+async fn grant(
+    leases: &mut LeaseClient<tonic::transport::Channel>,
+    ttl_s: i64,
+) -> Result<i64, Status> {
+    let granted = call(leases.lease_grant(LeaseGrantRequest { ttl: ttl_s, id: 0 })).await?;
+    if !granted.error.is_empty() {
+        return Err(Status::unavailable(granted.error));
+    }
+    tracing::info!(
+        lease = granted.id,
+        ttl_s = granted.ttl,
+        "etcd lease granted"
+    );
+    Ok(granted.id)
+}
+
+/// One session; returns why it ended.
+async fn session(store: &Arc<EtcdStore>, registry: &Registry) -> Result<(), Status> {
+    let options = &store.options;
+    let ttl_s = options.lease_ttl.as_secs().max(1) as i64;
+    let mut leases = LeaseClient::new(store.channel.clone());
+
+    // (1) The node's lease: still alive, or a new one. etcd answers a
+    // stream's headers only with its first message, so each stream is
+    // opened with its first request already queued.
+    let mut lease = store.node_lease();
+    let mut lease_lost = lease == 0;
+    if lease_lost {
+        lease = grant(&mut leases, ttl_s).await?;
+    }
+    let (ka_tx, ka_rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
+    ka_tx
+        .try_send(LeaseKeepAliveRequest { id: lease })
+        .expect("fresh channel has room");
+    let mut keepalive = call(leases.lease_keep_alive(ReceiverStream::new(ka_rx))).await?;
+    let first = tokio::time::timeout(ETCD_CALL_TIMEOUT, keepalive.message())
+        .await
+        .map_err(|_| Status::unavailable("no keepalive answer"))??
+        .ok_or_else(|| Status::unavailable("keepalive stream ended"))?;
+    if first.ttl <= 0 {
+        tracing::warn!(
+            lease,
+            "our etcd lease expired; granting a new one and re-putting our instances"
+        );
+        lease_lost = true;
+        lease = grant(&mut leases, ttl_s).await?;
+    }
+    store.node_lease.store(lease, Ordering::Release);
+    let renew_every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(300));
+
+    // (2) List and diff at one revision.
+    let ipfx = instance_prefix(&options.prefix);
+    let list = call(super::kv(&store.channel).range(RangeRequest {
+        key: ipfx.clone(),
+        range_end: prefix_end(&ipfx),
+        ..Default::default()
+    }))
+    .await?;
+    let revision = list.header.as_ref().map_or(0, |h| h.revision);
+    let mut listed: HashMap<InstanceKey, KeyValue> = HashMap::with_capacity(list.kvs.len());
+    for kv in list.kvs {
+        if let Some(key) = parse_key(&kv.key[ipfx.len()..]) {
+            listed.insert(key, kv);
+        }
+    }
+    apply_listing(registry, &listed, revision as u64);
+
+    // (3) Reconcile what we own with what etcd has.
+    reconcile(store, registry, &listed, lease, lease_lost, revision);
+
+    // (4) Watch from R + 1, renewing the lease.
+    let root = root_prefix(&options.prefix);
+    let (w_tx, w_rx) = mpsc::channel::<WatchRequest>(1);
+    w_tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: root.clone(),
+            range_end: prefix_end(&root),
+            start_revision: revision + 1,
+            prev_kv: true,
+            ..Default::default()
+        })),
+    })
+    .await
+    .map_err(|_| Status::unavailable("watch stream closed"))?;
+    let mut watch = call(
+        WatchClient::new(store.channel.clone())
+            .max_decoding_message_size(MAX_ETCD_MESSAGE)
+            .watch(ReceiverStream::new(w_rx)),
+    )
+    .await?;
+    store.applied.send_replace(revision as u64);
+    store.stale.store(false, Ordering::Release);
+    tracing::info!(revision, lease, "etcd session up");
+
+    let mut tick = tokio::time::interval(renew_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_answer = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                // A paused etcd answers nothing but keeps the socket open:
+                // two missed renewals end the session.
+                if last_answer.elapsed() > renew_every * 2 + ETCD_CALL_TIMEOUT {
+                    return Err(Status::unavailable("etcd stopped answering lease renewals"));
+                }
+                if ka_tx.try_send(LeaseKeepAliveRequest { id: lease }).is_err() {
+                    return Err(Status::unavailable("keepalive stream stuck"));
+                }
+            }
+            msg = keepalive.message() => {
+                let resp = msg?.ok_or_else(|| Status::unavailable("keepalive stream ended"))?;
+                if resp.ttl <= 0 {
+                    store.node_lease.store(0, Ordering::Release);
+                    return Err(Status::unavailable("our etcd lease expired"));
+                }
+                last_answer = tokio::time::Instant::now();
+            }
+            msg = watch.message() => {
+                let resp = msg?.ok_or_else(|| Status::unavailable("watch stream ended"))?;
+                if resp.compact_revision > 0 {
+                    return Err(Status::unavailable(format!(
+                        "watch start compacted at {}; re-listing", resp.compact_revision
+                    )));
+                }
+                if resp.canceled {
+                    return Err(Status::unavailable(format!("watch canceled: {}", resp.cancel_reason)));
+                }
+                apply_events(store, registry, &resp.events, &ipfx);
+                if let Some(h) = resp.header {
+                    store.applied.send_if_modified(|a| {
+                        let newer = h.revision as u64 > *a;
+                        if newer {
+                            *a = h.revision as u64;
+                        }
+                        newer
+                    });
+                }
+            }
+            _ = store.resync.notified() => {
+                return Err(Status::unavailable("resync requested after a failed write"));
+            }
+        }
+    }
+}
+
+fn decode(kv: &KeyValue, key: &InstanceKey) -> Option<Instance> {
+    let mut instance = Instance::decode(kv.value.as_slice())
+        .inspect_err(|e| tracing::warn!(service = %key.service, id = %key.id, error = %e, "undecodable instance in etcd ignored"))
+        .ok()?;
+    // The key is the truth about identity.
+    instance.service = key.service.to_string();
+    instance.id = key.id.to_string();
+    Some(instance)
+}
+
+/// Commits the difference between the catalog and a listing at `revision`
+/// as one resync point.
+fn apply_listing(registry: &Registry, listed: &HashMap<InstanceKey, KeyValue>, revision: u64) {
+    let catalog = registry.catalog();
+    let (services, _) = catalog.list_services();
+    let mut txn = catalog.txn();
+    for (service, _) in services {
+        let Some(snap) = catalog.resolve(&service).0 else {
+            continue;
+        };
+        for inst in &snap.instances {
+            let key = InstanceKey::of(inst);
+            match listed.get(&key) {
+                Some(_) => {}
+                // Gone while we were not watching: why is unknown, and a
+                // lease expiring is by far the likeliest.
+                None => txn.delete(key, DeleteReason::Expired),
+            }
+        }
+    }
+    for (key, kv) in listed {
+        let Some(instance) = decode(kv, key) else {
+            continue;
+        };
+        // Compared without the revision, which the catalog sets on commit.
+        let unchanged = txn.get(&key.service, &key.id).is_some_and(|i| {
+            let mut current = Instance::clone(&i);
+            current.revision = 0;
+            current == instance
+        });
+        if !unchanged {
+            txn.put(instance);
+        }
+    }
+    txn.mark_discontinuity();
+    let current = catalog.revision();
+    if revision <= current {
+        // etcd went back in time (restored from a backup): keep our
+        // revisions increasing; resuming watchers are reset anyway.
+        tracing::warn!(revision, current, "etcd revision behind the catalog's");
+        txn.commit_at(current + 1);
+    } else {
+        txn.commit_at(revision);
+    }
+}
+
+/// After a listing: make etcd hold exactly what this node owns.
+fn reconcile(
+    store: &EtcdStore,
+    registry: &Registry,
+    listed: &HashMap<InstanceKey, KeyValue>,
+    lease: i64,
+    lease_lost: bool,
+    revision: i64,
+) {
+    let mut ops = Vec::new();
+    {
+        let _txn = registry.catalog().txn();
+        let mut owned = store.owned.lock();
+        let mut gone = Vec::new();
+        for (key, o) in owned.iter() {
+            match listed.get(key) {
+                _ if lease_lost => ops.push(Op::Put {
+                    key: key.clone(),
+                    value: o.value.clone(),
+                    seq: o.seq,
+                }),
+                Some(kv) if kv.lease == lease => {}
+                // Removed or taken over by another node since our put.
+                _ if o.revision != 0 && o.revision < revision => gone.push(key.clone()),
+                _ => {}
+            }
+        }
+        for key in gone {
+            if let Some(o) = owned.remove(&key)
+                && let Some(l) = registry.leases().get(o.client_lease)
+            {
+                l.instances.lock().retain(|k| *k != key);
+            }
+        }
+        for (key, kv) in listed {
+            if kv.lease == lease && !owned.contains_key(key) {
+                // Its client lease expired or it was deregistered while
+                // etcd was away.
+                ops.push(Op::Delete {
+                    key: key.clone(),
+                    reason: None,
+                    only_ours: true,
+                });
+            }
+        }
+    }
+    if !ops.is_empty() {
+        tracing::info!(
+            writes = ops.len(),
+            lease_lost,
+            "reconciling our instances with etcd"
+        );
+        // One op per write, so the writer can batch them at will.
+        for op in ops {
+            store.send(vec![op], None);
+        }
+    }
+}
+
+/// Applies watch events: each etcd revision becomes one catalog commit at
+/// that revision.
+fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: &[u8]) {
+    let rpfx = reason_prefix(&store.options.prefix);
+    let lease = store.node_lease();
+    let mut i = 0;
+    while i < events.len() {
+        let revision = events[i].kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        let mut j = i;
+        while j < events.len() && events[j].kv.as_ref().map_or(0, |kv| kv.mod_revision) == revision
+        {
+            j += 1;
+        }
+        let group = &events[i..j];
+        i = j;
+        // Reasons written in this revision.
+        let mut reasons: HashMap<InstanceKey, DeleteReason> = HashMap::new();
+        for ev in group {
+            if ev.r#type == EventType::Put as i32
+                && let Some(kv) = &ev.kv
+                && let Some(rest) = kv.key.strip_prefix(rpfx.as_slice())
+                && let Some(key) = parse_key(rest)
+            {
+                let reason = kv
+                    .value
+                    .first()
+                    .and_then(|b| DeleteReason::try_from(i32::from(*b)).ok())
+                    .unwrap_or(DeleteReason::Expired);
+                reasons.insert(key, reason);
+            }
+        }
+        let catalog = registry.catalog();
+        let mut txn = catalog.txn();
+        for ev in group {
+            let Some(kv) = &ev.kv else { continue };
+            let Some(rest) = kv.key.strip_prefix(ipfx) else {
+                continue;
+            };
+            let Some(key) = parse_key(rest) else { continue };
+            if ev.r#type == EventType::Put as i32 {
+                if kv.lease != lease {
+                    lost_to_other(store, registry, &key, revision);
+                }
+                if let Some(instance) = decode(kv, &key) {
+                    txn.put(instance);
+                }
+            } else {
+                let reason = reasons.get(&key).copied();
+                let prev_ours = ev
+                    .prev_kv
+                    .as_ref()
+                    .is_some_and(|p| p.lease == lease && lease != 0);
+                if reason.is_some() || !prev_ours {
+                    // Deregistered (by any node) or taken from someone else:
+                    // not ours to put back.
+                    lost_to_other(store, registry, &key, revision);
+                }
+                // Without a reason key: our etcd lease expiring took it
+                // (owned stays, and the keepalive reports the loss), or
+                // another node's lease or client lease expired.
+                txn.delete(key, reason.unwrap_or(DeleteReason::Expired));
+            }
+        }
+        txn.commit_at(revision as u64);
+    }
+}
+
+/// Another node (or an admin) changed an instance this node may own:
+/// forget it, unless our own newer put is on its way.
+fn lost_to_other(store: &EtcdStore, registry: &Registry, key: &InstanceKey, revision: i64) {
+    let mut owned = store.owned.lock();
+    let Some(o) = owned.get(key) else { return };
+    if o.revision == 0 || o.revision >= revision {
+        return;
+    }
+    let client_lease = o.client_lease;
+    owned.remove(key);
+    drop(owned);
+    if let Some(l) = registry.leases().get(client_lease) {
+        l.instances.lock().retain(|k| k != key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_with_slashes_in_ids() {
+        let key = InstanceKey {
+            service: "prod".into(),
+            id: "a/b".into(),
+        };
+        let k = instance_key("/registry", &key);
+        assert_eq!(k, b"/registry/i/prod/a/b");
+        let ipfx = instance_prefix("/registry/");
+        assert_eq!(parse_key(&k[ipfx.len()..]), Some(key.clone()));
+        assert_eq!(reason_key("/registry", &key), b"/registry/r/prod/a/b");
+    }
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/r/"), b"/r0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}
