@@ -23,6 +23,12 @@ pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_secs(2);
 /// that one runaway client cannot take a core from everybody else.
 pub const DEFAULT_RATE_LIMIT: u32 = 10_000;
 
+/// Events of history kept for watch resumption by default. Each holds a
+/// decoded instance (~600 bytes), so this bounds history memory at ~6 MB; at
+/// a thousand changes a second it is ten seconds of reconnect window, and a
+/// watcher that misses more gets a reset snapshot, never a gap.
+pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
+
 /// Tunables of one registry daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -143,7 +149,7 @@ impl Default for Config {
             request_timeout: limits::DEFAULT_REQUEST_TIMEOUT,
             max_services: 100_000,
             max_heartbeat_batch: 10_000,
-            history_events: 100_000,
+            history_events: DEFAULT_HISTORY_EVENTS,
             history_age: Duration::from_secs(300),
             max_watchers: 100_000,
             max_watchers_per_connection: 10_000,
