@@ -764,3 +764,67 @@ async fn client_lib_without_token_is_rejected() {
     assert_eq!(state.instances.len(), 1);
     reg.deregister().await.unwrap();
 }
+
+#[tokio::test]
+async fn xds_subscriptions_need_credentials_and_see_only_readable_services() {
+    use envoy_types::pb::envoy::{
+        config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
+        service::discovery::v3::{
+            DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    };
+    use prost::Message;
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    let server = auth_server().await;
+    let mut admin = client(&server.url, Some(ADMIN)).await;
+    admin.register(register_req("prod", "p1", 0)).await.unwrap();
+    admin.register(register_req("payments.eu", "e1", 0)).await.unwrap();
+
+    let channel = Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let request = |names: &[&str]| DiscoveryRequest {
+        node: Some(Node {
+            id: "test".into(),
+            ..Default::default()
+        }),
+        type_url: EDS.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+
+    // No token: the stream is refused like any other RPC.
+    let mut anon = AggregatedDiscoveryServiceClient::new(channel.clone());
+    let res = anon
+        .stream_aggregated_resources(tokio_stream::iter([request(&["prod"])]))
+        .await;
+    let code = match res {
+        Err(s) => s.code(),
+        Ok(r) => r.into_inner().message().await.unwrap_err().code(),
+    };
+    assert_eq!(code, Code::Unauthenticated);
+
+    // The prod token sees prod's endpoints and nothing of payments.eu.
+    let mut ads = AggregatedDiscoveryServiceClient::new(InterceptedService::new(
+        channel,
+        bearer(Some(PROD)),
+    ));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(request(&["prod", "payments.eu"])).await.unwrap();
+    let mut stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = resp
+        .resources
+        .iter()
+        .map(|any| ClusterLoadAssignment::decode(any.value.as_slice()).unwrap().cluster_name)
+        .collect();
+    assert_eq!(names, ["prod"], "payments.eu is answered as absent");
+    drop(tx);
+}
