@@ -244,7 +244,11 @@ async fn no_token_and_wrong_token_are_unauthenticated_on_every_rpc() {
         }
     }
     // A malformed header is no way around it either.
-    let channel = Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel = Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut basic = RegistryClient::new(InterceptedService::new(
         channel,
         Bearer(Some("Basic cHJvZC1zZWNyZXQ=".parse().unwrap())),
@@ -271,7 +275,11 @@ async fn health_is_open_and_reflection_is_not() {
         server_reflection_request::MessageRequest,
     };
     let server = auth_server().await;
-    let channel = Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel = Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let resp = HealthClient::new(channel.clone())
         .check(HealthCheckRequest::default())
         .await
@@ -353,8 +361,13 @@ async fn tokens_without_permission_for_the_service_are_denied() {
     );
     // The prefix pattern: payments.* covers payments.eu, not payments.
     let mut pay = client(&server.url, Some(PAYMENTS)).await;
-    pay.register(register_req("payments.us", "p1", 0)).await.unwrap();
-    let err = pay.register(register_req("payments", "p1", 0)).await.unwrap_err();
+    pay.register(register_req("payments.us", "p1", 0))
+        .await
+        .unwrap();
+    let err = pay
+        .register(register_req("payments", "p1", 0))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
@@ -388,7 +401,10 @@ async fn leases_belong_to_the_identity_that_created_them() {
         .await
         .unwrap()
         .into_inner();
-    denied(ka.message().await.map(drop), "keepalive another identity's lease");
+    denied(
+        ka.message().await.map(drop),
+        "keepalive another identity's lease",
+    );
     denied(
         b.deregister(DeregisterRequest {
             target: Some(Target::LeaseId(lease)),
@@ -398,7 +414,9 @@ async fn leases_belong_to_the_identity_that_created_them() {
         "revoke another identity's lease",
     );
     denied(
-        b.register(register_req("prod", "b1", lease)).await.map(drop),
+        b.register(register_req("prod", "b1", lease))
+            .await
+            .map(drop),
         "attach to another identity's lease",
     );
     denied(
@@ -455,13 +473,20 @@ async fn list_and_watch_all_are_filtered_to_readable_services() {
         .collect();
     assert_eq!(names, ["prod"]);
 
-    let mut w = prod.watch(WatchRequest::default()).await.unwrap().into_inner();
+    let mut w = prod
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let Some(Kind::Snapshot(snap)) = w.message().await.unwrap().unwrap().kind else {
         panic!("snapshot first");
     };
     let services: Vec<_> = snap.instances.iter().map(|i| i.service.as_str()).collect();
     assert_eq!(services, ["prod"]);
-    admin.register(register_req("secret", "2", 0)).await.unwrap();
+    admin
+        .register(register_req("secret", "2", 0))
+        .await
+        .unwrap();
     admin.register(register_req("prod", "2", 0)).await.unwrap();
     let Some(Kind::Events(ev)) = tokio::time::timeout(Duration::from_secs(5), w.message())
         .await
@@ -477,7 +502,11 @@ async fn list_and_watch_all_are_filtered_to_readable_services() {
         .iter()
         .map(|e| e.instance.as_ref().unwrap().service.as_str())
         .collect();
-    assert_eq!(seen, ["prod"], "the secret change never reaches this watcher");
+    assert_eq!(
+        seen,
+        ["prod"],
+        "the secret change never reaches this watcher"
+    );
 }
 
 #[tokio::test]
@@ -605,7 +634,10 @@ async fn tls_client(
         .unwrap()
         .connect()
         .await?;
-    Ok(RegistryClient::new(InterceptedService::new(channel, bearer(token))))
+    Ok(RegistryClient::new(InterceptedService::new(
+        channel,
+        bearer(token),
+    )))
 }
 
 #[tokio::test]
@@ -615,20 +647,32 @@ async fn tls_serves_encrypted_and_refuses_plaintext() {
     let mut c = tls_client(&server, &pki.ca_pem, None, None).await.unwrap();
     c.register(register_req("prod", "1", 0)).await.unwrap();
     // A plaintext client gets nowhere.
-    let plain = Endpoint::from_shared(server.url.clone()).unwrap().connect().await;
+    let plain = Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await;
     if let Ok(channel) = plain {
         let err = RegistryClient::new(channel)
             .status(StatusRequest {})
             .await
             .unwrap_err();
-        assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{err:?}");
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal
+            ),
+            "{err:?}"
+        );
     }
     // Nor does a client that does not trust the server's CA.
     let other = pki_other_ca();
     let res = tls_client(&server, &other, None, None).await;
     match res {
         Err(_) => {}
-        Ok(mut c) => assert_eq!(c.status(StatusRequest {}).await.unwrap_err().code(), Code::Unavailable),
+        Ok(mut c) => assert_eq!(
+            c.status(StatusRequest {}).await.unwrap_err().code(),
+            Code::Unavailable
+        ),
     }
 }
 
@@ -645,7 +689,10 @@ async fn mtls_requires_a_trusted_client_certificate() {
     let server = tls_server(&pki, true, true).await;
 
     // No certificate, or one from an untrusted CA: the handshake fails.
-    for identity in [None, Some((pki.rogue_cert.as_str(), pki.rogue_key.as_str()))] {
+    for identity in [
+        None,
+        Some((pki.rogue_cert.as_str(), pki.rogue_key.as_str())),
+    ] {
         let untrusted = identity.is_some();
         match tls_client(&server, &pki.ca_pem, identity, Some(ADMIN)).await {
             Err(_) => {}
@@ -655,7 +702,10 @@ async fn mtls_requires_a_trusted_client_certificate() {
                 // arrives as the connection closing under the first call.
                 let err = c.status(StatusRequest {}).await.unwrap_err();
                 assert!(
-                    matches!(err.code(), Code::Unavailable | Code::Cancelled | Code::Unknown),
+                    matches!(
+                        err.code(),
+                        Code::Unavailable | Code::Cancelled | Code::Unknown
+                    ),
                     "untrusted={untrusted}: {err:?}"
                 );
             }
@@ -673,9 +723,16 @@ async fn mtls_requires_a_trusted_client_certificate() {
     .await
     .unwrap();
     c.register(register_req("prod", "cert-1", 0)).await.unwrap();
-    let err = c.register(register_req("web", "cert-1", 0)).await.unwrap_err();
+    let err = c
+        .register(register_req("web", "cert-1", 0))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("prod-1.internal"), "{}", err.message());
+    assert!(
+        err.message().contains("prod-1.internal"),
+        "{}",
+        err.message()
+    );
 
     // A token on top of a certificate names the identity.
     let mut both = tls_client(
@@ -707,7 +764,9 @@ async fn client_lib_authenticates_with_token_and_tls() {
     // Certificate identity (prod role) plus an admin token: the token wins.
     let client = Rc::connect_with(
         server.addr.to_string(),
-        ClientOptions::default().with_tls(tls.clone()).with_token(ADMIN),
+        ClientOptions::default()
+            .with_tls(tls.clone())
+            .with_token(ADMIN),
     )
     .await
     .unwrap();
@@ -721,14 +780,21 @@ async fn client_lib_authenticates_with_token_and_tls() {
     reg.deregister().await.unwrap();
 
     // The certificate alone: the prod role, which may not register web.
-    let cert_only = Rc::connect_with(server.addr.to_string(), ClientOptions::default().with_tls(tls))
-        .await
-        .unwrap();
+    let cert_only = Rc::connect_with(
+        server.addr.to_string(),
+        ClientOptions::default().with_tls(tls),
+    )
+    .await
+    .unwrap();
     let err = cert_only
         .register(ClientInstance::new("web", "10.0.0.9:80"))
         .await
         .unwrap_err();
-    assert_eq!(err.status().map(|s| s.code()), Some(Code::PermissionDenied), "{err}");
+    assert_eq!(
+        err.status().map(|s| s.code()),
+        Some(Code::PermissionDenied),
+        "{err}"
+    );
     let ok = cert_only
         .register(ClientInstance::new("prod", "10.0.0.9:80"))
         .ttl(Duration::from_secs(5))
@@ -746,7 +812,11 @@ async fn client_lib_without_token_is_rejected() {
         .register(ClientInstance::new("prod", "10.0.0.9:80"))
         .await
         .unwrap_err();
-    assert_eq!(err.status().map(|s| s.code()), Some(Code::Unauthenticated), "{err}");
+    assert_eq!(
+        err.status().map(|s| s.code()),
+        Some(Code::Unauthenticated),
+        "{err}"
+    );
     let with = Rc::connect_with(&server.url, ClientOptions::default().with_token(PROD))
         .await
         .unwrap();
@@ -779,9 +849,16 @@ async fn xds_subscriptions_need_credentials_and_see_only_readable_services() {
     let server = auth_server().await;
     let mut admin = client(&server.url, Some(ADMIN)).await;
     admin.register(register_req("prod", "p1", 0)).await.unwrap();
-    admin.register(register_req("payments.eu", "e1", 0)).await.unwrap();
+    admin
+        .register(register_req("payments.eu", "e1", 0))
+        .await
+        .unwrap();
 
-    let channel = Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel = Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let request = |names: &[&str]| DiscoveryRequest {
         node: Some(Node {
             id: "test".into(),
@@ -804,10 +881,8 @@ async fn xds_subscriptions_need_credentials_and_see_only_readable_services() {
     assert_eq!(code, Code::Unauthenticated);
 
     // The prod token sees prod's endpoints and nothing of payments.eu.
-    let mut ads = AggregatedDiscoveryServiceClient::new(InterceptedService::new(
-        channel,
-        bearer(Some(PROD)),
-    ));
+    let mut ads =
+        AggregatedDiscoveryServiceClient::new(InterceptedService::new(channel, bearer(Some(PROD))));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(request(&["prod", "payments.eu"])).await.unwrap();
     let mut stream = ads
@@ -823,7 +898,11 @@ async fn xds_subscriptions_need_credentials_and_see_only_readable_services() {
     let names: Vec<String> = resp
         .resources
         .iter()
-        .map(|any| ClusterLoadAssignment::decode(any.value.as_slice()).unwrap().cluster_name)
+        .map(|any| {
+            ClusterLoadAssignment::decode(any.value.as_slice())
+                .unwrap()
+                .cluster_name
+        })
         .collect();
     assert_eq!(names, ["prod"], "payments.eu is answered as absent");
     drop(tx);

@@ -63,7 +63,10 @@ impl RegistryClient {
 
     /// [`RegistryClient::connect`] with a token and/or TLS (see
     /// [`ClientOptions`]).
-    pub async fn connect_with(addrs: impl AsRef<str>, options: ClientOptions) -> Result<Self, Error> {
+    pub async fn connect_with(
+        addrs: impl AsRef<str>,
+        options: ClientOptions,
+    ) -> Result<Self, Error> {
         let mut endpoints = Endpoints::parse_with(addrs.as_ref(), &options)?;
         endpoints.connect_first().await?;
         Ok(Self::with_endpoints(endpoints))
@@ -76,7 +79,10 @@ impl RegistryClient {
     }
 
     /// [`RegistryClient::connect_lazy`] with a token and/or TLS.
-    pub fn connect_lazy_with(addrs: impl AsRef<str>, options: ClientOptions) -> Result<Self, Error> {
+    pub fn connect_lazy_with(
+        addrs: impl AsRef<str>,
+        options: ClientOptions,
+    ) -> Result<Self, Error> {
         Ok(Self::with_endpoints(Endpoints::parse_with(
             addrs.as_ref(),
             &options,

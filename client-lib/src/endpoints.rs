@@ -168,10 +168,14 @@ impl Endpoints {
     pub(crate) fn parse_with(addrs: &str, options: &ClientOptions) -> Result<Self, Error> {
         let header = match &options.token {
             None => None,
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Error::InvalidAddress {
-                address: "(token)".into(),
-                reason: "the token must be printable ASCII".into(),
-            })?),
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Error::InvalidAddress {
+                        address: "(token)".into(),
+                        reason: "the token must be printable ASCII".into(),
+                    })?,
+            ),
         };
         let mut nodes = Vec::new();
         for raw in addrs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -284,7 +288,6 @@ fn configure(endpoint: Endpoint, tls: Option<&ClientTlsConfig>) -> Result<Endpoi
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true))
 }
-
 
 #[cfg(test)]
 mod tests {

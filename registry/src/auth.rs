@@ -242,9 +242,11 @@ impl Policy {
                     .roles
                     .get(role)
                     .ok_or_else(|| bad(format!("{name:?} refers to unknown role {role:?}")))?;
-                id.register.extend(spec.register.iter().map(|p| Pattern::parse(p)));
+                id.register
+                    .extend(spec.register.iter().map(|p| Pattern::parse(p)));
                 id.read.extend(spec.read.iter().map(|p| Pattern::parse(p)));
-                id.admin.extend(spec.admin.iter().map(|p| Pattern::parse(p)));
+                id.admin
+                    .extend(spec.admin.iter().map(|p| Pattern::parse(p)));
             }
             Ok(Arc::new(id))
         };
@@ -332,7 +334,10 @@ impl Auth {
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
                 .map(str::trim)
                 .ok_or_else(|| {
                     Status::unauthenticated(
@@ -498,7 +503,11 @@ where
                     req.extensions_mut().insert(identity);
                 }
                 Err(status) => {
-                    tracing::debug!(path = req.uri().path(), reason = status.message(), "unauthenticated request");
+                    tracing::debug!(
+                        path = req.uri().path(),
+                        reason = status.message(),
+                        "unauthenticated request"
+                    );
                     return Box::pin(std::future::ready(Ok(status.into_http())));
                 }
             }
@@ -575,7 +584,10 @@ mod tests {
         assert!(!id.may(Action::Admin, "prod"));
         assert!(!id.reads_everything());
         let msg = id.deny(Action::Register, "web").to_string();
-        assert!(msg.contains("\"deployer\"") && msg.contains("register on: prod"), "{msg}");
+        assert!(
+            msg.contains("\"deployer\"") && msg.contains("register on: prod"),
+            "{msg}"
+        );
 
         let ops = auth.authenticate(&bearer("test2"), None).unwrap();
         assert!(ops.may(Action::Admin, "anything") && ops.may(Action::Register, "x"));
@@ -589,15 +601,24 @@ mod tests {
         assert_eq!(code(&http::HeaderMap::new()), tonic::Code::Unauthenticated);
         assert_eq!(code(&bearer("nope")), tonic::Code::Unauthenticated);
         let mut basic = http::HeaderMap::new();
-        basic.insert(http::header::AUTHORIZATION, "Basic dGVzdA==".parse().unwrap());
+        basic.insert(
+            http::header::AUTHORIZATION,
+            "Basic dGVzdA==".parse().unwrap(),
+        );
         assert_eq!(code(&basic), tonic::Code::Unauthenticated);
     }
 
     #[test]
     fn bad_files_are_rejected_with_the_reason() {
         for (text, needle) in [
-            ("[[tokens]]\nname='a'\nsha256='xyz'\nroles=[]", "64 hex digits"),
-            ("[[tokens]]\nname='a'\nsha256='9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'\nroles=['ghost']", "unknown role \"ghost\""),
+            (
+                "[[tokens]]\nname='a'\nsha256='xyz'\nroles=[]",
+                "64 hex digits",
+            ),
+            (
+                "[[tokens]]\nname='a'\nsha256='9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'\nroles=['ghost']",
+                "unknown role \"ghost\"",
+            ),
             ("[roles.x]\nwrite=['a']", "unknown field"),
         ] {
             let err = Auth::from_toml(text).unwrap_err().to_string();

@@ -300,11 +300,11 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
     };
     let bearer = match &cli.token {
         None => Bearer(None),
-        Some(t) => Bearer(Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| usage("--token must be printable ASCII".into()))?,
-        )),
+        Some(t) => {
+            Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
+                usage("--token must be printable ASCII".into())
+            })?))
+        }
     };
     let tls = match &cli.cacert {
         None => None,
@@ -773,9 +773,9 @@ async fn register(
         ctx.timeout,
         Client::connect_with(&ctx.addr, ctx.client_options.clone()),
     )
-        .await
-        .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?
-        .map_err(|e| client_failure(ctx, e))?;
+    .await
+    .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?
+    .map_err(|e| client_failure(ctx, e))?;
     let registration = tokio::time::timeout(ctx.timeout, client.register(instance).ttl(ttl))
         .await
         .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?

@@ -38,16 +38,16 @@
 //! - [`validate`], [`error`], [`config`]: request rules, the error enum and
 //!   its status codes, and the tunables.
 
-pub mod bench;
 pub mod auth;
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod core;
 pub mod ctl;
 pub mod error;
 pub mod etcd;
-pub mod frame;
 pub mod expiry;
+pub mod frame;
 pub mod lease;
 pub mod limits;
 pub mod metrics;

@@ -44,7 +44,8 @@ pub async fn serve(
         Some(path) => Some(Arc::new(Auth::load(path)?)),
         None => None,
     };
-    let rate = RateLimit::new(registry.config().rate_limit, registry.config().rate_burst).map(Arc::new);
+    let rate =
+        RateLimit::new(registry.config().rate_limit, registry.config().rate_burst).map(Arc::new);
     if !addr.ip().is_loopback() && (tls.is_none() || auth.is_none()) {
         warn!(
             %addr,

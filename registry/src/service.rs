@@ -14,10 +14,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth,
-    frame::ResolveFrame,
     catalog::WatchFilter,
     core::Registry,
     error::Error,
+    frame::ResolveFrame,
     telemetry, validate,
     watch::{self, MIN_PROGRESS_INTERVAL, WatchFrame},
 };
@@ -155,7 +155,9 @@ impl registry_server::Registry for RegistryService {
         request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
         let caller = auth::caller(&request);
-        Ok(Response::new(self.registry.list_services_as(caller.as_deref())))
+        Ok(Response::new(
+            self.registry.list_services_as(caller.as_deref()),
+        ))
     }
 
     type WatchStream = BoxStream<WatchFrame>;
@@ -191,13 +193,9 @@ impl registry_server::Registry for RegistryService {
             // this one: give it a moment to catch up rather than reset.
             store.catch_up(req.start_revision.saturating_sub(1)).await;
         }
-        let (handle, start) = self.registry.watch_as(
-            filter,
-            req.start_revision,
-            req.epoch,
-            conn,
-            caller.as_ref(),
-        )?;
+        let (handle, start) =
+            self.registry
+                .watch_as(filter, req.start_revision, req.epoch, conn, caller.as_ref())?;
         Ok(Response::new(Box::pin(watch::stream(
             self.registry.clone(),
             handle,

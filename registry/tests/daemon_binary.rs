@@ -158,7 +158,10 @@ async fn sighup_reloads_the_auth_file_without_dropping_connections() {
     };
     let mut alice = with("token-a");
     let mut bob = with("token-b");
-    alice.status(StatusRequest {}).await.expect("alice is known");
+    alice
+        .status(StatusRequest {})
+        .await
+        .expect("alice is known");
     assert_eq!(
         bob.status(StatusRequest {}).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
@@ -185,7 +188,10 @@ async fn sighup_reloads_the_auth_file_without_dropping_connections() {
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while bob.status(StatusRequest {}).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "reload never happened");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reload never happened"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
@@ -220,7 +226,9 @@ async fn sighup_reloads_the_auth_file_without_dropping_connections() {
         .status()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bob.status(StatusRequest {}).await.expect("previous policy kept");
+    bob.status(StatusRequest {})
+        .await
+        .expect("previous policy kept");
     let _ = child.kill().await;
     let _ = std::fs::remove_file(&path);
 }

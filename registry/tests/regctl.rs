@@ -477,7 +477,11 @@ async fn token_flag_and_env_authenticate() {
     let s = Server { url, _stop };
     let out = regctl(&s, &["list"]).await;
     assert_eq!(out.code, 1);
-    assert!(out.stderr.starts_with("regctl: missing credentials"), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("regctl: missing credentials"),
+        "{}",
+        out.stderr
+    );
     let out = regctl(&s, &["--token", "nope", "list"]).await;
     assert_eq!(out.code, 1);
     assert_eq!(out.stderr.trim(), "regctl: unknown token");
