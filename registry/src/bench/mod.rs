@@ -122,6 +122,23 @@ pub struct Options {
     /// carries at least a zone or version label).
     #[arg(long, default_value_t = 1)]
     pub labels: usize,
+    /// How far the resolve workloads decode each answer. `full` builds every
+    /// instance (strings, label map) as a real caller would; `envelope`
+    /// checks the revision and the instance count and keeps each instance
+    /// as raw bytes, so that on a shared 2-core machine the load
+    /// generator's own decoding (~20 allocations per instance) does not
+    /// take the cores the registry is being measured on.
+    #[arg(long, value_enum, default_value = "full")]
+    pub resolve_decode: ResolveDecode,
+}
+
+/// See [`Options::resolve_decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResolveDecode {
+    /// Decode every instance into `registry.v1.Instance`.
+    Full,
+    /// Decode the response envelope only.
+    Envelope,
 }
 
 impl Options {

@@ -387,6 +387,33 @@ pub(crate) async fn heartbeat(ctx: &mut Ctx<'_>) -> Result<Row, BenchError> {
 
 /// Workloads 3 and 4: Resolve of a 10-instance service, after topping the
 /// catalog up to `held` other instances (0: whatever is there).
+/// `registry.v1.ResolveResponse` with each instance left as raw bytes: the
+/// cheap client view of [`super::ResolveDecode::Envelope`]. Same field
+/// numbers as the proto, so it decodes the registry's real answers.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResolveEnvelope {
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    instances: Vec<bytes::Bytes>,
+    #[prost(uint64, tag = "2")]
+    revision: u64,
+    #[prost(bool, tag = "3")]
+    service_known: bool,
+}
+
+async fn resolve_envelope(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    req: ResolveRequest,
+) -> Result<ResolveEnvelope, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/registry.v1.Registry/Resolve");
+    let codec = tonic_prost::ProstCodec::<ResolveRequest, ResolveEnvelope>::default();
+    grpc.unary(tonic::Request::new(req), path, codec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 pub(crate) async fn resolve(ctx: &mut Ctx<'_>, held: usize) -> Result<Row, BenchError> {
     if !ctx.resolve_ready {
         ctx.register_many(
@@ -429,6 +456,7 @@ pub(crate) async fn resolve(ctx: &mut Ctx<'_>, held: usize) -> Result<Row, Bench
     let holding = ctx.status_instances().await?;
     let service = format!("bench-resolve-{}", ctx.run);
     let cpu = ctx.cpu();
+    let decode = ctx.options.resolve_decode;
     let (outcome, _) = drive(
         &ctx.channels,
         ctx.options.concurrency,
@@ -436,20 +464,25 @@ pub(crate) async fn resolve(ctx: &mut Ctx<'_>, held: usize) -> Result<Row, Bench
         move |_, channel, mut rec| {
             let service = service.clone();
             async move {
-                let mut client = RegistryClient::new(channel);
+                let mut client = RegistryClient::new(channel.clone());
+                let mut raw = tonic::client::Grpc::new(channel);
                 while let Some((t0, _)) = rec.next() {
                     let req = ResolveRequest {
                         service: service.clone(),
                         ..Default::default()
                     };
-                    match client.resolve(req).await {
-                        Ok(r) if r.get_ref().instances.len() as u64 == RESOLVE_INSTANCES => {
-                            rec.ok(t0, 1)
-                        }
-                        Ok(r) => rec.failed(
-                            t0,
-                            format!("resolve returned {} instances", r.get_ref().instances.len()),
-                        ),
+                    let got = match decode {
+                        super::ResolveDecode::Full => client
+                            .resolve(req)
+                            .await
+                            .map(|r| r.get_ref().instances.len()),
+                        super::ResolveDecode::Envelope => resolve_envelope(&mut raw, req)
+                            .await
+                            .map(|r| r.instances.len()),
+                    };
+                    match got {
+                        Ok(n) if n as u64 == RESOLVE_INSTANCES => rec.ok(t0, 1),
+                        Ok(n) => rec.failed(t0, format!("resolve returned {n} instances")),
                         Err(e) => rec.failed(t0, e),
                     }
                 }
@@ -466,6 +499,10 @@ pub(crate) async fn resolve(ctx: &mut Ctx<'_>, held: usize) -> Result<Row, Bench
     let mut row = row(name, &outcome, "calls");
     row.notes
         .insert(0, format!("catalog holds {holding} instances"));
+    if decode == super::ResolveDecode::Envelope {
+        row.notes
+            .push("client decodes the envelope only (--resolve-decode envelope)".into());
+    }
     row.notes.extend(setup_note);
     row.notes.extend(cpu.note(ctx.target));
     Ok(row)
