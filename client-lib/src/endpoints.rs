@@ -109,10 +109,31 @@ pub fn tls_from_files(
     Ok(tls)
 }
 
-/// Adds the bearer token to every call.
+/// Adds `authorization: Bearer <token>` to every call (nothing without a
+/// token). Public so other tools on raw generated clients (regctl) send the
+/// token exactly as this crate does.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Credentials {
+pub struct Credentials {
     header: Option<MetadataValue<Ascii>>,
+}
+
+impl Credentials {
+    /// Credentials for an optional bearer token; the token must be
+    /// printable ASCII.
+    pub fn bearer(token: Option<&str>) -> Result<Self, Error> {
+        let header = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Error::InvalidAddress {
+                        address: "(token)".into(),
+                        reason: "the token must be printable ASCII".into(),
+                    })?,
+            ),
+        };
+        Ok(Self { header })
+    }
 }
 
 impl Interceptor for Credentials {
@@ -166,17 +187,7 @@ impl Endpoints {
 
     /// [`Endpoints::parse`] with credentials and TLS.
     pub(crate) fn parse_with(addrs: &str, options: &ClientOptions) -> Result<Self, Error> {
-        let header = match &options.token {
-            None => None,
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Error::InvalidAddress {
-                        address: "(token)".into(),
-                        reason: "the token must be printable ASCII".into(),
-                    })?,
-            ),
-        };
+        let credentials = Credentials::bearer(options.token.as_deref())?;
         let mut nodes = Vec::new();
         for raw in addrs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let uri = if raw.contains("://") {
@@ -207,7 +218,7 @@ impl Endpoints {
         Ok(Self {
             nodes,
             current: AtomicUsize::new(0),
-            credentials: Credentials { header },
+            credentials,
             tls: options.tls.clone(),
         })
     }

@@ -45,8 +45,8 @@ mod resolver;
 pub use balance::{balanced_channel, balanced_channel_from, balanced_channel_with};
 pub use client::{DEFAULT_TTL, REGISTRY_ADDR_ENV, RegisterBuilder, RegistryClient};
 pub use endpoints::{
-    ClientOptions, DEFAULT_REGISTRY_ADDR, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV, REGISTRY_KEY_ENV,
-    REGISTRY_TLS_DOMAIN_ENV, REGISTRY_TOKEN_ENV, tls_from_files,
+    ClientOptions, Credentials, DEFAULT_REGISTRY_ADDR, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV,
+    REGISTRY_KEY_ENV, REGISTRY_TLS_DOMAIN_ENV, REGISTRY_TOKEN_ENV, tls_from_files,
 };
 pub use error::Error;
 pub use instance::{Instance, Resolution, ServerInfo};

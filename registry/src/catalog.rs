@@ -152,18 +152,28 @@ struct ServiceState {
 /// Readers get decoded `Arc<Instance>`s from snapshots and events; the
 /// decoding happens once per service change (snapshot rebuild), per replaced
 /// or removed instance (events), and per watch snapshot.
+/// The lease id is kept beside the bytes: register and deregister need only
+/// it, and should not decode a whole instance to get it.
 #[derive(Debug)]
-struct Stored(Box<[u8]>);
+struct Stored {
+    lease_id: u64,
+    encoded: Box<[u8]>,
+}
 
 impl Stored {
     fn encode(instance: &Instance) -> Self {
         use prost::Message;
-        Stored(instance.encode_to_vec().into_boxed_slice())
+        Stored {
+            lease_id: instance.lease_id,
+            encoded: instance.encode_to_vec().into_boxed_slice(),
+        }
     }
 
     fn decode(&self) -> Arc<Instance> {
         use prost::Message;
-        Arc::new(Instance::decode(&*self.0).expect("the catalog only stores encodings it made"))
+        Arc::new(
+            Instance::decode(&*self.encoded).expect("the catalog only stores encodings it made"),
+        )
     }
 }
 
@@ -634,6 +644,14 @@ impl Txn<'_> {
         let entry = self.catalog.services.get(service)?;
         let state = entry.state.lock();
         state.instances.get(id).map(Stored::decode)
+    }
+
+    /// The lease of the current instance under a key, without decoding it
+    /// (ignores staged changes).
+    pub fn lease_of(&self, service: &str, id: &str) -> Option<u64> {
+        let entry = self.catalog.services.get(service)?;
+        let state = entry.state.lock();
+        state.instances.get(id).map(|s| s.lease_id)
     }
 
     /// Instances in a service, or `None` if the service is unknown.

@@ -244,7 +244,8 @@ impl Registry {
 
         let leases = &self.shared.leases;
         let mut txn = self.shared.catalog.txn();
-        let existing = txn.get(&instance.service, &instance.id);
+        // The lease the instance lives under now, if it exists already.
+        let existing = txn.lease_of(&instance.service, &instance.id);
 
         // Check everything before changing anything.
         let attach_to: Option<Arc<Lease>> = if req.lease_id != 0 {
@@ -262,7 +263,7 @@ impl Registry {
                     lease.id, c.name
                 )));
             }
-            let moving_in = existing.as_ref().is_none_or(|e| e.lease_id != lease.id);
+            let moving_in = existing != Some(lease.id);
             let n = lease.instance_count();
             if moving_in && n >= config.max_instances_per_lease {
                 return Err(Error::ResourceExhausted(format!(
@@ -281,12 +282,12 @@ impl Registry {
             }
             None
         };
-        if let (Some(c), Some(e)) = (caller, &existing) {
-            let owner = leases.get(e.lease_id).and_then(|l| l.owner.clone());
-            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, &e.service) {
+        if let (Some(c), Some(old)) = (caller, existing) {
+            let owner = leases.get(old).and_then(|l| l.owner.clone());
+            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, &instance.service) {
                 return Err(Error::PermissionDenied(format!(
                     "instance {:?} of service {:?} is registered by another identity; only it or an admin may replace it",
-                    e.id, e.service
+                    instance.id, instance.service
                 )));
             }
         }
@@ -323,10 +324,7 @@ impl Registry {
             ),
         };
         let key = txn.key_for(&instance);
-        let moved_from = existing
-            .as_ref()
-            .map(|e| e.lease_id)
-            .filter(|old| *old != lease.id);
+        let moved_from = existing.filter(|old| *old != lease.id);
         if let Some(old) = moved_from.and_then(|id| leases.get(id)) {
             old.instances.lock().retain(|k| *k != key);
         }
@@ -540,14 +538,14 @@ impl Registry {
             c.check(Action::Register, service)?;
         }
         let txn = self.shared.catalog.txn();
-        let existing = txn.get(service, id).ok_or_else(|| {
+        let lease_id = txn.lease_of(service, id).ok_or_else(|| {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
         })?;
         if let Some(c) = caller {
             let owner = self
                 .shared
                 .leases
-                .get(existing.lease_id)
+                .get(lease_id)
                 .and_then(|l| l.owner.clone());
             if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, service) {
                 return Err(Error::PermissionDenied(format!(
@@ -555,8 +553,11 @@ impl Registry {
                 )));
             }
         }
-        let key = InstanceKey::of(&existing);
-        if let Some(lease) = self.shared.leases.get(existing.lease_id) {
+        let key = InstanceKey {
+            service: service.into(),
+            id: id.into(),
+        };
+        if let Some(lease) = self.shared.leases.get(lease_id) {
             lease.instances.lock().retain(|k| *k != key);
         }
         metrics::inc(&self.shared.metrics.deregistrations, 1);
@@ -581,11 +582,7 @@ impl Registry {
         include_lease_ttl: bool,
         caller: Option<&Identity>,
     ) -> Result<ResolveResponse> {
-        validate::service_name("service", service)?;
-        if let Some(c) = caller {
-            c.check(Action::Read, service)?;
-        }
-        validate::metadata("selector", selector)?;
+        Self::check_resolve(service, selector, caller)?;
         let (snap, revision) = self.shared.catalog.resolve(service);
         let instances = match &snap {
             None => Vec::new(),
@@ -611,6 +608,20 @@ impl Registry {
         })
     }
 
+    /// The checks every Resolve makes: the name, the caller's read grant,
+    /// the selector.
+    fn check_resolve(
+        service: &str,
+        selector: &HashMap<String, String>,
+        caller: Option<&Identity>,
+    ) -> Result<()> {
+        validate::service_name("service", service)?;
+        if let Some(c) = caller {
+            c.check(Action::Read, service)?;
+        }
+        validate::metadata("selector", selector)
+    }
+
     /// [`Registry::resolve_as`] as a wire frame: an unfiltered answer without
     /// lease TTLs (the common case) reuses the service snapshot's encoded
     /// instance list instead of cloning and encoding every instance per call.
@@ -626,10 +637,7 @@ impl Registry {
                 .resolve_as(service, selector, include_lease_ttl, caller)
                 .map(ResolveFrame::message);
         }
-        validate::service_name("service", service)?;
-        if let Some(c) = caller {
-            c.check(Action::Read, service)?;
-        }
+        Self::check_resolve(service, selector, caller)?;
         let (snap, revision) = self.shared.catalog.resolve(service);
         let rest = ResolveResponse {
             instances: Vec::new(),

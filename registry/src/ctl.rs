@@ -17,8 +17,7 @@ use registry_api::v1::{
 };
 use serde::Serialize;
 use tonic::{
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
+    service::interceptor::InterceptedService,
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
@@ -208,26 +207,13 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Debug, Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Transport = InterceptedService<Channel, Bearer>;
+type Transport = InterceptedService<Channel, registry_client::Credentials>;
 
 struct Ctx {
     addr: String,
     timeout: Duration,
     format: Format,
-    bearer: Bearer,
+    bearer: registry_client::Credentials,
     tls: Option<ClientTlsConfig>,
     client_options: registry_client::ClientOptions,
 }
@@ -298,14 +284,8 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
         code: EXIT_USAGE,
         message,
     };
-    let bearer = match &cli.token {
-        None => Bearer(None),
-        Some(t) => {
-            Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
-                usage("--token must be printable ASCII".into())
-            })?))
-        }
-    };
+    let bearer = registry_client::Credentials::bearer(cli.token.as_deref())
+        .map_err(|_| usage("--token must be printable ASCII".into()))?;
     let tls = match &cli.cacert {
         None => None,
         Some(ca) => Some(
