@@ -100,6 +100,10 @@ impl From<pb::Instance> for Instance {
 pub struct ServerInfo {
     /// Changes every time the registry starts; revisions restart with it.
     pub epoch: u64,
+    /// The server life lease ids belong to: `epoch`, unless the registry
+    /// restored its leases from disk after a restart (`--data-dir`), in which
+    /// case the leases of the previous life are still valid.
+    pub lease_epoch: u64,
     /// True while services are still re-registering after a start: an empty
     /// answer then is not proof that nothing is alive.
     pub warming_up: bool,
@@ -114,6 +118,11 @@ impl From<Option<pb::ServerInfo>> for ServerInfo {
     fn from(p: Option<pb::ServerInfo>) -> Self {
         p.map(|p| Self {
             epoch: p.epoch,
+            lease_epoch: if p.lease_epoch == 0 {
+                p.epoch
+            } else {
+                p.lease_epoch
+            },
             warming_up: p.warming_up,
             warmup_remaining: Duration::from_millis(p.warmup_remaining_ms),
             stale: p.stale,

@@ -9,9 +9,11 @@
 //!   first member gets it with `lease_id = 0` and the others attach to it;
 //! - renews every group's lease about every `ttl / 3` (with jitter) over a
 //!   single KeepAlive stream, matching responses to requests in order;
-//! - when a lease is reported unknown, or the registry's epoch changes (it
-//!   restarted, so every lease id of the old life is meaningless and may even
-//!   belong to someone else now), re-registers the affected instances;
+//! - when a lease is reported unknown, or the registry's lease epoch changes
+//!   (it restarted, so every lease id of the old life is meaningless and may
+//!   even belong to someone else now), re-registers the affected instances.
+//!   A registry that restored its leases from disk keeps its lease epoch, and
+//!   the leases go on being renewed as if nothing happened;
 //! - when the registry is unreachable, retries with exponential backoff and
 //!   jitter, forever, failing over between nodes if several are configured;
 //! - ends when the last handle is gone, after deregistering it.
@@ -289,7 +291,7 @@ struct Keeper {
     /// Set when some re-registration was refused: when to retry those.
     reconcile_at: Option<Instant>,
     backoff: Backoff,
-    /// Epoch of the registry life we last heard from (0 = none yet).
+    /// Lease epoch of the registry life we last heard from (0 = none yet).
     epoch: u64,
 }
 
@@ -452,16 +454,17 @@ impl Keeper {
                 Ok(resp) => {
                     self.reachable();
                     let server = ServerInfo::from(resp.server);
-                    let stale = lease.is_some_and(|l| server.epoch != 0 && l.epoch != server.epoch);
+                    let stale = lease
+                        .is_some_and(|l| server.lease_epoch != 0 && l.epoch != server.lease_epoch);
                     // A new epoch invalidates every lease of the old one,
                     // including the one just used if it was from that life.
-                    self.observe_epoch(server.epoch);
+                    self.observe_epoch(server.lease_epoch);
                     if stale {
                         continue;
                     }
                     let granted = Lease {
                         id: resp.lease_id,
-                        epoch: server.epoch,
+                        epoch: server.lease_epoch,
                         ttl: Duration::from_millis(resp.ttl_ms),
                     };
                     let group = self.groups.get_mut(&ttl).expect("group of a live entry");
@@ -632,7 +635,7 @@ impl Keeper {
             stream.in_flight.pop_front();
         }
         self.reachable();
-        self.observe_epoch(ServerInfo::from(resp.server).epoch);
+        self.observe_epoch(ServerInfo::from(resp.server).lease_epoch);
         for status in resp.leases {
             if !status.found {
                 tracing::info!(lease = status.lease_id, "registry forgot our lease");

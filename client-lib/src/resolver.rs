@@ -440,6 +440,7 @@ mod tests {
     fn warm(epoch: u64) -> ServerInfo {
         ServerInfo {
             epoch,
+            lease_epoch: epoch,
             warming_up: true,
             warmup_remaining: Duration::from_secs(2),
             stale: false,

@@ -636,6 +636,79 @@ impl Catalog {
     pub fn compacted_revision(&self) -> u64 {
         self.writer.lock().compacted
     }
+
+    /// Appends every instance, as stored, to `out` as the length-delimited
+    /// protobuf field `tag` (a `repeated Instance` field of the snapshot
+    /// file: the stored bytes are already the encoding, so nothing is
+    /// decoded or re-encoded). Takes one service lock at a time, never the
+    /// write lock: writers and readers carry on meanwhile. Returns the
+    /// number of instances written and the highest revision among them and
+    /// the catalog's revision read first, which the snapshot reflects at
+    /// least (changes made during the walk may or may not be in it).
+    pub fn encode_all(&self, tag: u32, out: &mut Vec<u8>) -> (usize, u64) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let mut revision = self.revision();
+        let mut n = 0;
+        let entries: Vec<Arc<ServiceEntry>> = self.services.iter().map(|e| e.clone()).collect();
+        for entry in entries {
+            let state = entry.state.lock();
+            revision = revision.max(state.revision);
+            for stored in state.instances.values() {
+                encode_key(tag, WireType::LengthDelimited, out);
+                encode_varint(stored.encoded.len() as u64, out);
+                out.extend_from_slice(&stored.encoded);
+                n += 1;
+            }
+        }
+        (n, revision)
+    }
+
+    /// Loads instances from a snapshot into an empty catalog, at `revision`
+    /// (or the highest instance revision, if above), without events or
+    /// history: nothing watches yet, and a watcher resuming from before the
+    /// snapshot gets a `COMPACTED` reset. Each instance keeps the revision
+    /// it had. `on_put` gets each instance's key (service name interned) and
+    /// lease, for the lease table. Refused when the catalog is not empty.
+    pub fn restore(
+        &self,
+        revision: u64,
+        instances: impl IntoIterator<Item = Instance>,
+        mut on_put: impl FnMut(InstanceKey, u64),
+    ) -> Result<usize> {
+        let mut writer = self.writer.lock();
+        if self.revision() != 0 || !self.services.is_empty() {
+            return Err(Error::DataDir(
+                "a snapshot can only be restored into an empty catalog".into(),
+            ));
+        }
+        let mut top = revision;
+        let mut n = 0;
+        for instance in instances {
+            top = top.max(instance.revision);
+            let entry = self
+                .services
+                .entry(instance.service.as_str().into())
+                .or_insert_with(|| Arc::new(ServiceEntry::new()));
+            let service = entry.key().clone();
+            let id: Arc<str> = instance.id.as_str().into();
+            let mut state = entry.state.lock();
+            let added = state
+                .instances
+                .insert(id.clone(), Stored::encode(&instance))
+                .is_none();
+            state.revision = state.revision.max(instance.revision);
+            entry.count.store(state.instances.len(), Ordering::Relaxed);
+            drop(state);
+            if added {
+                n += 1;
+                on_put(InstanceKey { service, id }, instance.lease_id);
+            }
+        }
+        self.stats.instances.fetch_add(n, Ordering::Relaxed);
+        writer.compacted = top;
+        self.revision.store(top, Ordering::Release);
+        Ok(n)
+    }
 }
 
 impl Txn<'_> {

@@ -50,6 +50,9 @@ struct Shared {
     leases: LeaseTable,
     catalog: Arc<Catalog>,
     epoch: u64,
+    /// The life lease ids belong to: `epoch`, or the previous life's when
+    /// its leases were restored from a snapshot (see `crate::persist`).
+    lease_epoch: u64,
     started: Instant,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
@@ -100,6 +103,7 @@ impl Registry {
                 leases: LeaseTable::new(Clock::new()),
                 catalog: Arc::new(catalog),
                 epoch,
+                lease_epoch: epoch,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
                 metrics: Arc::new(Metrics::default()),
@@ -117,7 +121,24 @@ impl Registry {
         let shared = Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
         shared.store = Some(store);
         shared.epoch = epoch;
+        shared.lease_epoch = epoch;
         registry
+    }
+
+    /// A registry for `config`: empty, or, with `config.data_dir` set,
+    /// loaded from the snapshot there (leases under their old ids with a
+    /// fresh TTL; see `crate::persist`). The server writes snapshots there
+    /// while it runs.
+    pub fn open(config: Config) -> Result<Self> {
+        let mut registry = Self::new(config);
+        if let Some(dir) = registry.config().data_dir.clone() {
+            if let Some(restored) = crate::persist::restore(&registry, &dir)? {
+                let shared =
+                    Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
+                shared.lease_epoch = restored.lease_epoch;
+            }
+        }
+        Ok(registry)
     }
 
     /// The etcd store of a cluster node, `None` in memory mode.
@@ -158,6 +179,7 @@ impl Registry {
         let remaining = warmup.saturating_sub(elapsed);
         ServerInfo {
             epoch: self.shared.epoch,
+            lease_epoch: self.shared.lease_epoch,
             warming_up: !remaining.is_zero(),
             warmup_remaining_ms: remaining.as_millis() as u64,
             stale: self.shared.store.as_ref().is_some_and(|s| s.is_stale()),
@@ -167,6 +189,12 @@ impl Registry {
     /// This server life's epoch.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
+    }
+
+    /// The server life this registry's lease ids belong to (see
+    /// `ServerInfo.lease_epoch`).
+    pub fn lease_epoch(&self) -> u64 {
+        self.shared.lease_epoch
     }
 
     /// Adds or replaces an instance under a new or existing lease.

@@ -34,6 +34,10 @@ pub enum Error {
     /// Socket-level failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The data directory (`--data-dir`) cannot be used: unreadable,
+    /// unwritable, or a restore into a registry that already has state.
+    #[error("data dir: {0}")]
+    DataDir(String),
     /// Reflection descriptors failed to load (a build defect).
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -52,7 +56,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::Transport(_) | Error::Io(_) | Error::Reflection(_) => {
+            Error::Transport(_) | Error::Io(_) | Error::DataDir(_) | Error::Reflection(_) => {
                 // Internal causes are logged here, not leaked to callers.
                 tracing::error!(error = %err, "internal error");
                 return Status::internal("internal error");

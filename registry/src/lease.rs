@@ -152,6 +152,10 @@ impl LeaseTable {
     /// Creates a lease owned by an identity.
     pub fn grant_owned(&self, ttl: Duration, owner: Option<Arc<str>>) -> Arc<Lease> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.insert(id, ttl, owner)
+    }
+
+    fn insert(&self, id: LeaseId, ttl: Duration, owner: Option<Arc<str>>) -> Arc<Lease> {
         let ttl_ms = ttl.as_millis() as u64;
         let deadline = self.clock.now_ms() + ttl_ms;
         let lease = Arc::new(Lease {
@@ -172,6 +176,35 @@ impl LeaseTable {
             self.wake.notify_one();
         }
         lease
+    }
+
+    /// Recreates a lease under the id it had before a restart (see
+    /// `crate::persist`), with a fresh TTL from now, as etcd restores leases.
+    /// Ids granted afterwards stay above every restored one, so a restored
+    /// lease can never be handed to somebody else. `None` when the id is
+    /// already in use.
+    pub fn restore(
+        &self,
+        id: LeaseId,
+        ttl: Duration,
+        owner: Option<Arc<str>>,
+    ) -> Option<Arc<Lease>> {
+        if id == 0 || self.leases.contains_key(&id) {
+            return None;
+        }
+        self.next_id
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        Some(self.insert(id, ttl, owner))
+    }
+
+    /// Every lease's id, TTL and owner, for a snapshot. Weakly consistent
+    /// (DashMap iteration): leases granted or revoked meanwhile may or may
+    /// not appear.
+    pub fn records(&self) -> Vec<(LeaseId, u64, Option<Arc<str>>)> {
+        self.leases
+            .iter()
+            .map(|l| (l.id, l.ttl_ms, l.owner.clone()))
+            .collect()
     }
 
     /// The lease if it exists and has not passed its deadline.
@@ -351,5 +384,29 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(table.pop_expired(table.clock().now_ms(), 10).is_empty());
         assert!(table.get_live(lease.id).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restored_lease_keeps_its_id_with_a_fresh_ttl() {
+        let table = LeaseTable::new(Clock::new());
+        let high = u64::MAX / 4;
+        let lease = table
+            .restore(high, Duration::from_secs(2), Some("svc".into()))
+            .unwrap();
+        assert_eq!(lease.id, high);
+        assert_eq!(lease.owner.as_deref(), Some("svc"));
+        assert!(
+            table.restore(high, Duration::from_secs(2), None).is_none(),
+            "id in use"
+        );
+        assert!(
+            table.grant(Duration::from_secs(1)).id > high,
+            "new ids stay above restored ones"
+        );
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(table.get_live(high).is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(table.get_live(high).is_none());
+        assert_eq!(table.records().len(), 2);
     }
 }

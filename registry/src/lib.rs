@@ -52,6 +52,7 @@ pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod persist;
 pub mod server;
 pub mod service;
 pub mod telemetry;

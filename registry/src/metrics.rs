@@ -233,6 +233,20 @@ pub struct Metrics {
     pub(crate) storm_backlog: AtomicUsize,
     /// True between the gRPC server starting and its shutdown signal.
     pub(crate) serving: AtomicBool,
+    /// Catalog snapshots written to the data directory.
+    pub(crate) snapshots_written: AtomicU64,
+    /// Catalog snapshots that failed to write.
+    pub(crate) snapshot_failures: AtomicU64,
+    /// Size of the last snapshot written.
+    pub(crate) snapshot_bytes: AtomicU64,
+    /// When the last snapshot was written (Unix ms; 0: never).
+    pub(crate) snapshot_unix_ms: AtomicU64,
+    /// How long the last snapshot took to collect and write.
+    pub(crate) snapshot_duration_us: AtomicU64,
+    /// Instances restored from the snapshot at start.
+    pub(crate) restored_instances: AtomicU64,
+    /// Leases restored from the snapshot at start.
+    pub(crate) restored_leases: AtomicU64,
     /// Per-RPC latency and status codes.
     pub(crate) rpc: RpcMetrics,
 }
@@ -254,6 +268,13 @@ impl Default for Metrics {
             storm_active: AtomicBool::new(false),
             storm_backlog: AtomicUsize::new(0),
             serving: AtomicBool::new(false),
+            snapshots_written: AtomicU64::new(0),
+            snapshot_failures: AtomicU64::new(0),
+            snapshot_bytes: AtomicU64::new(0),
+            snapshot_unix_ms: AtomicU64::new(0),
+            snapshot_duration_us: AtomicU64::new(0),
+            restored_instances: AtomicU64::new(0),
+            restored_leases: AtomicU64::new(0),
             rpc: RpcMetrics::new(),
         }
     }
@@ -325,6 +346,11 @@ impl fmt::Debug for Scrape {
 }
 
 fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn gauge_f64(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> fmt::Result {
     let g = ConstGauge::new(v);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
@@ -472,6 +498,49 @@ impl Collector for Scrape {
             "registry_expiry_throttled",
             "Due leases whose expiry the storm guard deferred",
             load(&m.storm_throttled),
+        )?;
+
+        counter(
+            &mut e,
+            "registry_snapshots_written",
+            "Catalog snapshots written to the data directory (--data-dir)",
+            load(&m.snapshots_written),
+        )?;
+        counter(
+            &mut e,
+            "registry_snapshot_failures",
+            "Catalog snapshots that failed to write (the previous one stays in place)",
+            load(&m.snapshot_failures),
+        )?;
+        gauge(
+            &mut e,
+            "registry_snapshot_bytes",
+            "Size of the last catalog snapshot",
+            load(&m.snapshot_bytes) as i64,
+        )?;
+        gauge_f64(
+            &mut e,
+            "registry_snapshot_timestamp_seconds",
+            "When the last catalog snapshot was written, Unix seconds (0: never)",
+            load(&m.snapshot_unix_ms) as f64 / 1e3,
+        )?;
+        gauge_f64(
+            &mut e,
+            "registry_snapshot_duration_seconds",
+            "Time the last catalog snapshot took to collect and write",
+            load(&m.snapshot_duration_us) as f64 / 1e6,
+        )?;
+        gauge(
+            &mut e,
+            "registry_restored_instances",
+            "Instances restored from the data directory at start",
+            load(&m.restored_instances) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "registry_restored_leases",
+            "Leases restored (with a fresh TTL) from the data directory at start",
+            load(&m.restored_leases) as i64,
         )?;
 
         let rpc = &m.rpc;

@@ -18,7 +18,8 @@ use crate::{
     xds::XdsService,
 };
 
-/// Serves a fresh registry on `listener` until `shutdown` resolves, then
+/// Serves a registry on `listener` (fresh, or restored from
+/// `config.data_dir`; see [`Registry::open`]) until `shutdown` resolves, then
 /// drains: health turns NOT_SERVING, watch and keepalive streams end with
 /// UNAVAILABLE, in-flight unary calls finish, for at most
 /// `config.shutdown_grace`.
@@ -27,7 +28,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let registry = Registry::new(config);
+    let registry = Registry::open(config)?;
     serve(listener, registry, shutdown).await
 }
 
@@ -55,8 +56,20 @@ pub async fn serve(
              this port can register instances and redirect traffic. Use --tls-cert/--tls-key and --auth-file."
         );
     }
+    if registry.etcd().is_some() && registry.config().data_dir.is_some() {
+        return Err(crate::error::Error::InvalidArgument(
+            "--data-dir is for the in-memory store; with --store etcd the catalog lives in etcd"
+                .into(),
+        ));
+    }
     let background = spawn_auth_maintenance(registry.clone(), auth.clone(), rate.clone());
     let expiry = registry.spawn_expiry();
+    let stop_snapshots = tokio_util::sync::CancellationToken::new();
+    let snapshots = registry
+        .config()
+        .data_dir
+        .clone()
+        .map(|dir| crate::persist::spawn(registry.clone(), dir, stop_snapshots.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -129,6 +142,11 @@ pub async fn serve(
     registry.metrics().set_serving(false);
     registry.shutdown();
     let _ = expiry.await;
+    if let Some(snapshots) = snapshots {
+        // After the drain: the final snapshot has every call that completed.
+        stop_snapshots.cancel();
+        let _ = snapshots.await;
+    }
     if let Some(store) = registry.etcd() {
         // Lets the node revoke its etcd lease: its instances leave the
         // cluster now rather than after the lease TTL.

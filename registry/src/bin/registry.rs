@@ -169,6 +169,16 @@ struct Args {
     /// through it outlive the node if it dies (with --store etcd).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     etcd_lease_ttl: Duration,
+    /// Keep a snapshot of the catalog and leases in this directory (created
+    /// if missing) and load it at start: a restarted registry answers with
+    /// the previous catalog at once, leases renewed for one TTL, instead of
+    /// waiting for services to re-register. In-memory store only.
+    #[arg(long, env = "REGISTRY_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// How often the snapshot in --data-dir is rewritten (when something
+    /// changed); it is also written at shutdown.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    snapshot_interval: Duration,
 }
 
 /// Where the catalog lives.
@@ -223,6 +233,8 @@ impl Args {
             auth_file: self.auth_file.clone(),
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst.unwrap_or(self.rate_limit.saturating_mul(2)),
+            data_dir: self.data_dir.clone(),
+            snapshot_interval: self.snapshot_interval,
         }
     }
 }
@@ -246,6 +258,16 @@ async fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if args.store == StoreKind::Etcd && args.data_dir.is_some() {
+        eprintln!(
+            "registry: --data-dir is for --store memory; with --store etcd the catalog lives in etcd"
+        );
+        return ExitCode::from(2);
+    }
+    if args.snapshot_interval.is_zero() {
+        eprintln!("registry: --snapshot-interval must be above 0");
+        return ExitCode::from(2);
+    }
     let config = args.config();
     if let Err(e) = registry::limits::validate(&config) {
         eprintln!("registry: {e}");
@@ -259,7 +281,13 @@ async fn main() -> ExitCode {
         }
     };
     let registry = match args.store {
-        StoreKind::Memory => Registry::new(config),
+        StoreKind::Memory => match Registry::open(config) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("registry: --data-dir: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         StoreKind::Etcd => {
             let mut options = registry::etcd::EtcdOptions::new(
                 registry::etcd::EtcdOptions::parse_endpoints(&args.etcd_endpoints),
