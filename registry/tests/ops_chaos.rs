@@ -4,7 +4,9 @@
 //! with SIGKILL and restarted on the same port. No call may fail, all 20
 //! instances must be back in Resolve within one TTL, and no instance may
 //! appear twice, in Resolve or in any list a caller's resolver publishes.
-//! Also exercises `--log-format json` and `--metrics-listen`.
+//! Also exercises `--log-format json` and `--metrics-listen`. Then the same
+//! crash with `--data-dir`: the restarted registry answers with all 20 at
+//! once, and no service has to register again.
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/common/prod.rs"]
@@ -48,9 +50,10 @@ struct Daemon {
 
 /// Starts the daemon on `listen`; `None` if it exited first (the port was
 /// not free yet after the previous process).
-async fn spawn(listen: &str) -> Option<Daemon> {
+async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .args(["--log-format", "json", "--min-ttl", "100ms"])
         // Warm-up of one TTL: long enough for every instance to re-register.
         .args(["--warmup", "2s", "--shutdown-grace", "1s"])
@@ -94,10 +97,10 @@ async fn spawn(listen: &str) -> Option<Daemon> {
 }
 
 /// Starts the daemon on `listen`, retrying while the port is still taken.
-async fn start(listen: &str) -> Daemon {
+async fn start(listen: &str, extra: &[&str]) -> Daemon {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(d) = spawn(listen).await {
+        if let Some(d) = spawn(listen, extra).await {
             return d;
         }
         assert!(
@@ -148,7 +151,7 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().to_string()
     };
-    let mut daemon = start(&listen).await;
+    let mut daemon = start(&listen, &[]).await;
     let url = format!("http://{}", daemon.grpc);
 
     let mut instances = Vec::new();
@@ -225,7 +228,7 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let restarted = Instant::now();
-    let daemon = start(&listen).await;
+    let daemon = start(&listen, &[]).await;
     let mut raw = RawClient::connect(format!("http://{}", daemon.grpc))
         .await
         .unwrap();
@@ -299,4 +302,130 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
         .and_then(|v| v.trim().parse().ok())
         .expect("registrations counter");
     assert!(registrations >= INSTANCES as u64, "{metrics}");
+}
+
+/// A counter or gauge's value in a scrape.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {scrape}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let dir = std::env::temp_dir().join(format!("registry-chaos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    let args = ["--data-dir", &dir_arg, "--snapshot-interval", "100ms"];
+    let mut daemon = start(&listen, &args).await;
+    let url = format!("http://{}", daemon.grpc);
+    let mut instances = Vec::new();
+    for i in 0..INSTANCES {
+        instances.push(ProdInstance::start(&url, &format!("prod-{i:02}"), TTL).await);
+    }
+    let expected: BTreeSet<String> = instances.iter().map(|i| i.id.clone()).collect();
+    // A snapshot taken after the last registration.
+    let written = metric(
+        &scrape(daemon.metrics).await,
+        "registry_snapshots_written_total",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(
+        &scrape(daemon.metrics).await,
+        "registry_snapshots_written_total",
+    ) <= written
+    {
+        assert!(Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    daemon.child.start_kill().expect("SIGKILL");
+    daemon.child.wait().await.unwrap();
+    let restarted = Instant::now();
+    let daemon = start(&listen, &args).await;
+    let mut raw = RawClient::connect(format!("http://{}", daemon.grpc))
+        .await
+        .unwrap();
+    let ids = resolve_ids(&mut raw).await;
+    println!(
+        "with --data-dir: {} of {INSTANCES} instances in the first Resolve, {:?} after the restart (process start included)",
+        ids.len(),
+        restarted.elapsed()
+    );
+    assert_eq!(
+        ids.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "the first answer after the restart is the whole catalog"
+    );
+    assert_eq!(ids.len(), INSTANCES, "{ids:?}");
+
+    // Past one TTL: every instance renewed its restored lease (none
+    // expired) and none had to register again.
+    tokio::time::sleep(TTL + TTL / 2).await;
+    let ids = resolve_ids(&mut raw).await;
+    assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    let scrape = scrape(daemon.metrics).await;
+    assert_eq!(
+        metric(&scrape, "registry_restored_instances"),
+        INSTANCES as f64
+    );
+    assert_eq!(
+        metric(&scrape, "registry_lease_expirations_total"),
+        0.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        metric(&scrape, "registry_registrations_total"),
+        0.0,
+        "{scrape}"
+    );
+    assert!(metric(&scrape, "registry_heartbeats_total{result=\"renewed\"}") > 0.0);
+    drop(instances);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// registry-bench's restart workload (issue 9's measurement) keeps working:
+/// both runs complete, and with `--data-dir` the first answer after the
+/// crash already holds every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_workload_measures_both_modes() {
+    use registry::bench::{Options, Workload, run};
+    let mut options = Options::for_url("http://127.0.0.1:1");
+    options.registry = None;
+    options.spawn_registry = Some(env!("CARGO_BIN_EXE_registry").into());
+    options.smoke = true;
+    options.duration = Duration::from_millis(300);
+    options.workload = vec![Workload::Restart];
+    let report = tokio::time::timeout(Duration::from_secs(60), run(options))
+        .await
+        .expect("restart workload finishes within a minute")
+        .expect("restart workload succeeds");
+    println!("{report}");
+    let rows: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.name.starts_with("restart"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{report}");
+    for row in &rows {
+        assert_eq!(row.errors, 0, "{report}");
+        assert!(
+            row.notes.iter().any(|n| n.starts_with("complete catalog")),
+            "{report}"
+        );
+    }
+    let total = rows[1].ops;
+    assert!(rows[1].name.ends_with("--data-dir"), "{report}");
+    assert!(
+        rows[1]
+            .notes
+            .contains(&format!("{total} of {total} in the first answer")),
+        "{report}"
+    );
 }

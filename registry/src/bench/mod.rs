@@ -14,11 +14,14 @@
 //!   `/proc` figures (RSS, CPU time).
 //! - `echo`: the ceiling service.
 //! - `workloads`: one function per workload of issue 7.
+//! - `restart`: restart to complete catalog, with and without `--data-dir`
+//!   (issue 9); it starts and kills registry processes of its own.
 //! - `report`: the rows and the table printed at the end.
 
 mod echo;
 mod load;
 mod report;
+mod restart;
 mod target;
 mod workloads;
 
@@ -45,7 +48,11 @@ pub enum Workload {
     Expiry,
     /// 7: registry RSS per instance, and the time to register them.
     Memory,
-    /// Every workload above, in order.
+    /// 8: restart to complete catalog, without and with `--data-dir`. Starts
+    /// and SIGKILLs `registry` processes of its own (`--spawn-registry` or
+    /// the binary next to this one), so `all` does not include it.
+    Restart,
+    /// Workloads 0-7, in order.
     All,
 }
 
@@ -130,6 +137,16 @@ pub struct Options {
     /// take the cores the registry is being measured on.
     #[arg(long, value_enum, default_value = "full")]
     pub resolve_decode: ResolveDecode,
+    /// Clients (each its own connection and keepalive stream, like a
+    /// service process) of the restart workload.
+    #[arg(long, default_value_t = 1000)]
+    pub restart_clients: usize,
+    /// Instances each restart client registers.
+    #[arg(long, default_value_t = 10)]
+    pub restart_instances_per_client: usize,
+    /// TTL of the restart workload's instances (they renew every TTL/3).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub restart_ttl: Duration,
 }
 
 /// See [`Options::resolve_decode`].
@@ -166,6 +183,9 @@ impl Options {
             self.expiry_leases = self.expiry_leases.min(20);
             self.expiry_ttl = self.expiry_ttl.min(Duration::from_millis(500));
             self.instances = vec![2_000, 5_000];
+            self.restart_clients = self.restart_clients.min(20);
+            self.restart_instances_per_client = self.restart_instances_per_client.min(5);
+            self.restart_ttl = self.restart_ttl.min(Duration::from_secs(2));
         }
         self.concurrency = self.concurrency.max(1);
         self.connections = self.connections.clamp(1, self.concurrency);
@@ -175,7 +195,8 @@ impl Options {
     }
 
     fn wants(&self, w: Workload) -> bool {
-        self.workload.contains(&w) || self.workload.contains(&Workload::All)
+        self.workload.contains(&w)
+            || (w != Workload::Restart && self.workload.contains(&Workload::All))
     }
 }
 
@@ -221,8 +242,11 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
     report.set_ceiling(&ceiling);
     report.push(ceiling);
 
-    let only_ceiling = options.workload.iter().all(|w| *w == Workload::Ceiling);
-    if only_ceiling {
+    let needs_no_target = |w: &Workload| *w == Workload::Ceiling || *w == Workload::Restart;
+    if options.workload.iter().all(needs_no_target) {
+        if options.wants(Workload::Restart) {
+            report.extend(restart::restart(&options).await?);
+        }
         return Ok(report);
     }
     let target = target::Target::open(&options).await?;
@@ -260,6 +284,9 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
         let target = fresh.as_ref().unwrap_or(&target);
         let mut ctx = workloads::Ctx::new(&options, target).await?;
         report.extend(workloads::memory(&mut ctx).await?);
+    }
+    if options.wants(Workload::Restart) {
+        report.extend(restart::restart(&options).await?);
     }
     Ok(report)
 }

@@ -70,6 +70,35 @@ impl Target {
         Self::spawn(&path).await
     }
 
+    /// The `registry` binary the options name (`--spawn-registry`, else the
+    /// one next to this executable), for workloads that start their own.
+    pub(crate) fn binary(options: &Options) -> Result<PathBuf, BenchError> {
+        match &options.spawn_registry {
+            Some(p) => Ok(p.clone()),
+            None => sibling_registry(),
+        }
+    }
+
+    /// A free loopback `host:port` (bound, then released).
+    pub(crate) fn free_listen() -> Result<String, BenchError> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|source| BenchError::Io {
+                what: "finding a free loopback port".into(),
+                source,
+            })?
+            .port();
+        Ok(format!("127.0.0.1:{port}"))
+    }
+
+    /// SIGKILL, as a crash: nothing is flushed or drained.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Whether this process started the registry (and so may restart it).
     pub(crate) fn is_spawned(&self) -> bool {
         self.child.is_some()
@@ -79,18 +108,21 @@ impl Target {
         // Bind port 0 to learn a free port, release it, hand it over. The
         // race with another process grabbing it in between is harmless here:
         // the registry then fails to bind and we report it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|source| BenchError::Io {
-                what: "finding a free loopback port".into(),
-                source,
-            })?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
+        Self::spawn_at(path, &Self::free_listen()?, &[]).await
+    }
+
+    /// Spawns `path` on `listen` with extra flags, and waits until it
+    /// answers Status.
+    pub(crate) async fn spawn_at(
+        path: &Path,
+        listen: &str,
+        extra: &[String],
+    ) -> Result<Self, BenchError> {
         let mut child = Command::new(path)
             .arg("--listen")
-            .arg(&listen)
+            .arg(listen)
             .args(SPAWN_FLAGS)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
