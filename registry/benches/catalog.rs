@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the catalog and the registry handle on top of it:
 //! Resolve's lock-free snapshot read (with 100k other instances held), the
-//! snapshot rebuild after a change, and a write transaction's commit.
+//! snapshot rebuild after a change, a write transaction's commit, and the
+//! `--data-dir` snapshot's write and restore.
 
 // criterion_group! generates undocumented public functions.
 #![allow(missing_docs)]
@@ -132,5 +133,35 @@ fn commit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, resolve, commit);
+/// The `--data-dir` snapshot: writing 100k instances (one lease each) to
+/// disk while the registry runs, and restoring them at start.
+fn snapshot(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("registry-bench-snapshot-{}", std::process::id()));
+    let config = Config {
+        data_dir: Some(dir.clone()),
+        ..Config::default()
+    };
+    let registry = Registry::open(config.clone()).unwrap();
+    for i in 0..HELD {
+        registry
+            .register(RegisterRequest {
+                instance: Some(instance(&format!("fill-{}", i % 1000), &format!("f{i}"))),
+                ttl_ms: 3_600_000,
+                lease_id: 0,
+            })
+            .unwrap();
+    }
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    group.bench_function("write 100k instances", |b| {
+        b.iter(|| black_box(registry::persist::write(&registry, &dir).unwrap()))
+    });
+    group.bench_function("restore 100k instances", |b| {
+        b.iter(|| black_box(Registry::open(config.clone()).unwrap()))
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, resolve, commit, snapshot);
 criterion_main!(benches);

@@ -131,12 +131,12 @@ impl Registry {
     /// while it runs.
     pub fn open(config: Config) -> Result<Self> {
         let mut registry = Self::new(config);
-        if let Some(dir) = registry.config().data_dir.clone() {
-            if let Some(restored) = crate::persist::restore(&registry, &dir)? {
-                let shared =
-                    Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
-                shared.lease_epoch = restored.lease_epoch;
-            }
+        if let Some(dir) = registry.config().data_dir.clone()
+            && let Some(restored) = crate::persist::restore(&registry, &dir)?
+        {
+            let shared =
+                Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
+            shared.lease_epoch = restored.lease_epoch;
         }
         Ok(registry)
     }

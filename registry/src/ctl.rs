@@ -493,6 +493,11 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
                 version: &st.version,
                 uptime_ms: st.uptime_ms,
                 epoch: server.epoch,
+                lease_epoch: if server.lease_epoch == 0 {
+                    server.epoch
+                } else {
+                    server.lease_epoch
+                },
                 warming_up: server.warming_up,
                 revision: st.revision,
                 services: st.services,
@@ -988,6 +993,7 @@ struct JsonStatus<'a> {
     version: &'a str,
     uptime_ms: u64,
     epoch: u64,
+    lease_epoch: u64,
     warming_up: bool,
     revision: u64,
     services: u64,

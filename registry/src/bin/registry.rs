@@ -273,13 +273,6 @@ async fn main() -> ExitCode {
         eprintln!("registry: {e}");
         return ExitCode::from(2);
     }
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("registry: cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
-        }
-    };
     let registry = match args.store {
         StoreKind::Memory => match Registry::open(config) {
             Ok(r) => r,
@@ -301,6 +294,15 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+        }
+    };
+    // Bound after the registry is loaded: a client never waits on a port
+    // whose catalog is still being restored.
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("registry: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
         }
     };
     let stop_ops = CancellationToken::new();
