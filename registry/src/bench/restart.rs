@@ -141,7 +141,15 @@ async fn run(options: &Options, path: &Path, with_data_dir: bool) -> Result<Row,
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    drop(held);
+    // Deregister while the registry still runs, so no client is left
+    // retrying against a registry about to be killed.
+    stream::iter(held)
+        .for_each_concurrent(SETUP_PARALLELISM, |(_client, regs)| async move {
+            for r in regs {
+                let _ = r.deregister().await;
+            }
+        })
+        .await;
     drop(target);
     let _ = std::fs::remove_dir_all(&dir);
 
