@@ -92,8 +92,28 @@ async fn killed_instance_stops_receiving_calls_within_a_second() {
     // Short TTL: a crashed instance's lease expires in 300 ms and the
     // resulting DELETE reaches the balancer through Watch.
     let (a, _b, channel) = two_instances(&server, Duration::from_millis(300)).await;
+    // A resolver of our own shows when the DELETE has gone out: until then
+    // the balancer may still route to prod-a's dead address, so a clean
+    // batch before it would prove nothing.
+    let watcher = RegistryClient::connect(&server.url).await.unwrap();
+    let resolver = watcher.resolver("prod");
+    let mut views = resolver.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        views.wait_for(|s| s.instances.len() == 2),
+    )
+    .await
+    .expect("resolver sees both")
+    .unwrap();
 
     a.kill();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        views.wait_for(|s| !s.instances.iter().any(|i| i.id == "prod-a")),
+    )
+    .await
+    .expect("prod-a's lease expires and its DELETE is pushed within 1 s")
+    .unwrap();
     calls_until(
         &channel,
         Duration::from_secs(1),
