@@ -37,6 +37,7 @@
 
 pub mod resources;
 mod sotw;
+mod watches;
 
 use std::{pin::Pin, sync::Arc};
 

@@ -10,7 +10,6 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
 };
 
@@ -21,76 +20,16 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use futures::{FutureExt, Stream, StreamExt, stream::SelectAll};
+use futures::{Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::{
     CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType, resources,
+    watches::{Change, Opened, Watches},
 };
-use crate::{
-    catalog::{ServiceSnapshot, WatchFilter, WatcherHandle},
-    core::Registry,
-    validate,
-};
-
-/// What a watch-all watcher reports.
-enum Change {
-    /// These services changed.
-    Services(Vec<Arc<str>>),
-    /// The watcher fell behind and was reset: anything may have changed.
-    Everything,
-}
-
-type ChangeStream = Pin<Box<dyn Stream<Item = Change> + Send>>;
-type ServiceStream = Pin<Box<dyn Stream<Item = Arc<str>> + Send>>;
-
-/// Turns a watcher into a stream of "something changed" signals, several
-/// queued revisions coalescing into one. An overflowed watcher is reset
-/// (its queue is useless: the stream re-reads snapshots anyway).
-fn changes(registry: Registry, mut handle: WatcherHandle) -> ChangeStream {
-    Box::pin(async_stream::stream! {
-        loop {
-            if handle.overflowed() {
-                let _ = registry.catalog().resnapshot(&mut handle);
-                yield Change::Everything;
-                continue;
-            }
-            let Some(batch) = handle.recv().await else { break };
-            let mut services: Vec<Arc<str>> = Vec::new();
-            let mut add = |batch: &crate::catalog::RevisionBatch| {
-                for ev in &batch.events {
-                    let s = ev.instance.service.as_str();
-                    if !services.iter().any(|have| &**have == s) {
-                        services.push(s.into());
-                    }
-                }
-            };
-            add(&batch);
-            while let Some(more) = handle.try_recv() {
-                add(&more);
-            }
-            yield Change::Services(services);
-        }
-    })
-}
-
-/// A per-service watcher's signals, tagged with the service and ending when
-/// the subscription is cancelled.
-fn service_changes(
-    registry: Registry,
-    handle: WatcherHandle,
-    service: Arc<str>,
-    cancel: CancellationToken,
-) -> ServiceStream {
-    Box::pin(
-        changes(registry, handle)
-            .map(move |_| service.clone())
-            .take_until(cancel.cancelled_owned()),
-    )
-}
+use crate::{catalog::ServiceSnapshot, core::Registry, validate};
 
 /// The client's subscription to one resource type.
 #[derive(Debug, Default)]
@@ -171,11 +110,8 @@ struct Ads {
     dirty: HashSet<Arc<str>>,
     /// Anything may have changed (a watcher was reset, warm-up ended).
     all_dirty: bool,
-    /// Per-service watchers, by subscription, each with its cancel token.
-    watched: HashMap<Arc<str>, CancellationToken>,
-    watchers: SelectAll<ServiceStream>,
-    /// The watch-all watcher, while a wildcard CDS/EDS subscription exists.
-    wildcard: Option<ChangeStream>,
+    /// The catalog watchers matching the subscriptions.
+    watches: Watches,
     /// When a withheld response is to be reconsidered (end of warm-up).
     recheck_at: Option<Instant>,
 }
@@ -188,6 +124,7 @@ impl Ads {
         may_read: ReadCheck,
     ) -> Self {
         Self {
+            watches: Watches::new(registry.clone(), conn),
             registry,
             cache,
             conn,
@@ -197,9 +134,6 @@ impl Ads {
             next_nonce: 0,
             dirty: HashSet::new(),
             all_dirty: false,
-            watched: HashMap::new(),
-            watchers: SelectAll::new(),
-            wildcard: None,
             recheck_at: None,
         }
     }
@@ -266,60 +200,24 @@ impl Ads {
         let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
             .iter()
             .any(|t| self.subs[*t as usize].active && self.subs[*t as usize].wildcard);
-        if want_all {
-            for (_, cancel) in self.watched.drain() {
-                cancel.cancel();
-            }
-            if self.wildcard.is_none() {
-                let handle = self.watch(WatchFilter::default())?;
-                self.wildcard = Some(changes(self.registry.clone(), handle));
-                self.all_dirty = true;
-            }
-            return Ok(());
-        }
-        self.wildcard = None;
-        let wanted: HashSet<Arc<str>> = self
-            .subs
-            .iter()
-            .filter(|s| s.active)
-            .flat_map(|s| s.names.iter().cloned())
-            .filter(|n| validate::service_name("resource_names", n).is_ok() && (self.may_read)(n))
-            .collect();
-        self.watched.retain(|name, cancel| {
-            let keep = wanted.contains(name);
-            if !keep {
-                cancel.cancel();
-            }
-            keep
-        });
-        for name in wanted {
-            if self.watched.contains_key(&name) {
-                continue;
-            }
-            let handle = self.watch(WatchFilter {
-                service: Some(name.clone()),
-                selector: Vec::new(),
-                reader: None,
-            })?;
-            let cancel = CancellationToken::new();
-            self.watchers.push(service_changes(
-                self.registry.clone(),
-                handle,
-                name.clone(),
-                cancel.clone(),
-            ));
-            self.watched.insert(name.clone(), cancel);
+        let wanted: HashSet<Arc<str>> = if want_all {
+            HashSet::new()
+        } else {
+            self.subs
+                .iter()
+                .filter(|s| s.active)
+                .flat_map(|s| s.names.iter().cloned())
+                .filter(|n| {
+                    validate::service_name("resource_names", n).is_ok() && (self.may_read)(n)
+                })
+                .collect()
+        };
+        match self.watches.sync(want_all, wanted)? {
+            Opened::Everything => self.all_dirty = true,
             // Read after the watcher exists, so no change falls in between.
-            self.dirty.insert(name);
+            Opened::Services(opened) => self.dirty.extend(opened),
         }
         Ok(())
-    }
-
-    fn watch(&self, filter: WatchFilter) -> Result<WatcherHandle, Status> {
-        // The initial snapshot is not needed: the stream reads the service's
-        // snapshot itself when computing a response.
-        let (handle, _start) = self.registry.watch(filter, 0, 0, self.conn)?;
-        Ok(handle)
     }
 
     /// The responses now due, in push order. Clears the dirty set.
@@ -564,14 +462,6 @@ fn candidates(sub: &Subscription, dirty: Option<&HashSet<Arc<str>>>) -> Vec<Arc<
     }
 }
 
-/// Waits for the watch-all watcher's next change, or forever without one.
-async fn next_wildcard(w: &mut Option<ChangeStream>) -> Option<Change> {
-    match w {
-        Some(s) => s.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The response stream of one StreamAggregatedResources call. Ends with
 /// `UNAVAILABLE` when the registry shuts down; dropping it (client gone)
 /// drops its watchers.
@@ -613,14 +503,7 @@ where
                     }
                     None => break,
                 },
-                Some(service) = ads.watchers.next(), if !ads.watchers.is_empty() => {
-                    ads.dirty.insert(service);
-                    // Coalesce whatever else is ready into this computation.
-                    while let Some(Some(more)) = ads.watchers.next().now_or_never() {
-                        ads.dirty.insert(more);
-                    }
-                }
-                change = next_wildcard(&mut ads.wildcard) => match change {
+                change = ads.watches.next() => match change {
                     Some(Change::Services(services)) => ads.dirty.extend(services),
                     Some(Change::Everything) => ads.all_dirty = true,
                     None => break,
