@@ -7,8 +7,12 @@
 //! - [`XdsService`] is the gRPC adapter for
 //!   `envoy.service.discovery.v3.AggregatedDiscoveryService`; each
 //!   state-of-the-world stream runs the protocol machine in `sotw`: the
-//!   client's subscriptions per resource type, nonces, ACK/NACK, and catalog
-//!   watchers on exactly the services it subscribed to.
+//!   client's subscriptions per resource type, nonces, ACK/NACK; each
+//!   incremental stream (`DeltaAggregatedResources`, Envoy's `DELTA_GRPC`)
+//!   runs the one in `delta`, which tracks the version of every resource the
+//!   client has and sends only what changed, with removals by name.
+//! - `watches` holds a stream's catalog watchers, on exactly the services it
+//!   subscribed to; `view` the snapshot reads of one computation.
 //!
 //! Pushes: every stream holds an ordinary catalog watcher per subscribed
 //! service (or one watch-all watcher while it has a wildcard CDS/EDS
@@ -35,8 +39,10 @@
 //! identity may read; any other name is answered as not existing, exactly
 //! like an unknown service, so names are not leaked either.
 
+mod delta;
 pub mod resources;
 mod sotw;
+mod view;
 mod watches;
 
 use std::{pin::Pin, sync::Arc};
@@ -163,6 +169,15 @@ impl LoadAssignmentCache {
     }
 }
 
+/// What the caller may read: everything with auth off, else its identity's
+/// read grants.
+fn read_check<T>(request: &Request<T>) -> ReadCheck {
+    match auth::caller(request) {
+        Some(identity) => Arc::new(move |service: &str| identity.may(Action::Read, service)),
+        None => Arc::new(|_: &str| true),
+    }
+}
+
 /// Boxed response stream, as the generated trait wants.
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -199,10 +214,7 @@ impl AggregatedDiscoveryService for XdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let conn = request.remote_addr();
-        let may_read: ReadCheck = match auth::caller(&request) {
-            Some(identity) => Arc::new(move |service: &str| identity.may(Action::Read, service)),
-            None => Arc::new(|_: &str| true),
-        };
+        let may_read = read_check(&request);
         let stream = sotw::stream(
             self.registry.clone(),
             self.cache.clone(),
@@ -217,11 +229,17 @@ impl AggregatedDiscoveryService for XdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental (delta) xDS is not served; use state-of-the-world ADS \
-             (Envoy: api_type GRPC; gRPC clients use it by default)",
-        ))
+        let conn = request.remote_addr();
+        let may_read = read_check(&request);
+        let stream = delta::stream(
+            self.registry.clone(),
+            self.cache.clone(),
+            conn,
+            may_read,
+            request.into_inner(),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

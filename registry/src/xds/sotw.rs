@@ -27,9 +27,10 @@ use tracing::{debug, info, warn};
 
 use super::{
     CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType, resources,
+    view::Ctx,
     watches::{Change, Opened, Watches},
 };
-use crate::{catalog::ServiceSnapshot, core::Registry, validate};
+use crate::{core::Registry, validate};
 
 /// The client's subscription to one resource type.
 #[derive(Debug, Default)]
@@ -223,15 +224,7 @@ impl Ads {
     /// The responses now due, in push order. Clears the dirty set.
     fn responses(&mut self) -> Vec<DiscoveryResponse> {
         let info = self.registry.server_info();
-        let mut ctx = Ctx {
-            registry: &self.registry,
-            cache: &self.cache,
-            may_read: &self.may_read,
-            snapshots: HashMap::new(),
-            revision: self.registry.catalog().revision(),
-            warming: info.warming_up,
-            held: false,
-        };
+        let mut ctx = Ctx::new(&self.registry, &self.cache, &self.may_read, info.warming_up);
         let mut out = Vec::new();
         for ty in ResourceType::ALL {
             let sub = &mut self.subs[ty as usize];
@@ -281,52 +274,7 @@ impl Ads {
     }
 }
 
-/// One computation of responses: snapshot reads shared by the types.
-struct Ctx<'a> {
-    registry: &'a Registry,
-    cache: &'a LoadAssignmentCache,
-    may_read: &'a ReadCheck,
-    snapshots: HashMap<Arc<str>, Option<Arc<ServiceSnapshot>>>,
-    /// Highest revision any read reflects: the response version.
-    revision: u64,
-    warming: bool,
-    /// Something was withheld for warm-up.
-    held: bool,
-}
-
 impl Ctx<'_> {
-    /// The service's snapshot if the subscriber may see it.
-    fn snapshot(&mut self, name: &Arc<str>) -> Option<Arc<ServiceSnapshot>> {
-        if let Some(s) = self.snapshots.get(name) {
-            return s.clone();
-        }
-        let snap = if (self.may_read)(name) {
-            let (snap, revision) = self.registry.catalog().resolve(name);
-            self.revision = self.revision.max(revision);
-            snap
-        } else {
-            None
-        };
-        self.snapshots.insert(name.clone(), snap.clone());
-        snap
-    }
-
-    /// Whether the service has live instances the subscriber may see.
-    fn live(&mut self, name: &Arc<str>) -> bool {
-        self.snapshot(name).is_some_and(|s| !s.instances.is_empty())
-    }
-
-    /// Every live service, for wildcard subscriptions.
-    fn live_services(&mut self) -> Vec<Arc<str>> {
-        let (services, revision) = self.registry.catalog().list_services();
-        self.revision = self.revision.max(revision);
-        services
-            .into_iter()
-            .filter(|(name, n)| *n > 0 && (self.may_read)(name))
-            .map(|(name, _)| name)
-            .collect()
-    }
-
     /// Listener or Cluster: the full set, sent when it differs from what
     /// the client has (or is owed). `None` when nothing is to be sent.
     fn full_state(
