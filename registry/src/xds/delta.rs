@@ -32,15 +32,17 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
-    CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType, resources,
+    CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType,
+    driver::{self, Protocol, StreamState},
+    resources,
     view::Ctx,
-    watches::{Change, Opened, Watches},
+    watches::Opened,
 };
 use crate::{core::Registry, validate};
 
@@ -130,18 +132,27 @@ impl Subscription {
 struct Delta {
     registry: Registry,
     cache: Arc<LoadAssignmentCache>,
-    conn: Option<SocketAddr>,
     may_read: ReadCheck,
-    node: String,
     subs: [Subscription; 4],
     next_nonce: u64,
-    /// Services changed since the last computation.
-    dirty: HashSet<Arc<str>>,
-    /// Anything may have changed (a watcher was reset, warm-up ended).
-    all_dirty: bool,
-    watches: Watches,
-    /// When a withheld answer is to be reconsidered (end of warm-up).
-    recheck_at: Option<Instant>,
+    st: StreamState,
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        Delta::on_request(self, req)
+    }
+
+    fn responses(&mut self) -> Vec<DeltaDiscoveryResponse> {
+        Delta::responses(self)
+    }
+
+    fn state(&mut self) -> &mut StreamState {
+        &mut self.st
+    }
 }
 
 impl Delta {
@@ -152,39 +163,25 @@ impl Delta {
         may_read: ReadCheck,
     ) -> Self {
         Self {
-            watches: Watches::new(registry.clone(), conn),
+            st: StreamState::new(registry.clone(), conn),
             registry,
             cache,
-            conn,
             may_read,
-            node: String::new(),
             subs: Default::default(),
             next_nonce: 0,
-            dirty: HashSet::new(),
-            all_dirty: false,
-            recheck_at: None,
         }
     }
 
     fn on_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if self.node.is_empty()
-            && let Some(node) = &req.node
-        {
-            self.node = if node.id.is_empty() {
-                "<no id>".to_owned()
-            } else {
-                node.id.clone()
-            };
-            info!(node = %self.node, conn = ?self.conn, "xds: delta ADS stream opened");
-        }
+        self.st.saw_node(req.node.as_ref(), "delta");
         let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
-            debug!(node = %self.node, type_url = %req.type_url, "xds: ignoring delta request for an unserved type");
+            debug!(node = %self.st.node, type_url = %req.type_url, "xds: ignoring delta request for an unserved type");
             return Ok(());
         };
         if !req.response_nonce.is_empty() {
             match &req.error_detail {
                 Some(err) => warn!(
-                    node = %self.node,
+                    node = %self.st.node,
                     ?ty,
                     nonce = %req.response_nonce,
                     code = err.code,
@@ -192,7 +189,7 @@ impl Delta {
                     "xds: client rejected (NACK) a delta response; it keeps its previous resources"
                 ),
                 None => {
-                    debug!(node = %self.node, ?ty, nonce = %req.response_nonce, "xds: delta ACK")
+                    debug!(node = %self.st.node, ?ty, nonce = %req.response_nonce, "xds: delta ACK")
                 }
             }
         }
@@ -224,9 +221,9 @@ impl Delta {
                 })
                 .collect()
         };
-        match self.watches.sync(want_all, wanted)? {
-            Opened::Everything => self.all_dirty = true,
-            Opened::Services(opened) => self.dirty.extend(opened),
+        match self.st.watches.sync(want_all, wanted)? {
+            Opened::Everything => self.st.all_dirty = true,
+            Opened::Services(opened) => self.st.dirty.extend(opened),
         }
         Ok(())
     }
@@ -242,7 +239,7 @@ impl Delta {
             if !sub.active {
                 continue;
             }
-            let everything = self.all_dirty || sub.owed || sub.held;
+            let everything = self.st.all_dirty || sub.owed || sub.held;
             let mut names: BTreeSet<Arc<str>> = sub.fresh.clone();
             if everything {
                 names.extend(sub.names.iter().cloned());
@@ -252,7 +249,8 @@ impl Delta {
                 }
             } else {
                 names.extend(
-                    self.dirty
+                    self.st
+                        .dirty
                         .iter()
                         .filter(|d| sub.covers(ty, d) || sub.have.contains_key(*d))
                         .cloned(),
@@ -315,7 +313,7 @@ impl Delta {
             }
             self.next_nonce += 1;
             debug!(
-                node = %self.node,
+                node = %self.st.node,
                 ?ty,
                 updated = resources.len(),
                 removed = removed.len(),
@@ -334,9 +332,9 @@ impl Delta {
                 ..Default::default()
             });
         }
-        self.dirty.clear();
-        self.all_dirty = false;
-        self.recheck_at = ctx.held.then(|| {
+        self.st.dirty.clear();
+        self.st.all_dirty = false;
+        self.st.recheck_at = ctx.held.then(|| {
             Instant::now() + std::time::Duration::from_millis(info.warmup_remaining_ms.max(1))
         });
         out
@@ -387,57 +385,22 @@ impl Ctx<'_> {
     }
 }
 
-/// The response stream of one DeltaAggregatedResources call. Ends with
-/// `UNAVAILABLE` when the registry shuts down; dropping it (client gone)
-/// drops its watchers.
+/// The response stream of one DeltaAggregatedResources call (see
+/// [`driver::drive`]).
 pub(super) fn stream<R>(
     registry: Registry,
     cache: Arc<LoadAssignmentCache>,
     conn: Option<SocketAddr>,
     may_read: ReadCheck,
-    mut requests: R,
+    requests: R,
 ) -> impl Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static
 where
     R: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send + Unpin + 'static,
 {
-    async_stream::stream! {
-        let shutdown = registry.shutdown_token().clone();
-        let mut delta = Delta::new(registry, cache, conn, may_read);
-        loop {
-            for response in delta.responses() {
-                yield Ok(response);
-            }
-            let recheck = delta.recheck_at;
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    yield Err(Status::unavailable("registry is shutting down; reconnect"));
-                    break;
-                }
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if let Err(status) = delta.on_request(req) {
-                            warn!(node = %delta.node, %status, "xds: closing delta ADS stream");
-                            yield Err(status);
-                            break;
-                        }
-                    }
-                    Some(Err(status)) => {
-                        debug!(node = %delta.node, %status, "xds: delta ADS stream ended by the client");
-                        break;
-                    }
-                    None => break,
-                },
-                change = delta.watches.next() => match change {
-                    Some(Change::Services(services)) => delta.dirty.extend(services),
-                    Some(Change::Everything) => delta.all_dirty = true,
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => {
-                    delta.recheck_at = None;
-                }
-            }
-        }
-        debug!(node = %delta.node, "xds: delta ADS stream closed");
-    }
+    let shutdown = registry.shutdown_token().clone();
+    driver::drive(
+        Delta::new(registry, cache, conn, may_read),
+        shutdown,
+        requests,
+    )
 }

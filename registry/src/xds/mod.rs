@@ -11,7 +11,8 @@
 //!   incremental stream (`DeltaAggregatedResources`, Envoy's `DELTA_GRPC`)
 //!   runs the one in `delta`, which tracks the version of every resource the
 //!   client has and sends only what changed, with removals by name.
-//! - `watches` holds a stream's catalog watchers, on exactly the services it
+//! - `driver` runs either machine's loop (requests, catalog changes,
+//!   warm-up, shutdown); `watches` holds a stream's catalog watchers, on exactly the services it
 //!   subscribed to; `view` the snapshot reads of one computation.
 //!
 //! Pushes: every stream holds an ordinary catalog watcher per subscribed
@@ -40,6 +41,7 @@
 //! like an unknown service, so names are not leaked either.
 
 mod delta;
+mod driver;
 pub mod resources;
 mod sotw;
 mod view;

@@ -20,15 +20,17 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
-    CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType, resources,
+    CONTROL_PLANE_ID, LoadAssignmentCache, MAX_RESOURCE_NAMES, ReadCheck, ResourceType,
+    driver::{self, Protocol, StreamState},
+    resources,
     view::Ctx,
-    watches::{Change, Opened, Watches},
+    watches::Opened,
 };
 use crate::{core::Registry, validate};
 
@@ -102,19 +104,27 @@ impl Subscription {
 struct Ads {
     registry: Registry,
     cache: Arc<LoadAssignmentCache>,
-    conn: Option<SocketAddr>,
     may_read: ReadCheck,
-    node: String,
     subs: [Subscription; 4],
     next_nonce: u64,
-    /// Services changed since the last computation.
-    dirty: HashSet<Arc<str>>,
-    /// Anything may have changed (a watcher was reset, warm-up ended).
-    all_dirty: bool,
-    /// The catalog watchers matching the subscriptions.
-    watches: Watches,
-    /// When a withheld response is to be reconsidered (end of warm-up).
-    recheck_at: Option<Instant>,
+    st: StreamState,
+}
+
+impl Protocol for Ads {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        Ads::on_request(self, req)
+    }
+
+    fn responses(&mut self) -> Vec<DiscoveryResponse> {
+        Ads::responses(self)
+    }
+
+    fn state(&mut self) -> &mut StreamState {
+        &mut self.st
+    }
 }
 
 impl Ads {
@@ -125,34 +135,20 @@ impl Ads {
         may_read: ReadCheck,
     ) -> Self {
         Self {
-            watches: Watches::new(registry.clone(), conn),
+            st: StreamState::new(registry.clone(), conn),
             registry,
             cache,
-            conn,
             may_read,
-            node: String::new(),
             subs: Default::default(),
             next_nonce: 0,
-            dirty: HashSet::new(),
-            all_dirty: false,
-            recheck_at: None,
         }
     }
 
     /// Handles one request: ACK, NACK, stale, or (re)subscription.
     fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        if self.node.is_empty()
-            && let Some(node) = &req.node
-        {
-            self.node = if node.id.is_empty() {
-                "<no id>".to_owned()
-            } else {
-                node.id.clone()
-            };
-            info!(node = %self.node, conn = ?self.conn, "xds: ADS stream opened");
-        }
+        self.st.saw_node(req.node.as_ref(), "state of the world");
         let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
-            debug!(node = %self.node, type_url = %req.type_url, "xds: ignoring request for an unserved type");
+            debug!(node = %self.st.node, type_url = %req.type_url, "xds: ignoring request for an unserved type");
             return Ok(());
         };
         let sub = &mut self.subs[ty as usize];
@@ -164,12 +160,12 @@ impl Ads {
             {
                 // A newer response is on its way; the client will answer
                 // that one with its current subscription.
-                debug!(node = %self.node, ?ty, nonce = %req.response_nonce, "xds: stale nonce ignored");
+                debug!(node = %self.st.node, ?ty, nonce = %req.response_nonce, "xds: stale nonce ignored");
                 return Ok(());
             }
             match &req.error_detail {
                 Some(err) => warn!(
-                    node = %self.node,
+                    node = %self.st.node,
                     ?ty,
                     rejected_version = %req.version_info,
                     kept_version = sub.acked.as_deref().unwrap_or(""),
@@ -178,7 +174,7 @@ impl Ads {
                     "xds: client rejected (NACK) a response; it keeps its last accepted version"
                 ),
                 None => {
-                    debug!(node = %self.node, ?ty, version = %req.version_info, "xds: ACK");
+                    debug!(node = %self.st.node, ?ty, version = %req.version_info, "xds: ACK");
                     sub.acked = Some(req.version_info.clone());
                 }
             }
@@ -213,10 +209,10 @@ impl Ads {
                 })
                 .collect()
         };
-        match self.watches.sync(want_all, wanted)? {
-            Opened::Everything => self.all_dirty = true,
+        match self.st.watches.sync(want_all, wanted)? {
+            Opened::Everything => self.st.all_dirty = true,
             // Read after the watcher exists, so no change falls in between.
-            Opened::Services(opened) => self.dirty.extend(opened),
+            Opened::Services(opened) => self.st.dirty.extend(opened),
         }
         Ok(())
     }
@@ -231,17 +227,17 @@ impl Ads {
             if !sub.active {
                 continue;
             }
-            let touched = self.all_dirty
+            let touched = self.st.all_dirty
                 || sub.owed
                 || sub.held
-                || self.dirty.iter().any(|d| sub.covers(d))
+                || self.st.dirty.iter().any(|d| sub.covers(d))
                 // A wildcard CDS sees services come and go.
-                || (sub.wildcard && !self.dirty.is_empty());
+                || (sub.wildcard && !self.st.dirty.is_empty());
             if !touched {
                 continue;
             }
-            let everything = self.all_dirty || sub.owed || sub.held;
-            let dirty = (!everything).then_some(&self.dirty);
+            let everything = self.st.all_dirty || sub.owed || sub.held;
+            let dirty = (!everything).then_some(&self.st.dirty);
             let resources = match ty {
                 ResourceType::Listener | ResourceType::Cluster => ctx.full_state(ty, sub, dirty),
                 ResourceType::Route => ctx.routes(sub, dirty),
@@ -252,7 +248,7 @@ impl Ads {
                 self.next_nonce += 1;
                 let nonce = self.next_nonce.to_string();
                 sub.nonce = Some(nonce.clone());
-                debug!(node = %self.node, ?ty, n = resources.len(), version = ctx.revision, "xds: push");
+                debug!(node = %self.st.node, ?ty, n = resources.len(), version = ctx.revision, "xds: push");
                 out.push(DiscoveryResponse {
                     version_info: ctx.revision.to_string(),
                     resources,
@@ -265,9 +261,9 @@ impl Ads {
                 });
             }
         }
-        self.dirty.clear();
-        self.all_dirty = false;
-        self.recheck_at = ctx.held.then(|| {
+        self.st.dirty.clear();
+        self.st.all_dirty = false;
+        self.st.recheck_at = ctx.held.then(|| {
             Instant::now() + std::time::Duration::from_millis(info.warmup_remaining_ms.max(1))
         });
         out
@@ -410,59 +406,24 @@ fn candidates(sub: &Subscription, dirty: Option<&HashSet<Arc<str>>>) -> Vec<Arc<
     }
 }
 
-/// The response stream of one StreamAggregatedResources call. Ends with
-/// `UNAVAILABLE` when the registry shuts down; dropping it (client gone)
-/// drops its watchers.
+/// The response stream of one StreamAggregatedResources call (see
+/// [`driver::drive`]).
 pub(super) fn stream<R>(
     registry: Registry,
     cache: Arc<LoadAssignmentCache>,
     conn: Option<SocketAddr>,
     may_read: ReadCheck,
-    mut requests: R,
+    requests: R,
 ) -> impl Stream<Item = Result<DiscoveryResponse, Status>> + Send + 'static
 where
     R: Stream<Item = Result<DiscoveryRequest, Status>> + Send + Unpin + 'static,
 {
-    async_stream::stream! {
-        let shutdown = registry.shutdown_token().clone();
-        let mut ads = Ads::new(registry, cache, conn, may_read);
-        loop {
-            for response in ads.responses() {
-                yield Ok(response);
-            }
-            let recheck = ads.recheck_at;
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    yield Err(Status::unavailable("registry is shutting down; reconnect"));
-                    break;
-                }
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if let Err(status) = ads.on_request(req) {
-                            warn!(node = %ads.node, %status, "xds: closing ADS stream");
-                            yield Err(status);
-                            break;
-                        }
-                    }
-                    Some(Err(status)) => {
-                        debug!(node = %ads.node, %status, "xds: ADS stream ended by the client");
-                        break;
-                    }
-                    None => break,
-                },
-                change = ads.watches.next() => match change {
-                    Some(Change::Services(services)) => ads.dirty.extend(services),
-                    Some(Change::Everything) => ads.all_dirty = true,
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => {
-                    ads.recheck_at = None;
-                }
-            }
-        }
-        debug!(node = %ads.node, "xds: ADS stream closed");
-    }
+    let shutdown = registry.shutdown_token().clone();
+    driver::drive(
+        Ads::new(registry, cache, conn, may_read),
+        shutdown,
+        requests,
+    )
 }
 
 #[cfg(test)]
@@ -470,6 +431,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use futures::StreamExt;
     use prost::Message;
     use registry_api::v1::{Instance, RegisterRequest};
     use std::time::Duration;
