@@ -19,13 +19,16 @@
 //!   oversize or undecodable messages.
 //! - [`frame`]: Resolve answers whose instance list is encoded once per
 //!   service revision and shared by every caller.
+//! - [`persist`]: `--data-dir`, the periodic catalog snapshot a restarted
+//!   registry loads, leases and all, before it serves.
 //! - [`etcd`]: `--store etcd`, several nodes over one etcd cluster: the
 //!   node's etcd lease, batched writes, the watch that feeds the local
 //!   catalog, and resync after losing etcd.
 //! - [`service`]: the gRPC adapter for `registry.v1.Registry`.
 //! - [`xds`]: the xDS management server (ADS): Listener, Route, Cluster and
-//!   ClusterLoadAssignment per service, pushed from catalog watchers, so any
-//!   gRPC client (`xds:///name`) or Envoy discovers services through us.
+//!   ClusterLoadAssignment per service, pushed from catalog watchers over
+//!   state-of-the-world or incremental (delta) ADS, so any gRPC client
+//!   (`xds:///name`) or Envoy discovers services through us.
 //! - [`server`]: [`server::run`] serves the registry, health and reflection
 //!   on a bound listener until a shutdown future resolves.
 //! - [`expiry`]: the expiry task, with its pause-safety (leases get back
