@@ -20,7 +20,7 @@
 //! not exist"; the stream stays open.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     net::SocketAddr,
     sync::Arc,
 };
@@ -42,9 +42,8 @@ use super::{
     driver::{self, Protocol, StreamState},
     resources,
     view::Ctx,
-    watches::Opened,
 };
-use crate::{core::Registry, validate};
+use crate::core::Registry;
 
 /// Version of the resources whose content depends only on their name.
 const NAME_ONLY_VERSION: &str = concat!("registry-", env!("CARGO_PKG_VERSION"));
@@ -138,23 +137,6 @@ struct Delta {
     st: StreamState,
 }
 
-impl Protocol for Delta {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-
-    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        Delta::on_request(self, req)
-    }
-
-    fn responses(&mut self) -> Vec<DeltaDiscoveryResponse> {
-        Delta::responses(self)
-    }
-
-    fn state(&mut self) -> &mut StreamState {
-        &mut self.st
-    }
-}
-
 impl Delta {
     fn new(
         registry: Registry,
@@ -172,6 +154,22 @@ impl Delta {
         }
     }
 
+    /// Same rule as the state-of-the-world stream: one watch-all watcher
+    /// while a CDS/EDS wildcard exists, else one per subscribed service.
+    fn sync_watchers(&mut self) -> Result<(), Status> {
+        let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
+            .iter()
+            .any(|t| self.subs[*t as usize].adds_everything(*t));
+        let names = self.subs.iter().flat_map(|s| s.names.iter().cloned());
+        self.st.watch(want_all, names, &self.may_read)
+    }
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    /// Handles one request: ACK, NACK, (un)subscriptions.
     fn on_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), Status> {
         self.st.saw_node(req.node.as_ref(), "delta");
         let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
@@ -200,30 +198,6 @@ impl Delta {
         sub.update(ty, &mut req)?;
         if changed {
             self.sync_watchers()?;
-        }
-        Ok(())
-    }
-
-    /// Same rule as the state-of-the-world stream: one watch-all watcher
-    /// while a CDS/EDS wildcard exists, else one per subscribed service.
-    fn sync_watchers(&mut self) -> Result<(), Status> {
-        let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
-            .iter()
-            .any(|t| self.subs[*t as usize].adds_everything(*t));
-        let wanted: HashSet<Arc<str>> = if want_all {
-            HashSet::new()
-        } else {
-            self.subs
-                .iter()
-                .flat_map(|s| s.names.iter().cloned())
-                .filter(|n| {
-                    validate::service_name("resource_names", n).is_ok() && (self.may_read)(n)
-                })
-                .collect()
-        };
-        match self.st.watches.sync(want_all, wanted)? {
-            Opened::Everything => self.st.all_dirty = true,
-            Opened::Services(opened) => self.st.dirty.extend(opened),
         }
         Ok(())
     }
@@ -284,7 +258,9 @@ impl Delta {
                             }
                             continue;
                         }
-                        let resource = any.unwrap_or_else(|| ctx.empty_assignment(&name));
+                        let resource = any.unwrap_or_else(|| {
+                            resources::any(resources::load_assignment(&name, &[]))
+                        });
                         sub.have.insert(name.clone(), version.clone());
                         resources.push(Resource {
                             name: name.to_string(),
@@ -339,6 +315,10 @@ impl Delta {
         });
         out
     }
+
+    fn state(&mut self) -> &mut StreamState {
+        &mut self.st
+    }
 }
 
 impl Ctx<'_> {
@@ -377,11 +357,6 @@ impl Ctx<'_> {
                 Some(resources::any(resources::cluster(name))),
             )),
         }
-    }
-
-    /// The assignment of a known service without instances.
-    fn empty_assignment(&self, name: &str) -> Any {
-        resources::any(resources::load_assignment(name, &[]))
     }
 }
 

@@ -13,8 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use super::watches::{Change, Watches};
-use crate::core::Registry;
+use super::{
+    ReadCheck,
+    watches::{Change, Opened, Watches},
+};
+use crate::{core::Registry, validate};
 
 /// What every ADS stream keeps besides its protocol's own bookkeeping.
 pub(super) struct StreamState {
@@ -41,6 +44,31 @@ impl StreamState {
             recheck_at: None,
             conn,
         }
+    }
+
+    /// Points the watchers at what the subscriptions cover: everything when
+    /// `want_all` (a CDS/EDS wildcard), else each of `names` that is a valid
+    /// service name the subscriber may read. A service newly watched is
+    /// marked dirty, read after its watcher exists so that no change falls
+    /// in between.
+    pub(super) fn watch(
+        &mut self,
+        want_all: bool,
+        names: impl Iterator<Item = Arc<str>>,
+        may_read: &ReadCheck,
+    ) -> Result<(), Status> {
+        let wanted: HashSet<Arc<str>> = if want_all {
+            HashSet::new()
+        } else {
+            names
+                .filter(|n| validate::service_name("resource_names", n).is_ok() && may_read(n))
+                .collect()
+        };
+        match self.watches.sync(want_all, wanted)? {
+            Opened::Everything => self.all_dirty = true,
+            Opened::Services(opened) => self.dirty.extend(opened),
+        }
+        Ok(())
     }
 
     /// Takes the node id from the first request that carries a node.

@@ -30,9 +30,8 @@ use super::{
     driver::{self, Protocol, StreamState},
     resources,
     view::Ctx,
-    watches::Opened,
 };
-use crate::{core::Registry, validate};
+use crate::core::Registry;
 
 /// The client's subscription to one resource type.
 #[derive(Debug, Default)]
@@ -110,23 +109,6 @@ struct Ads {
     st: StreamState,
 }
 
-impl Protocol for Ads {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-
-    fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        Ads::on_request(self, req)
-    }
-
-    fn responses(&mut self) -> Vec<DiscoveryResponse> {
-        Ads::responses(self)
-    }
-
-    fn state(&mut self) -> &mut StreamState {
-        &mut self.st
-    }
-}
-
 impl Ads {
     fn new(
         registry: Registry,
@@ -143,6 +125,26 @@ impl Ads {
             next_nonce: 0,
         }
     }
+
+    /// Opens and closes catalog watchers to match the subscriptions: one
+    /// watch-all watcher while any CDS/EDS subscription is a wildcard,
+    /// otherwise one per subscribed (valid, readable) service name.
+    fn sync_watchers(&mut self) -> Result<(), Status> {
+        let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
+            .iter()
+            .any(|t| self.subs[*t as usize].active && self.subs[*t as usize].wildcard);
+        let names = self
+            .subs
+            .iter()
+            .filter(|s| s.active)
+            .flat_map(|s| s.names.iter().cloned());
+        self.st.watch(want_all, names, &self.may_read)
+    }
+}
+
+impl Protocol for Ads {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
 
     /// Handles one request: ACK, NACK, stale, or (re)subscription.
     fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
@@ -186,33 +188,6 @@ impl Ads {
         }
         if changed {
             self.sync_watchers()?;
-        }
-        Ok(())
-    }
-
-    /// Opens and closes catalog watchers to match the subscriptions: one
-    /// watch-all watcher while any CDS/EDS subscription is a wildcard,
-    /// otherwise one per subscribed (valid, readable) service name.
-    fn sync_watchers(&mut self) -> Result<(), Status> {
-        let want_all = [ResourceType::Cluster, ResourceType::LoadAssignment]
-            .iter()
-            .any(|t| self.subs[*t as usize].active && self.subs[*t as usize].wildcard);
-        let wanted: HashSet<Arc<str>> = if want_all {
-            HashSet::new()
-        } else {
-            self.subs
-                .iter()
-                .filter(|s| s.active)
-                .flat_map(|s| s.names.iter().cloned())
-                .filter(|n| {
-                    validate::service_name("resource_names", n).is_ok() && (self.may_read)(n)
-                })
-                .collect()
-        };
-        match self.st.watches.sync(want_all, wanted)? {
-            Opened::Everything => self.st.all_dirty = true,
-            // Read after the watcher exists, so no change falls in between.
-            Opened::Services(opened) => self.st.dirty.extend(opened),
         }
         Ok(())
     }
@@ -267,6 +242,10 @@ impl Ads {
             Instant::now() + std::time::Duration::from_millis(info.warmup_remaining_ms.max(1))
         });
         out
+    }
+
+    fn state(&mut self) -> &mut StreamState {
+        &mut self.st
     }
 }
 
