@@ -642,9 +642,10 @@ impl Catalog {
     /// file: the stored bytes are already the encoding, so nothing is
     /// decoded or re-encoded). Takes one service lock at a time, never the
     /// write lock: writers and readers carry on meanwhile. Returns the
-    /// number of instances written and the highest revision among them and
-    /// the catalog's revision read first, which the snapshot reflects at
-    /// least (changes made during the walk may or may not be in it).
+    /// number of instances written and the revision the snapshot reflects
+    /// at least: the catalog's revision read first, or a later service
+    /// revision met in the walk (changes made during the walk may or may
+    /// not be in it).
     pub fn encode_all(&self, tag: u32, out: &mut Vec<u8>) -> (usize, u64) {
         use prost::encoding::{WireType, encode_key, encode_varint};
         let mut revision = self.revision();

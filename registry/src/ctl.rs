@@ -493,11 +493,7 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
                 version: &st.version,
                 uptime_ms: st.uptime_ms,
                 epoch: server.epoch,
-                lease_epoch: if server.lease_epoch == 0 {
-                    server.epoch
-                } else {
-                    server.lease_epoch
-                },
+                lease_epoch: registry_client::ServerInfo::from(Some(server)).lease_epoch,
                 warming_up: server.warming_up,
                 revision: st.revision,
                 services: st.services,

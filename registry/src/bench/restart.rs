@@ -97,12 +97,7 @@ async fn run(options: &Options, path: &Path, with_data_dir: bool) -> Result<Row,
         .into_iter()
         .collect::<Result<_, _>>()?;
     let setup = setup.elapsed();
-    let mut raw = Raw::connect(url.clone())
-        .await
-        .map_err(|source| BenchError::Connect {
-            url: url.clone(),
-            source,
-        })?;
+    let mut raw = Raw::new(target.connect(1).await?.remove(0));
     let held_now = instances(&mut raw).await.unwrap_or(0);
     if held_now != total {
         return Err(BenchError::Setup(format!(
@@ -124,12 +119,7 @@ async fn run(options: &Options, path: &Path, with_data_dir: bool) -> Result<Row,
         }
     };
     let serving = restarted.elapsed();
-    let mut raw = Raw::connect(target.url.clone())
-        .await
-        .map_err(|source| BenchError::Connect {
-            url: target.url.clone(),
-            source,
-        })?;
+    let mut raw = Raw::new(target.connect(1).await?.remove(0));
     let first = instances(&mut raw).await.unwrap_or(0);
     let deadline = restarted + ttl * 3;
     let complete = loop {
