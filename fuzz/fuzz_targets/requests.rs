@@ -29,6 +29,11 @@ use registry::{
 /// enough that one input stays fast.
 const MAX_OPS: usize = 64;
 
+/// Memory-mode writes complete without waiting: run them in place.
+fn now<T>(f: impl std::future::Future<Output = T>) -> T {
+    futures::executor::block_on(f)
+}
+
 fuzz_target!(|data: &[u8]| {
     let registry = Registry::new(Config {
         max_leases: 64,
@@ -57,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 req.lease_id = map_lease(req.lease_id);
-                match registry.register(req) {
+                match now(registry.register(req, None)) {
                     Ok(resp) => {
                         leases.push(resp.lease_id);
                         false
@@ -70,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 let ids: Vec<u64> = req.lease_ids.iter().map(|&id| map_lease(id)).collect();
-                if let Ok(statuses) = registry.heartbeat(&ids) {
+                if let Ok(statuses) = registry.heartbeat(&ids, None) {
                     assert_eq!(statuses.len(), ids.len(), "one status per lease id");
                 }
                 false
@@ -80,9 +85,11 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 match req.target {
-                    Some(Target::LeaseId(id)) => registry.deregister_lease(map_lease(id)).is_err(),
+                    Some(Target::LeaseId(id)) => {
+                        now(registry.deregister_lease(map_lease(id), None)).is_err()
+                    }
                     Some(Target::Instance(key)) => {
-                        registry.deregister_instance(&key.service, &key.id).is_err()
+                        now(registry.deregister_instance(&key.service, &key.id, None)).is_err()
                     }
                     None => true,
                 }
@@ -92,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 if let Ok(resp) =
-                    registry.resolve(&req.service, &req.selector, req.include_lease_ttl)
+                    registry.resolve(&req.service, &req.selector, req.include_lease_ttl, None)
                 {
                     for inst in &resp.instances {
                         assert_eq!(
@@ -128,7 +135,7 @@ fuzz_target!(|data: &[u8]| {
                     selector,
                     ..Default::default()
                 };
-                if let Ok(w) = registry.watch(filter, req.start_revision, req.epoch, None) {
+                if let Ok(w) = now(registry.watch(filter, req.start_revision, req.epoch, None, None)) {
                     watchers.push(w);
                 }
                 false
@@ -148,7 +155,7 @@ fuzz_target!(|data: &[u8]| {
             );
         }
         let listed: u64 = registry
-            .list_services()
+            .list_services(None)
             .services
             .iter()
             .map(|s| u64::from(s.instance_count))

@@ -77,18 +77,21 @@ fn resolve(c: &mut Criterion) {
     });
 
     let registry = Registry::new(Config::default());
+    let rt = runtime();
     for i in 0..RESOLVED {
-        registry
-            .register(RegisterRequest {
+        rt.block_on(registry.register(
+            RegisterRequest {
                 instance: Some(instance("svc", &format!("r{i}"))),
                 ttl_ms: 3_600_000,
                 lease_id: 0,
-            })
-            .unwrap();
+            },
+            None,
+        ))
+        .unwrap();
     }
     let none = HashMap::new();
     c.bench_function("registry/resolve 10 instances (to protobuf)", |b| {
-        b.iter(|| black_box(registry.resolve("svc", &none, false).unwrap()))
+        b.iter(|| black_box(registry.resolve("svc", &none, false, None).unwrap()))
     });
 }
 
@@ -121,9 +124,10 @@ fn commit(c: &mut Criterion) {
                         lease_id: 0,
                     })
                     .collect();
+                let rt = runtime();
                 let start = std::time::Instant::now();
                 for req in requests {
-                    black_box(registry.register(req).unwrap());
+                    black_box(rt.block_on(registry.register(req, None)).unwrap());
                 }
                 total += start.elapsed();
                 done += batch;
@@ -133,35 +137,90 @@ fn commit(c: &mut Criterion) {
     });
 }
 
-/// The `--data-dir` snapshot: writing 100k instances (one lease each) to
-/// disk while the registry runs, and restoring them at start.
-fn snapshot(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("registry-bench-snapshot-{}", std::process::id()));
+/// A runtime to drive the registry's async writes (memory-mode writes
+/// complete without yielding, so this measures the registry, not tokio).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A data directory on tmpfs when the machine has one (what the 80%-of-
+/// memory-mode goal is about), else under the temp dir.
+fn data_dir(name: &str) -> std::path::PathBuf {
+    let base = std::path::Path::new("/dev/shm");
+    let base = if base.is_dir() {
+        base.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("registry-bench-{name}-{}", std::process::id()))
+}
+
+/// `--data-dir`: registers group-committed (256 in flight, as under
+/// concurrent load), and restoring 100k instances at start.
+fn data_dir_benches(c: &mut Criterion) {
+    let dir = data_dir("datadir");
+    let _ = std::fs::remove_dir_all(&dir);
     let config = Config {
         data_dir: Some(dir.clone()),
         ..Config::default()
     };
-    let registry = Registry::open(config.clone()).unwrap();
-    for i in 0..HELD {
-        registry
-            .register(RegisterRequest {
-                instance: Some(instance(&format!("fill-{}", i % 1000), &format!("f{i}"))),
-                ttl_ms: 3_600_000,
-                lease_id: 0,
-            })
-            .unwrap();
-    }
-    let mut group = c.benchmark_group("snapshot");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("data_dir");
     group.sample_size(10);
-    group.bench_function("write 100k instances", |b| {
-        b.iter(|| black_box(registry::persist::write(&registry, &dir).unwrap()))
-    });
+    {
+        let registry = Registry::open_memory(config.clone()).unwrap();
+        let mut n = 0u64;
+        group.bench_function("register 256 in flight", |b| {
+            b.iter(|| {
+                let calls: Vec<_> = (0..256)
+                    .map(|_| {
+                        n += 1;
+                        registry.register(
+                            RegisterRequest {
+                                instance: Some(instance(&format!("s{}", n % 64), &format!("i{n}"))),
+                                ttl_ms: 3_600_000,
+                                lease_id: 0,
+                            },
+                            None,
+                        )
+                    })
+                    .collect();
+                rt.block_on(async {
+                    for call in calls {
+                        black_box(call.await.unwrap());
+                    }
+                })
+            })
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    {
+        let registry = Registry::open_memory(config.clone()).unwrap();
+        for i in 0..HELD {
+            rt.block_on(registry.register(
+                RegisterRequest {
+                    instance: Some(instance(&format!("fill-{}", i % 1000), &format!("f{i}"))),
+                    ttl_ms: 3_600_000,
+                    lease_id: 0,
+                },
+                None,
+            ))
+            .unwrap();
+        }
+    }
     group.bench_function("restore 100k instances", |b| {
-        b.iter(|| black_box(Registry::open(config.clone()).unwrap()))
+        b.iter(|| black_box(Registry::open_memory(config.clone()).unwrap()))
     });
     group.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, resolve, commit, snapshot);
+criterion_group!(benches, resolve, commit, data_dir_benches);
 criterion_main!(benches);

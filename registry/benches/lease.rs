@@ -61,7 +61,7 @@ fn pop_expired(c: &mut Criterion) {
             |table| {
                 let mut n = 0;
                 loop {
-                    let popped = table.pop_expired(u64::MAX, registry::core::EXPIRY_BATCH);
+                    let popped = table.pop_expired(u64::MAX, registry::expiry::EXPIRY_BATCH);
                     if popped.is_empty() {
                         break;
                     }

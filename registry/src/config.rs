@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::limits;
+use crate::error::{Error, Result};
 
 /// Shortest lease TTL granted by default: below a second, heartbeat traffic
 /// dominates and a single GC pause in a client expires it.
@@ -29,11 +29,43 @@ pub const DEFAULT_RATE_LIMIT: u32 = 10_000;
 /// watcher that misses more gets a reset snapshot, never a gap.
 pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
 
-/// Snapshot interval by default: what a crash can lose is at most this much
-/// of registration churn, and those services re-register within one
-/// heartbeat anyway; writing a 100k-instance catalog takes ~20 ms, so once
-/// every few seconds costs nothing measurable.
-pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
+/// Default cap on live instances: ~1 KiB each with metadata and indexes,
+/// so about a gigabyte at the cap; the same as the lease cap.
+pub const DEFAULT_MAX_INSTANCES: usize = 1_000_000;
+/// Default largest request: registry requests are small (an instance is at
+/// most ~80 KiB of metadata), so 4 MiB (gRPC's usual default) is generous
+/// and anything bigger is hostile.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 20;
+/// Default connection cap: one per client process is the norm, so this is a
+/// fleet of ten thousand; each costs a file descriptor (raise `ulimit -n`
+/// above it) and tens of KiB of HTTP/2 state.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default HTTP/2 stream cap per connection: just above the default
+/// per-connection watcher cap (10,000), so that cap, which answers
+/// `RESOURCE_EXHAUSTED`, trips first (the stream cap makes clients queue
+/// silently), with room left for unary calls beside a full set of watchers.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 10_240;
+/// Default ping interval: a half-open connection (peer gone without a FIN)
+/// is found within interval + timeout, about a minute and a half.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default time to answer a ping: generous for a loaded client across a
+/// WAN, short enough that dead peers do not pile up.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default idle timeout: a backstop for peers that send nothing and are not
+/// caught by pings (keepalive disabled); well above the 80 s a healthy
+/// client can be silent between pings.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default handshake timeout: a real client sends its preface in the first
+/// round trip; ten seconds covers a slow TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default per-call timeout: every registry call is in-memory work that
+/// takes microseconds; only a peer trickling its request body takes longer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Smallest accepted `max_message_size`: a register request with a full
+/// metadata map is ~80 KiB, so anything under 64 KiB would refuse valid
+/// requests rather than hostile ones.
+pub const MIN_MESSAGE_SIZE: usize = 64 << 10;
 
 /// Tunables of one registry daemon.
 #[derive(Debug, Clone)]
@@ -125,14 +157,97 @@ pub struct Config {
     pub rate_limit: u32,
     /// Burst allowance on top of `rate_limit`.
     pub rate_burst: u32,
-    /// Directory of the catalog snapshot (see `crate::persist`): written
-    /// every `snapshot_interval` and at shutdown, loaded at start, so a
-    /// restarted registry answers with the previous catalog at once instead
-    /// of waiting for services to re-register. `None`: memory only.
+    /// Data directory (see `crate::persist`): every change is written there
+    /// before it is acknowledged, and a restarted registry loads it before
+    /// it serves, so it answers with the previous catalog and leases at once
+    /// instead of waiting for services to re-register. `None`: memory only.
     pub data_dir: Option<PathBuf>,
-    /// How often the snapshot is rewritten (only when the catalog or the
-    /// lease set changed since the last one).
-    pub snapshot_interval: Duration,
+    /// Run as a node of a cluster over etcd (`--store etcd`; see
+    /// `crate::etcd`) instead of the in-memory store.
+    pub etcd: Option<EtcdOptions>,
+}
+
+impl Config {
+    /// Checks the whole configuration for values that cannot work, in one
+    /// place, so the binary, the server and in-process users refuse the
+    /// same things with the same messages (each names the setting and the
+    /// limit): zero caps, TTL bounds the wrong way round, an idle timeout
+    /// that would cut healthy clients (those answer keepalive pings, so they
+    /// are silent at most interval + timeout), storm settings out of range,
+    /// a data directory with the etcd store.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if self.min_ttl.is_zero() || self.min_ttl > self.max_ttl {
+            return bad(format!(
+                "min_ttl ({}) must be above 0 and at most max_ttl ({})",
+                humantime::format_duration(self.min_ttl),
+                humantime::format_duration(self.max_ttl)
+            ));
+        }
+        for (name, v) in [
+            ("max_leases", self.max_leases),
+            ("max_instances", self.max_instances),
+            ("max_instances_per_service", self.max_instances_per_service),
+            ("max_instances_per_lease", self.max_instances_per_lease),
+            ("max_services", self.max_services),
+            ("max_heartbeat_batch", self.max_heartbeat_batch),
+            ("max_connections", self.max_connections),
+            ("max_watchers", self.max_watchers),
+            (
+                "max_watchers_per_connection",
+                self.max_watchers_per_connection,
+            ),
+            ("watch_buffer", self.watch_buffer),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_concurrent_streams == 0 {
+            return bad("max_concurrent_streams must be at least 1".into());
+        }
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            return bad(format!(
+                "max_message_size {} is below the minimum {MIN_MESSAGE_SIZE}",
+                self.max_message_size
+            ));
+        }
+        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
+            return bad("keepalive_timeout must be above 0 when keepalive_interval is set".into());
+        }
+        let silent = self.keepalive_interval + self.keepalive_timeout;
+        if !self.idle_timeout.is_zero()
+            && !self.keepalive_interval.is_zero()
+            && self.idle_timeout <= silent
+        {
+            return bad(format!(
+                "idle_timeout {} must exceed keepalive_interval + keepalive_timeout ({}), or healthy idle clients are cut",
+                humantime::format_duration(self.idle_timeout),
+                humantime::format_duration(silent)
+            ));
+        }
+        if !(self.storm_fraction > 0.0 && self.storm_fraction <= 1.0) {
+            return bad(format!(
+                "storm_fraction ({}) must be in (0, 1]",
+                self.storm_fraction
+            ));
+        }
+        if self.storm_rate == 0 {
+            return bad("storm_rate must be at least 1 lease per second".into());
+        }
+        if self.etcd.is_some() && self.data_dir.is_some() {
+            return bad(
+                "data_dir is for the in-memory store; with the etcd store the catalog lives in etcd"
+                    .into(),
+            );
+        }
+        if let Some(etcd) = &self.etcd
+            && etcd.endpoints.is_empty()
+        {
+            return bad("etcd endpoints are empty; give at least one http://host:port".into());
+        }
+        Ok(())
+    }
 }
 
 /// Certificate and private key of the server, PEM encoded.
@@ -152,15 +267,15 @@ impl Default for Config {
             max_leases: 1_000_000,
             max_instances_per_service: 100_000,
             max_instances_per_lease: 10_000,
-            max_instances: limits::DEFAULT_MAX_INSTANCES,
-            max_message_size: limits::DEFAULT_MAX_MESSAGE_SIZE,
-            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
-            max_concurrent_streams: limits::DEFAULT_MAX_CONCURRENT_STREAMS,
-            keepalive_interval: limits::DEFAULT_KEEPALIVE_INTERVAL,
-            keepalive_timeout: limits::DEFAULT_KEEPALIVE_TIMEOUT,
-            idle_timeout: limits::DEFAULT_IDLE_TIMEOUT,
-            handshake_timeout: limits::DEFAULT_HANDSHAKE_TIMEOUT,
-            request_timeout: limits::DEFAULT_REQUEST_TIMEOUT,
+            max_instances: DEFAULT_MAX_INSTANCES,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_services: 100_000,
             max_heartbeat_batch: 10_000,
             history_events: DEFAULT_HISTORY_EVENTS,
@@ -182,7 +297,117 @@ impl Default for Config {
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_LIMIT * 2,
             data_dir: None,
-            snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+            etcd: None,
         }
+    }
+}
+
+/// Default TTL of a cluster node's own etcd lease: how long a dead node's
+/// instances stay resolvable elsewhere. Its clients re-register on another
+/// node as soon as their KeepAlive stream breaks, which replaces the keys,
+/// so this only bounds how long instances of clients that died *with* the
+/// node linger.
+pub const DEFAULT_ETCD_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Where and how a cluster node reaches etcd (`--store etcd`).
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs of the etcd members, `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix under which this registry cluster keeps its keys; several
+    /// registry clusters can share one etcd with different prefixes.
+    pub prefix: String,
+    /// TTL of the node's etcd lease (etcd rounds it up to its minimum, 2 s
+    /// with default settings).
+    pub lease_ttl: Duration,
+    /// How long start-up waits for etcd before giving up.
+    pub connect_timeout: Duration,
+}
+
+impl EtcdOptions {
+    /// Options for the given endpoints with the default prefix and TTLs.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: "/registry".into(),
+            lease_ttl: DEFAULT_ETCD_LEASE_TTL,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Parses a comma-separated endpoint list (`--etcd-endpoints`).
+    pub fn parse_endpoints(list: &str) -> Vec<String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                if s.contains("://") {
+                    s.to_owned()
+                } else {
+                    format!("http://{s}")
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_must_exceed_keepalive() {
+        let ok = Config::default();
+        ok.validate().unwrap();
+        let cut = Config {
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(80),
+            ..Config::default()
+        };
+        let msg = cut.validate().unwrap_err().to_string();
+        assert!(msg.contains("idle_timeout 1m 20s"), "{msg}");
+        let no_keepalive = Config {
+            keepalive_interval: Duration::ZERO,
+            idle_timeout: Duration::from_secs(1),
+            ..Config::default()
+        };
+        no_keepalive.validate().unwrap();
+        let zero = Config {
+            max_connections: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn one_place_refuses_what_cannot_work() {
+        let msg = |c: Config| c.validate().unwrap_err().to_string();
+        let backwards = Config {
+            min_ttl: Duration::from_secs(10),
+            max_ttl: Duration::from_secs(5),
+            ..Config::default()
+        };
+        assert!(msg(backwards).contains("min_ttl (10s)"));
+        assert!(
+            msg(Config {
+                storm_fraction: 1.5,
+                ..Config::default()
+            })
+            .contains("storm_fraction (1.5)")
+        );
+        assert!(
+            msg(Config {
+                watch_buffer: 0,
+                ..Config::default()
+            })
+            .contains("watch_buffer must be at least 1")
+        );
+        let both = Config {
+            data_dir: Some("d".into()),
+            etcd: Some(EtcdOptions::new(["http://127.0.0.1:2379"])),
+            ..Config::default()
+        };
+        assert!(msg(both).contains("data_dir is for the in-memory store"));
     }
 }

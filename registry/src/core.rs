@@ -1,16 +1,24 @@
-//! The registry handle: ties liveness (the [`LeaseTable`]) to the
-//! [`Catalog`], and runs the expiry task.
+//! The registry handle: validates, authorises and plans every operation,
+//! and hands writes to the [`Store`].
 //!
-//! Every operation that touches both (register, deregister, expiry) runs
-//! inside one catalog transaction, so a lease and its instances change
-//! together and each change is one revision. Heartbeats touch only the lease
-//! table and Resolve only the catalog's snapshots: neither takes the write
-//! lock. [`Registry`] is a cheap-clone handle used by the gRPC adapter, the
-//! tests and anything else that needs the registry in-process.
+//! A write goes one way: validate the request, authorise the caller, open
+//! the catalog's write transaction, check the caps and the lease table
+//! against the current state, change the lease table (grant, attach,
+//! detach, revoke: its own methods), build the change [`Batch`] and submit
+//! it with the transaction to the store, which answers with the revision.
+//! The planning is synchronous and under the transaction, so checks and
+//! changes cannot interleave with another write; only waiting for the store
+//! (a disk flush, an etcd round trip) is async, and nothing is left to undo
+//! by a caller that stops waiting.
+//!
+//! Heartbeats touch only the lease table, and Resolve only the catalog's
+//! snapshots: neither takes the write lock. [`Registry`] is a cheap-clone
+//! handle used by the gRPC adapter, the tests and anything else that needs
+//! the registry in-process.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -20,23 +28,22 @@ use registry_api::v1::{
 };
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{info, warn};
 
-use crate::frame::ResolveFrame;
 use crate::{
     auth::{Action, Identity},
-    catalog::{Catalog, CatalogConfig, InstanceKey, Txn, WatchFilter, WatchStart, WatcherHandle},
-    config::Config,
+    catalog::{Catalog, CatalogConfig, InstanceKey, WatchFilter, WatchStart, WatcherHandle},
+    change::{Batch, Change, LeaseChange, Undo},
+    config::{Config, EtcdOptions},
     error::{Error, Result},
-    etcd::EtcdStore,
+    expiry::Expirer,
+    frame::ResolveFrame,
     lease::{Clock, Lease, LeaseId, LeaseTable},
     metrics::{self, Metrics},
+    persist::DataDir,
+    store::{MemoryStore, Pending, Store},
     validate,
 };
-
-/// Most leases expired in one pass of the expiry task before it yields, so
-/// an expiry storm cannot starve request handling.
-pub const EXPIRY_BATCH: usize = 256;
 
 /// Cheap-clone handle to one registry's state.
 #[derive(Debug, Clone)]
@@ -47,103 +54,228 @@ pub struct Registry {
 #[derive(Debug)]
 struct Shared {
     config: Config,
-    leases: LeaseTable,
+    leases: Arc<LeaseTable>,
     catalog: Arc<Catalog>,
+    store: Store,
     epoch: u64,
-    /// The life lease ids belong to: `epoch`, or the previous life's when
-    /// its leases were restored from a snapshot (see `crate::persist`).
+    /// The life lease ids belong to: `epoch`, or the first life's when
+    /// leases come from a data directory (see `crate::persist`).
     lease_epoch: u64,
     started: Instant,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
-    /// `None`: the in-memory store (the default), where the catalog is the
-    /// truth. `Some`: a node of a cluster over etcd, where writes go to etcd
-    /// and the catalog is fed back from etcd's watch (see `crate::etcd`).
-    /// Chosen once at start-up; memory mode never takes an etcd branch on
-    /// its hot paths beyond this `None` check.
-    store: Option<Arc<EtcdStore>>,
 }
 
-/// What a register changed in the lease table before its instance was
-/// written, so a failed etcd write can be undone.
-#[derive(Debug)]
-pub(crate) struct RegisterUndo {
-    /// The instance registered.
-    pub(crate) key: InstanceKey,
-    /// Its lease.
-    pub(crate) lease: Arc<Lease>,
-    /// The lease was granted by this register.
-    pub(crate) new_lease: bool,
-    /// The key was added to the lease's instance list by this register.
-    pub(crate) added_key: bool,
+/// Milliseconds since the Unix epoch, at least 1: a new epoch.
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
-/// The instance keys taken from a revoked lease.
-pub(crate) type LeaseKeys = smallvec::SmallVec<[InstanceKey; 1]>;
+fn catalog_config(config: &Config) -> CatalogConfig {
+    CatalogConfig {
+        history_events: config.history_events,
+        history_age: config.history_age,
+        max_watchers: config.max_watchers,
+        max_watchers_per_connection: config.max_watchers_per_connection,
+        watch_buffer: config.watch_buffer,
+        max_services: config.max_services,
+    }
+}
 
 impl Registry {
-    /// A new, empty registry. Call [`Registry::spawn_expiry`] to have leases
-    /// expire on their own (the server does).
-    pub fn new(config: Config) -> Self {
-        let catalog = Catalog::new(CatalogConfig {
-            history_events: config.history_events,
-            history_age: config.history_age,
-            max_watchers: config.max_watchers,
-            max_watchers_per_connection: config.max_watchers_per_connection,
-            watch_buffer: config.watch_buffer,
-            max_services: config.max_services,
-        });
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1)
-            .max(1);
+    fn build(
+        config: Config,
+        leases: Arc<LeaseTable>,
+        catalog: Arc<Catalog>,
+        store: Store,
+        epoch: u64,
+        lease_epoch: u64,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                leases: LeaseTable::new(Clock::new()),
-                catalog: Arc::new(catalog),
-                epoch,
-                lease_epoch: epoch,
-                started: Instant::now(),
-                shutdown: CancellationToken::new(),
-                metrics: Arc::new(Metrics::default()),
                 config,
-                store: None,
+                leases,
+                catalog,
+                store,
+                epoch,
+                lease_epoch,
+                started: Instant::now(),
+                shutdown,
+                metrics,
             }),
         }
     }
 
-    /// A registry node over etcd (see `crate::etcd`): `epoch` is the same
-    /// on every node of the cluster (derived from etcd's cluster id), so
-    /// revisions, which are etcd's, mean the same on all of them.
-    pub(crate) fn with_store(config: Config, store: Arc<EtcdStore>, epoch: u64) -> Self {
-        let mut registry = Self::new(config);
-        let shared = Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
-        shared.store = Some(store);
-        shared.epoch = epoch;
-        shared.lease_epoch = epoch;
-        registry
+    /// A new, empty in-memory registry (the data directory of `config` is
+    /// not opened; see [`Registry::open`]). Call [`Registry::spawn_expiry`]
+    /// to have leases expire on their own (the server does).
+    pub fn new(config: Config) -> Self {
+        let epoch = now_epoch();
+        let catalog = Arc::new(Catalog::new(catalog_config(&config)));
+        Self::build(
+            config,
+            Arc::new(LeaseTable::new(Clock::new())),
+            catalog,
+            Store::memory(),
+            epoch,
+            epoch,
+            Arc::new(Metrics::default()),
+            CancellationToken::new(),
+        )
     }
 
-    /// A registry for `config`: empty, or, with `config.data_dir` set,
-    /// loaded from the snapshot there (leases under their old ids with a
-    /// fresh TTL; see `crate::persist`). The server writes snapshots there
-    /// while it runs.
-    pub fn open(config: Config) -> Result<Self> {
-        let mut registry = Self::new(config);
-        if let Some(dir) = registry.config().data_dir.clone()
-            && let Some(restored) = crate::persist::restore(&registry, &dir)?
-        {
-            let shared =
-                Arc::get_mut(&mut registry.shared).expect("a fresh registry is not shared");
-            shared.lease_epoch = restored.lease_epoch;
+    /// The registry `config` asks for: a cluster node when `config.etcd` is
+    /// set (see [`Registry::connect_cluster`]); otherwise in memory, empty,
+    /// or, with `config.data_dir`, loaded from the data directory (leases
+    /// under their ids with a fresh TTL, the catalog at its last logged
+    /// revision), which then records every change before it is
+    /// acknowledged (see `crate::persist`).
+    pub async fn open(config: Config) -> Result<Self> {
+        config.validate()?;
+        if let Some(options) = config.etcd.clone() {
+            return Self::connect_cluster(config, options).await;
         }
+        Self::open_memory(config)
+    }
+
+    /// [`Registry::open`] for the in-memory store (with or without a data
+    /// directory); synchronous.
+    pub fn open_memory(config: Config) -> Result<Self> {
+        let Some(dir) = config.data_dir.clone() else {
+            return Ok(Self::new(config));
+        };
+        let epoch = now_epoch();
+        let metrics = Arc::new(Metrics::default());
+        let (data, loaded) = DataDir::open(&dir, epoch, metrics.clone())?;
+        let catalog = Arc::new(Catalog::new(catalog_config(&config)));
+        let leases = Arc::new(LeaseTable::for_life(Clock::new(), loaded.life));
+        let memory = Arc::new(MemoryStore::new(Some(data)));
+        let registry = Self::build(
+            config,
+            leases,
+            catalog,
+            Store::Memory(memory.clone()),
+            epoch,
+            loaded.lease_epoch,
+            metrics,
+            CancellationToken::new(),
+        );
+        registry.restore(&memory, loaded)?;
         Ok(registry)
     }
 
-    /// The etcd store of a cluster node, `None` in memory mode.
-    pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
-        self.shared.store.as_ref()
+    /// A node of a cluster over etcd (see `crate::etcd`): connects, loads
+    /// the catalog from etcd and starts the node's sessions. `epoch` comes
+    /// from the etcd cluster, so revisions, which are etcd's, mean the same
+    /// on every node. Fails if etcd cannot be reached within
+    /// `options.connect_timeout`.
+    pub async fn connect_cluster(config: Config, options: EtcdOptions) -> Result<Self> {
+        let catalog = Arc::new(Catalog::new(catalog_config(&config)));
+        let leases = Arc::new(LeaseTable::new(Clock::new()));
+        let shutdown = CancellationToken::new();
+        let (store, epoch) = crate::etcd::EtcdStore::start(
+            options,
+            catalog.clone(),
+            leases.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        Ok(Self::build(
+            config,
+            leases,
+            catalog,
+            Store::Etcd(store),
+            epoch,
+            epoch,
+            Arc::new(Metrics::default()),
+            shutdown,
+        ))
+    }
+
+    /// Puts what a data directory held into this (empty) registry, within
+    /// the configured caps. What does not fit, or no longer validates, is
+    /// deleted from the data directory too, through the ordinary write path.
+    fn restore(&self, memory: &MemoryStore, loaded: crate::persist::Loaded) -> Result<()> {
+        let config = &self.shared.config;
+        let table = &self.shared.leases;
+        let mut dropped = Batch::default();
+        let mut restored: HashMap<LeaseId, (Arc<Lease>, usize)> = HashMap::new();
+        for (id, ttl_ms, owner) in loaded.leases {
+            // A TTL outside the bounds configured now is brought within them.
+            let ttl =
+                std::time::Duration::from_millis(ttl_ms).clamp(config.min_ttl, config.max_ttl);
+            match (restored.len() < config.max_leases)
+                .then(|| table.restore(id, ttl, owner))
+                .flatten()
+            {
+                Some(lease) => {
+                    restored.insert(id, (lease, 0));
+                }
+                None => dropped.leases.push(LeaseChange::Revoke(id)),
+            }
+        }
+        let mut batch = Batch::default();
+        let mut per_service: HashMap<String, usize> = HashMap::new();
+        for instance in loaded.instances {
+            let key = InstanceKey::of(&instance);
+            let valid = validate::service_name("service", &instance.service).is_ok()
+                && validate::instance_id("id", &instance.id).is_ok()
+                && validate::address("address", &instance.address).is_ok();
+            let services = per_service.len();
+            let fits = batch.changes.len() < config.max_instances
+                && match per_service.get(&instance.service) {
+                    Some(n) => *n < config.max_instances_per_service,
+                    None => services < config.max_services,
+                };
+            match restored.get_mut(&instance.lease_id) {
+                Some((lease, on_lease))
+                    if valid && fits && *on_lease < config.max_instances_per_lease =>
+                {
+                    *on_lease += 1;
+                    *per_service.entry(instance.service.clone()).or_default() += 1;
+                    table.attach(lease, key.clone());
+                    batch.changes.push(Change::Put { key, instance });
+                }
+                _ => dropped.changes.push(Change::Delete {
+                    key,
+                    reason: DeleteReason::Expired,
+                    lease: None,
+                }),
+            }
+        }
+        let instances = batch.changes.len();
+        if loaded.revision > 0 || instances > 0 {
+            memory.restore(&self.shared.catalog, batch, loaded.revision.max(1));
+        }
+        let m = &self.shared.metrics;
+        m.restored_instances
+            .store(instances as u64, std::sync::atomic::Ordering::Relaxed);
+        m.restored_leases
+            .store(restored.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if !dropped.is_empty() {
+            warn!(
+                instances = dropped.changes.len(),
+                leases = dropped.leases.len(),
+                "records of the data directory over the configured caps or no longer valid were dropped"
+            );
+            let txn = self.shared.catalog.txn();
+            // Not waited for: the next write's flush carries it at worst.
+            let _ = self.shared.store.submit(txn, dropped, Undo::default());
+        }
+        info!(
+            life = loaded.life,
+            revision = self.shared.catalog.revision(),
+            instances,
+            leases = restored.len(),
+            "catalog restored from the data directory; leases renewed for one TTL"
+        );
+        Ok(())
     }
 
     /// The configuration this registry runs with.
@@ -157,8 +289,13 @@ impl Registry {
     }
 
     /// The lease table.
-    pub fn leases(&self) -> &LeaseTable {
+    pub fn leases(&self) -> &Arc<LeaseTable> {
         &self.shared.leases
+    }
+
+    /// Where writes go.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
     }
 
     /// Counters for `/metrics`, bumped by the handle, the expiry task, watch
@@ -182,7 +319,7 @@ impl Registry {
             lease_epoch: self.shared.lease_epoch,
             warming_up: !remaining.is_zero(),
             warmup_remaining_ms: remaining.as_millis() as u64,
-            stale: self.shared.store.as_ref().is_some_and(|s| s.is_stale()),
+            stale: self.shared.store.is_stale(),
         }
     }
 
@@ -197,27 +334,17 @@ impl Registry {
         self.shared.lease_epoch
     }
 
-    /// Adds or replaces an instance under a new or existing lease.
-    pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse> {
-        self.register_as(req, None)
-    }
-
-    /// [`Registry::register`] on behalf of an authenticated caller: it needs
-    /// `register` on the service, may only attach to its own leases, and may
-    /// only replace instances registered under its own leases (admins
-    /// excepted). The new lease belongs to the caller.
-    pub fn register_as(
+    /// Adds or replaces an instance under a new or existing lease. With
+    /// auth on, the caller needs `register` on the service, may only attach
+    /// to its own leases, and may only replace instances registered under
+    /// its own leases (admins excepted); a new lease belongs to the caller.
+    pub async fn register(
         &self,
         req: RegisterRequest,
         caller: Option<&Identity>,
     ) -> Result<RegisterResponse> {
-        if let Some(store) = &self.shared.store {
-            return Err(store.sync_only("Register"));
-        }
-        let (lease, revision) = self.register_with(req, caller, |mut txn, instance, undo| {
-            txn.put_keyed(instance, undo.key.id);
-            txn.commit()
-        })?;
+        let (lease, pending) = self.plan_register(req, caller)?;
+        let revision = pending.wait().await?;
         Ok(RegisterResponse {
             lease_id: lease.id,
             ttl_ms: lease.ttl_ms,
@@ -226,29 +353,11 @@ impl Registry {
         })
     }
 
-    /// [`Registry::register_as`] in either mode: in a cluster the instance is
-    /// written to etcd, and the answer waits until this node's catalog has
-    /// applied that write, so a Resolve on the same node sees it.
-    pub async fn register_as_async(
+    fn plan_register(
         &self,
         req: RegisterRequest,
         caller: Option<&Identity>,
-    ) -> Result<RegisterResponse> {
-        match &self.shared.store {
-            None => self.register_as(req, caller),
-            Some(store) => crate::etcd::register(self, store, req, caller).await,
-        }
-    }
-
-    /// Checks and applies a register up to the write of the instance, which
-    /// `finish` does with the open transaction (memory: put and commit;
-    /// etcd: hand it to the store). Returns the lease and what `finish` did.
-    pub(crate) fn register_with<R>(
-        &self,
-        req: RegisterRequest,
-        caller: Option<&Identity>,
-        finish: impl FnOnce(Txn<'_>, Instance, RegisterUndo) -> R,
-    ) -> Result<(Arc<Lease>, R)> {
+    ) -> Result<(Arc<Lease>, Pending)> {
         let config = &self.shared.config;
         let Some(mut instance) = req.instance else {
             return Err(Error::InvalidArgument("instance is required".into()));
@@ -265,10 +374,12 @@ impl Registry {
         if let Some(c) = caller {
             c.check(Action::Register, &instance.service)?;
         }
+        self.shared.store.check_writable()?;
         if instance.weight == 0 {
             instance.weight = 1;
         }
         instance.lease_remaining_ms = 0;
+        instance.revision = 0;
 
         let leases = &self.shared.leases;
         let mut txn = self.shared.catalog.txn();
@@ -320,8 +431,8 @@ impl Registry {
             }
         }
         if existing.is_none() {
-            // Exact under the transaction: only writers change the count.
-            let n = self.shared.catalog.stats.instances.load(Ordering::Relaxed);
+            // Exact under the transaction: only writers change the counts.
+            let n = txn.instance_count();
             if n >= config.max_instances {
                 return Err(Error::ResourceExhausted(format!(
                     "instances: {n} live, the limit is {} (max_instances)",
@@ -340,47 +451,52 @@ impl Registry {
             }
         }
 
-        // Apply.
+        // Apply to the lease table, then hand the batch to the store.
+        let mut undo = Undo::default();
+        let mut batch = Batch::default();
         let lease = match attach_to {
             Some(lease) => {
                 leases.renew(lease.id);
                 lease
             }
-            None => leases.grant_owned(
-                ttl.expect("ttl validated for a new lease"),
-                caller.map(|c| c.name.clone()),
-            ),
+            None => {
+                let owner = caller.map(|c| c.name.clone());
+                let ttl = ttl.expect("ttl validated for a new lease");
+                let lease = leases.grant_owned(ttl, owner.clone()).ok_or_else(|| {
+                    Error::ResourceExhausted(
+                        "this life of the registry has granted every lease id it may; restart it to begin a new one"
+                            .into(),
+                    )
+                })?;
+                undo.granted = Some(lease.id);
+                batch.leases.push(LeaseChange::Grant {
+                    id: lease.id,
+                    ttl_ms: lease.ttl_ms,
+                    owner,
+                });
+                lease
+            }
         };
         let key = txn.key_for(&instance);
-        let moved_from = existing.filter(|old| *old != lease.id);
-        if let Some(old) = moved_from.and_then(|id| leases.get(id)) {
-            old.instances.lock().retain(|k| *k != key);
+        if let Some(old) = existing.filter(|old| *old != lease.id)
+            && leases.detach(old, &key)
+        {
+            undo.detached.push((old, key.clone()));
         }
-        let added_key = existing.is_none() || moved_from.is_some();
-        if added_key {
-            // Inline for the first key (see `Lease::instances`).
-            lease.instances.lock().push(key.clone());
+        if existing != Some(lease.id) {
+            leases.attach(&lease, key.clone());
+            undo.attached.push((lease.id, key.clone()));
         }
         instance.lease_id = lease.id;
-        let undo = RegisterUndo {
-            key,
-            lease: lease.clone(),
-            new_lease: req.lease_id == 0,
-            added_key,
-        };
-        let done = finish(txn, instance, undo);
+        batch.changes.push(Change::Put { key, instance });
+        let pending = self.shared.store.submit(txn, batch, undo);
         metrics::inc(&self.shared.metrics.registrations, 1);
-        Ok((lease, done))
+        Ok((lease, pending))
     }
 
     /// Renews each lease; unknown or expired ones come back `found: false`.
-    pub fn heartbeat(&self, lease_ids: &[LeaseId]) -> Result<Vec<LeaseStatus>> {
-        self.heartbeat_as(lease_ids, None)
-    }
-
-    /// [`Registry::heartbeat`] for an authenticated caller, who may only
-    /// renew its own leases.
-    pub fn heartbeat_as(
+    /// With auth on, a caller may only renew its own leases.
+    pub fn heartbeat(
         &self,
         lease_ids: &[LeaseId],
         caller: Option<&Identity>,
@@ -441,57 +557,31 @@ impl Registry {
     }
 
     /// Revokes a lease and removes all its instances in one revision.
-    /// Returns the revision and the number of instances removed.
-    pub fn deregister_lease(&self, lease_id: LeaseId) -> Result<(u64, u32)> {
-        self.deregister_lease_as(lease_id, None)
-    }
-
-    /// [`Registry::deregister_lease`] for an authenticated caller: its own
-    /// lease, or one whose instances it administers.
-    pub fn deregister_lease_as(
+    /// Returns the revision and the number of instances removed. With auth
+    /// on: the caller's own lease, or one whose instances it administers.
+    pub async fn deregister_lease(
         &self,
         lease_id: LeaseId,
         caller: Option<&Identity>,
     ) -> Result<(u64, u32)> {
-        if let Some(store) = &self.shared.store {
-            return Err(store.sync_only("Deregister"));
-        }
-        self.deregister_lease_with(lease_id, caller, |mut txn, keys| {
-            let removed = keys.len() as u32;
-            for key in keys {
-                txn.delete(key, DeleteReason::Deregistered);
-            }
-            (txn.commit(), removed)
-        })
+        let (removed, pending) = self.plan_deregister_lease(lease_id, caller)?;
+        let revision = pending.wait().await?;
+        Ok((revision, removed))
     }
 
-    /// [`Registry::deregister_lease_as`] in either mode (in a cluster the
-    /// deletes go through etcd; see [`Registry::register_as_async`]).
-    pub async fn deregister_lease_as_async(
+    fn plan_deregister_lease(
         &self,
         lease_id: LeaseId,
         caller: Option<&Identity>,
-    ) -> Result<(u64, u32)> {
-        match &self.shared.store {
-            None => self.deregister_lease_as(lease_id, caller),
-            Some(store) => crate::etcd::deregister_lease(self, store, lease_id, caller).await,
-        }
-    }
-
-    /// Checks and revokes a lease; `finish` removes its instances (the keys
-    /// taken from the lease) with the open transaction.
-    pub(crate) fn deregister_lease_with<R>(
-        &self,
-        lease_id: LeaseId,
-        caller: Option<&Identity>,
-        finish: impl FnOnce(Txn<'_>, LeaseKeys) -> R,
-    ) -> Result<R> {
+    ) -> Result<(u32, Pending)> {
+        self.shared.store.check_writable()?;
         let txn = self.shared.catalog.txn();
+        let leases = &self.shared.leases;
         if let Some(c) = caller
-            && let Some(lease) = self.shared.leases.get(lease_id)
+            && let Some(lease) = leases.get(lease_id)
             && lease.owner.as_deref() != Some(&*c.name)
         {
-            let keys = lease.instances.lock().clone();
+            let keys = lease.keys();
             let administers = if keys.is_empty() {
                 c.may(Action::Admin, "*")
             } else {
@@ -504,67 +594,52 @@ impl Registry {
                 )));
             }
         }
-        let lease = self
-            .shared
-            .leases
-            .remove(lease_id)
+        let (_, keys) = leases
+            .revoke(lease_id)
             .ok_or_else(|| Error::NotFound(format!("lease {lease_id} not found")))?;
-        let keys = std::mem::take(&mut *lease.instances.lock());
+        let removed = keys.len() as u32;
+        let batch = Batch {
+            changes: keys
+                .into_iter()
+                .map(|key| Change::Delete {
+                    key,
+                    reason: DeleteReason::Deregistered,
+                    lease: Some(lease_id),
+                })
+                .collect(),
+            leases: vec![LeaseChange::Revoke(lease_id)],
+        };
+        let pending = self.shared.store.submit(txn, batch, Undo::default());
         metrics::inc(&self.shared.metrics.deregistrations, 1);
-        Ok(finish(txn, keys))
+        Ok((removed, pending))
     }
 
-    /// Removes one instance; its lease stays.
-    pub fn deregister_instance(&self, service: &str, id: &str) -> Result<(u64, u32)> {
-        self.deregister_instance_as(service, id, None)
-    }
-
-    /// [`Registry::deregister_instance`] for an authenticated caller: an
-    /// instance under its own lease in a service it may register, or any
+    /// Removes one instance; its lease stays. With auth on: an instance
+    /// under the caller's own lease in a service it may register, or any
     /// instance of a service it administers.
-    pub fn deregister_instance_as(
+    pub async fn deregister_instance(
         &self,
         service: &str,
         id: &str,
         caller: Option<&Identity>,
     ) -> Result<(u64, u32)> {
-        if let Some(store) = &self.shared.store {
-            return Err(store.sync_only("Deregister"));
-        }
-        self.deregister_instance_with(service, id, caller, |mut txn, key| {
-            txn.delete(key, DeleteReason::Deregistered);
-            (txn.commit(), 1)
-        })
+        let pending = self.plan_deregister_instance(service, id, caller)?;
+        let revision = pending.wait().await?;
+        Ok((revision, 1))
     }
 
-    /// [`Registry::deregister_instance_as`] in either mode (in a cluster
-    /// the delete goes through etcd; see [`Registry::register_as_async`]).
-    pub async fn deregister_instance_as_async(
+    fn plan_deregister_instance(
         &self,
         service: &str,
         id: &str,
         caller: Option<&Identity>,
-    ) -> Result<(u64, u32)> {
-        match &self.shared.store {
-            None => self.deregister_instance_as(service, id, caller),
-            Some(store) => crate::etcd::deregister_instance(self, store, service, id, caller).await,
-        }
-    }
-
-    /// Checks a single-instance deregister and detaches the instance from
-    /// its lease; `finish` deletes it with the open transaction.
-    pub(crate) fn deregister_instance_with<R>(
-        &self,
-        service: &str,
-        id: &str,
-        caller: Option<&Identity>,
-        finish: impl FnOnce(Txn<'_>, InstanceKey) -> R,
-    ) -> Result<R> {
+    ) -> Result<Pending> {
         validate::service_name("instance.service", service)?;
         validate::instance_id("instance.id", id)?;
         if let Some(c) = caller {
             c.check(Action::Register, service)?;
         }
+        self.shared.store.check_writable()?;
         let txn = self.shared.catalog.txn();
         let lease_id = txn.lease_of(service, id).ok_or_else(|| {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
@@ -585,25 +660,26 @@ impl Registry {
             service: service.into(),
             id: id.into(),
         };
-        if let Some(lease) = self.shared.leases.get(lease_id) {
-            lease.instances.lock().retain(|k| *k != key);
+        let mut undo = Undo::default();
+        if self.shared.leases.detach(lease_id, &key) {
+            undo.detached.push((lease_id, key.clone()));
         }
+        let batch = Batch {
+            changes: vec![Change::Delete {
+                key,
+                reason: DeleteReason::Deregistered,
+                lease: None,
+            }],
+            leases: Vec::new(),
+        };
+        let pending = self.shared.store.submit(txn, batch, undo);
         metrics::inc(&self.shared.metrics.deregistrations, 1);
-        Ok(finish(txn, key))
+        Ok(pending)
     }
 
-    /// Live instances of a service matching a selector.
+    /// Live instances of a service matching a selector. With auth on, the
+    /// caller needs `read` on the service.
     pub fn resolve(
-        &self,
-        service: &str,
-        selector: &HashMap<String, String>,
-        include_lease_ttl: bool,
-    ) -> Result<ResolveResponse> {
-        self.resolve_as(service, selector, include_lease_ttl, None)
-    }
-
-    /// [`Registry::resolve`] for a caller who needs `read` on the service.
-    pub fn resolve_as(
         &self,
         service: &str,
         selector: &HashMap<String, String>,
@@ -615,7 +691,7 @@ impl Registry {
         let instances = match &snap {
             None => Vec::new(),
             Some(snap) => snap
-                .instances
+                .instances()
                 .iter()
                 .filter(|i| selector.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
                 .map(|i| {
@@ -650,10 +726,10 @@ impl Registry {
         validate::metadata("selector", selector)
     }
 
-    /// [`Registry::resolve_as`] as a wire frame: an unfiltered answer without
+    /// [`Registry::resolve`] as a wire frame: an unfiltered answer without
     /// lease TTLs (the common case) reuses the service snapshot's encoded
     /// instance list instead of cloning and encoding every instance per call.
-    pub fn resolve_frame_as(
+    pub fn resolve_frame(
         &self,
         service: &str,
         selector: &HashMap<String, String>,
@@ -662,7 +738,7 @@ impl Registry {
     ) -> Result<ResolveFrame> {
         if !selector.is_empty() || include_lease_ttl {
             return self
-                .resolve_as(service, selector, include_lease_ttl, caller)
+                .resolve(service, selector, include_lease_ttl, caller)
                 .map(ResolveFrame::message);
         }
         Self::check_resolve(service, selector, caller)?;
@@ -679,60 +755,52 @@ impl Registry {
         })
     }
 
-    /// Every known service with its instance count.
-    pub fn list_services(&self) -> ListServicesResponse {
-        self.list_services_as(None)
-    }
-
-    /// [`Registry::list_services`] filtered to what the caller may read.
-    pub fn list_services_as(&self, caller: Option<&Identity>) -> ListServicesResponse {
-        let (mut services, revision) = self.shared.catalog.list_services();
-        if let Some(c) = caller {
-            services.retain(|(name, _)| c.may(Action::Read, name));
-        }
+    /// Every known service with its instance count, at one revision,
+    /// filtered to what the caller may read.
+    pub fn list_services(&self, caller: Option<&Identity>) -> ListServicesResponse {
+        let listing = self.shared.catalog.listing();
         ListServicesResponse {
-            services: services
-                .into_iter()
+            services: listing
+                .services
+                .iter()
+                .filter(|(name, _)| caller.is_none_or(|c| c.may(Action::Read, name)))
                 .map(|(name, n)| ServiceSummary {
                     name: name.to_string(),
-                    instance_count: n as u32,
+                    instance_count: *n as u32,
                 })
                 .collect(),
-            revision,
+            revision: listing.revision,
             server: Some(self.server_info()),
         }
     }
 
-    /// Sizes and identity, for operators.
+    /// Sizes and identity, for operators; the catalog's counts are those of
+    /// one revision.
     pub fn status(&self) -> StatusResponse {
         let catalog = &self.shared.catalog;
+        let listing = catalog.listing();
+        let stats = &catalog.stats;
         StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
-            revision: catalog.revision(),
-            services: catalog.service_count() as u64,
-            instances: catalog.stats.instances.load(Ordering::Relaxed) as u64,
+            revision: listing.revision,
+            services: listing.services.len() as u64,
+            instances: listing.instances as u64,
             leases: self.shared.leases.len() as u64,
-            watchers: catalog.stats.watchers.load(Ordering::Relaxed) as u64,
-            watcher_resets: catalog.stats.watcher_resets.load(Ordering::Relaxed),
+            watchers: stats.watchers.load(std::sync::atomic::Ordering::Relaxed) as u64,
+            watcher_resets: stats
+                .watcher_resets
+                .load(std::sync::atomic::Ordering::Relaxed),
             server: Some(self.server_info()),
         }
     }
 
     /// Opens a watcher (see [`Catalog::watch`]); `epoch` 0 skips the check.
-    pub fn watch(
-        &self,
-        filter: WatchFilter,
-        start_revision: u64,
-        epoch: u64,
-        conn: Option<std::net::SocketAddr>,
-    ) -> Result<(WatcherHandle, WatchStart)> {
-        self.watch_as(filter, start_revision, epoch, conn, None)
-    }
-
-    /// [`Registry::watch`] for a caller: watching one service needs `read`
-    /// on it; watching all of them shows only the services it may read.
-    pub fn watch_as(
+    /// With auth on, watching one service needs `read` on it; watching all
+    /// of them shows only the services the caller may read. A watch resumed
+    /// from a revision this node has not applied yet (seen on another node
+    /// of a cluster) waits a moment for it rather than being reset.
+    pub async fn watch(
         &self,
         mut filter: WatchFilter,
         start_revision: u64,
@@ -748,64 +816,32 @@ impl Registry {
             }
         }
         let epoch_matches = epoch == 0 || epoch == self.shared.epoch;
+        if epoch_matches {
+            self.shared
+                .store
+                .catch_up(start_revision.saturating_sub(1))
+                .await;
+        }
         self.shared
             .catalog
             .watch(filter, start_revision, epoch_matches, conn)
     }
 
+    /// What the expiry task works with (see [`crate::expiry`]).
+    pub fn expirer(&self) -> Expirer {
+        Expirer::new(
+            self.shared.leases.clone(),
+            self.shared.catalog.clone(),
+            self.shared.store.clone(),
+            self.shared.metrics.clone(),
+            &self.shared.config,
+        )
+    }
+
     /// Expires up to `limit` leases that are past their deadline, each with
     /// its instances in one revision. Returns how many expired.
     pub fn expire_due(&self, limit: usize) -> usize {
-        let leases = &self.shared.leases;
-        let due = leases.pop_expired(leases.clock().now_ms(), limit);
-        self.expire_leases(due)
-    }
-
-    /// Expires leases popped from the queue as due, each with its instances
-    /// in one revision; any found renewed (or extended after a stall) since
-    /// goes back in the queue. Returns how many expired.
-    pub(crate) fn expire_leases(&self, due: impl IntoIterator<Item = Arc<Lease>>) -> usize {
-        let leases = &self.shared.leases;
-        let now = leases.clock().now_ms();
-        let mut expired = 0;
-        for lease in due {
-            let mut txn = self.shared.catalog.txn();
-            // Re-check under the lock: a register may have renewed it since.
-            if lease.is_live(leases.clock().now_ms()) {
-                leases.requeue(&lease);
-                continue;
-            }
-            if leases.remove(lease.id).is_none() {
-                continue;
-            }
-            let keys = std::mem::take(&mut *lease.instances.lock());
-            let n = keys.len();
-            let revision = match &self.shared.store {
-                None => {
-                    for key in keys {
-                        txn.delete(key, DeleteReason::Expired);
-                    }
-                    txn.commit()
-                }
-                // The deletes go to etcd; the catalog follows from its watch.
-                Some(store) => {
-                    drop(txn);
-                    store.expire(lease.id, keys);
-                    self.shared.catalog.revision()
-                }
-            };
-            expired += 1;
-            metrics::inc(&self.shared.metrics.lease_expirations, 1);
-            metrics::inc(&self.shared.metrics.expired_instances, n as u64);
-            debug!(
-                lease_id = lease.id,
-                instances = n,
-                revision,
-                late_ms = now.saturating_sub(lease.deadline_ms()),
-                "lease expired"
-            );
-        }
-        expired
+        self.expirer().expire_due(limit)
     }
 
     /// Spawns the expiry task (see [`crate::expiry`]): sleeps until the
@@ -813,93 +849,24 @@ impl Registry {
     /// is due, repeats; gives leases back the time the daemon was stalled,
     /// throttles expiry storms, and stops when the registry shuts down.
     pub fn spawn_expiry(&self) -> JoinHandle<()> {
-        tokio::spawn(crate::expiry::run(self.clone()))
+        tokio::spawn(crate::expiry::run(
+            self.expirer(),
+            self.shared.shutdown.clone(),
+        ))
     }
 
     /// Signals every background task and long-lived stream to stop.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
     }
+
+    /// After [`Registry::shutdown`] and the drain: flushes the data
+    /// directory, or lets a cluster node revoke its etcd lease (its
+    /// instances leave the cluster now rather than after the lease TTL).
+    pub async fn close(&self) {
+        self.shared.store.close().await;
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use registry_api::v1::Instance;
-    use std::time::Duration;
-
-    fn req(service: &str, id: &str, ttl_ms: u64, lease_id: u64) -> RegisterRequest {
-        RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: "10.0.0.1:80".into(),
-                ..Default::default()
-            }),
-            ttl_ms,
-            lease_id,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expiry_task_removes_instances_of_dead_leases_only() {
-        let r = Registry::new(Config::default());
-        let _task = r.spawn_expiry();
-        let dying = r.register(req("svc", "a", 1000, 0)).unwrap();
-        let kept = r.register(req("svc", "b", 1000, 0)).unwrap();
-        for _ in 0..5 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            r.heartbeat(&[kept.lease_id]).unwrap();
-        }
-        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
-        let ids: Vec<_> = res.instances.iter().map(|i| i.id.as_str()).collect();
-        assert_eq!(ids, ["b"]);
-        assert!(r.leases().get(dying.lease_id).is_none());
-        assert_eq!(res.revision, 3, "two registers and one expiry");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expiry_is_on_time_under_paused_clock() {
-        let r = Registry::new(Config::default());
-        let _task = r.spawn_expiry();
-        r.register(req("svc", "a", 2000, 0)).unwrap();
-        tokio::time::sleep(Duration::from_millis(1990)).await;
-        assert_eq!(r.status().instances, 1);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(r.status().instances, 0);
-        assert_eq!(r.status().leases, 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn reregister_moves_instance_between_leases() {
-        let r = Registry::new(Config::default());
-        let first = r.register(req("svc", "a", 1000, 0)).unwrap();
-        let second = r.register(req("svc", "a", 5000, 0)).unwrap();
-        assert_eq!(r.leases().get(first.lease_id).unwrap().instance_count(), 0);
-        assert_eq!(r.leases().get(second.lease_id).unwrap().instance_count(), 1);
-        r.expire_due(10);
-        tokio::time::advance(Duration::from_millis(1500)).await;
-        r.expire_due(10);
-        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
-        assert_eq!(
-            res.instances.len(),
-            1,
-            "old lease's expiry must not delete the moved instance"
-        );
-        assert_eq!(res.instances[0].lease_id, second.lease_id);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn caps_are_checked_before_anything_changes() {
-        let r = Registry::new(Config {
-            max_instances_per_lease: 1,
-            ..Config::default()
-        });
-        let first = r.register(req("svc", "a", 1000, 0)).unwrap();
-        let err = r.register(req("svc", "b", 0, first.lease_id)).unwrap_err();
-        assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
-        let res = r.resolve("svc", &HashMap::new(), false).unwrap();
-        assert_eq!(res.instances.len(), 1);
-        assert_eq!(res.revision, first.revision);
-    }
-}
+mod tests;

@@ -27,14 +27,23 @@
 
 use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering, time::Duration};
 
+use registry_api::v1::DeleteReason;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::{
-    core::{EXPIRY_BATCH, Registry},
-    lease::Lease,
-    metrics,
+    catalog::Catalog,
+    change::{Batch, Change, LeaseChange, Undo},
+    config::Config,
+    lease::{Lease, LeaseTable},
+    metrics::{self, Metrics},
+    store::Store,
 };
+
+/// Most leases expired in one pass of the expiry task before it yields, so
+/// an expiry storm cannot starve request handling.
+pub const EXPIRY_BATCH: usize = 256;
 
 /// Longest the task sleeps without looking at the clock. A stall that
 /// starts just after the task went to sleep is under-measured by at most
@@ -50,12 +59,110 @@ pub const STORM_WINDOW: Duration = Duration::from_secs(1);
 /// rate smooth without waking the task more than needed.
 pub const STORM_TICK: Duration = Duration::from_millis(100);
 
-/// Runs the expiry task until the registry shuts down.
-pub(crate) async fn run(registry: Registry) {
-    let leases = registry.leases();
+/// The tunables of expiry, from the registry's configuration.
+#[derive(Debug, Clone)]
+struct Tunables {
+    stall_threshold: Duration,
+    storm_fraction: f64,
+    storm_min_leases: usize,
+    storm_rate: u32,
+}
+
+/// What expiring a lease needs: the lease table it is revoked from, the
+/// catalog transaction its deletes are planned under, the store they go to,
+/// and the counters. Handed over at start, so this module needs nothing of
+/// the registry handle.
+#[derive(Debug, Clone)]
+pub struct Expirer {
+    leases: Arc<LeaseTable>,
+    catalog: Arc<Catalog>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    tunables: Tunables,
+}
+
+impl Expirer {
+    /// An expirer over these handles.
+    pub fn new(
+        leases: Arc<LeaseTable>,
+        catalog: Arc<Catalog>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> Self {
+        Self {
+            leases,
+            catalog,
+            store,
+            metrics,
+            tunables: Tunables {
+                stall_threshold: config.stall_threshold,
+                storm_fraction: config.storm_fraction,
+                storm_min_leases: config.storm_min_leases,
+                storm_rate: config.storm_rate,
+            },
+        }
+    }
+
+    /// Expires up to `limit` leases that are past their deadline.
+    pub fn expire_due(&self, limit: usize) -> usize {
+        let due = self.leases.pop_expired(self.leases.clock().now_ms(), limit);
+        self.expire_leases(due)
+    }
+
+    /// Expires leases popped from the queue as due, each with its instances
+    /// in one revision, through the store like any write (the deletes only
+    /// where the instance is still under the lease); any found renewed (or
+    /// extended after a stall) since goes back in the queue. Returns how
+    /// many expired.
+    pub fn expire_leases(&self, due: impl IntoIterator<Item = Arc<Lease>>) -> usize {
+        let leases = &self.leases;
+        let now = leases.clock().now_ms();
+        let mut expired = 0;
+        for lease in due {
+            let txn = self.catalog.txn();
+            // Re-check under the lock: a register may have renewed it since.
+            if lease.is_live(leases.clock().now_ms()) {
+                leases.requeue(&lease);
+                continue;
+            }
+            let Some((_, keys)) = leases.revoke(lease.id) else {
+                continue;
+            };
+            let n = keys.len();
+            let batch = Batch {
+                changes: keys
+                    .into_iter()
+                    .map(|key| Change::Delete {
+                        key,
+                        reason: DeleteReason::Expired,
+                        lease: Some(lease.id),
+                    })
+                    .collect(),
+                leases: vec![LeaseChange::Revoke(lease.id)],
+            };
+            // Nobody waits for an expiry to be durable: a crash before the
+            // flush restores the lease, which then expires again.
+            let _ = self.store.submit(txn, batch, Undo::default());
+            expired += 1;
+            metrics::inc(&self.metrics.lease_expirations, 1);
+            metrics::inc(&self.metrics.expired_instances, n as u64);
+            debug!(
+                lease_id = lease.id,
+                instances = n,
+                late_ms = now.saturating_sub(lease.deadline_ms()),
+                "lease expired"
+            );
+        }
+        expired
+    }
+}
+
+/// Runs the expiry task until `shutdown` is cancelled.
+pub(crate) async fn run(expirer: Expirer, shutdown: CancellationToken) {
+    let leases = expirer.leases.clone();
     let clock = leases.clock();
-    let shutdown = registry.shutdown_token().clone();
-    let mut task = Expiry::new(registry.clone());
+    let mut task = Expiry::new(expirer);
     loop {
         let now = Instant::now();
         let mut wake_at = now + STALL_CHECK_INTERVAL;
@@ -77,7 +184,7 @@ pub(crate) async fn run(registry: Registry) {
 
 /// State of the expiry task between passes.
 struct Expiry {
-    registry: Registry,
+    expirer: Expirer,
     window: Window,
     storm: Option<Storm>,
 }
@@ -100,10 +207,10 @@ struct Storm {
 }
 
 impl Expiry {
-    fn new(registry: Registry) -> Self {
-        let population = registry.leases().len();
+    fn new(expirer: Expirer) -> Self {
+        let population = expirer.leases.len();
         Self {
-            registry,
+            expirer,
             window: Window {
                 start: Instant::now(),
                 population,
@@ -117,12 +224,12 @@ impl Expiry {
     /// than the stall threshold.
     fn check_stall(&mut self, meant_to_wake: Instant) {
         let late = Instant::now().saturating_duration_since(meant_to_wake);
-        if late <= self.registry.config().stall_threshold {
+        if late <= self.expirer.tunables.stall_threshold {
             return;
         }
-        let leases = self.registry.leases();
+        let leases = &self.expirer.leases;
         leases.extend_all(late);
-        let m = self.registry.metrics();
+        let m = &self.expirer.metrics;
         metrics::inc(&m.stall_extensions, 1);
         metrics::inc(&m.stall_ms, late.as_millis() as u64);
         warn!(
@@ -148,7 +255,7 @@ impl Expiry {
 
     /// One pass: expires what is due, or feeds the storm backlog.
     async fn expire(&mut self) {
-        let leases = self.registry.leases();
+        let leases = &self.expirer.leases;
         let now = Instant::now();
         let now_ms = leases.clock().now_ms();
         if self.storm.is_some() {
@@ -162,7 +269,7 @@ impl Expiry {
                 expired: 0,
             };
         }
-        let config = self.registry.config();
+        let config = &self.expirer.tunables;
         let allowance =
             if self.window.population >= config.storm_min_leases && config.storm_fraction < 1.0 {
                 ((config.storm_fraction * self.window.population as f64) as usize)
@@ -178,7 +285,7 @@ impl Expiry {
         self.window.expired += due.len();
         let mut due = due.into_iter();
         while due.len() > 0 {
-            self.registry.expire_leases(due.by_ref().take(EXPIRY_BATCH));
+            self.expirer.expire_leases(due.by_ref().take(EXPIRY_BATCH));
             if due.len() > 0 {
                 // Cap the work of one slice so requests are not starved.
                 tokio::task::yield_now().await;
@@ -187,15 +294,15 @@ impl Expiry {
     }
 
     fn start_storm(&mut self, due: Vec<Arc<Lease>>, now: Instant, now_ms: u64) {
-        let leases = self.registry.leases();
+        let leases = &self.expirer.leases;
         let mut backlog = VecDeque::from(due);
         backlog.extend(leases.pop_expired(now_ms, usize::MAX));
-        let m = self.registry.metrics();
+        let m = &self.expirer.metrics;
         metrics::inc(&m.storms, 1);
         metrics::inc(&m.storm_throttled, backlog.len() as u64);
         m.storm_active.store(true, Ordering::Relaxed);
         m.storm_backlog.store(backlog.len(), Ordering::Relaxed);
-        let config = self.registry.config();
+        let config = &self.expirer.tunables;
         warn!(
             due = backlog.len(),
             expired_this_second = self.window.expired,
@@ -215,13 +322,13 @@ impl Expiry {
         let Some(storm) = &mut self.storm else {
             return;
         };
-        let leases = self.registry.leases();
-        let m = self.registry.metrics();
+        let leases = &self.expirer.leases;
+        let m = &self.expirer.metrics;
         let more = leases.pop_expired(now_ms, usize::MAX);
         metrics::inc(&m.storm_throttled, more.len() as u64);
         storm.backlog.extend(more);
 
-        let rate = u64::from(self.registry.config().storm_rate.max(1));
+        let rate = u64::from(self.expirer.tunables.storm_rate.max(1));
         let elapsed_ms = now.duration_since(storm.last_refill).as_millis() as u64;
         storm.last_refill = now;
         // At most one second's worth accumulates, so a gap (or a stall)
@@ -230,7 +337,7 @@ impl Expiry {
         let n = ((storm.tokens_milli / 1000) as usize).min(storm.backlog.len());
         storm.tokens_milli -= n as u64 * 1000;
         let batch: Vec<_> = storm.backlog.drain(..n).collect();
-        self.registry.expire_leases(batch);
+        self.expirer.expire_leases(batch);
         m.storm_backlog
             .store(storm.backlog.len(), Ordering::Relaxed);
 
@@ -250,7 +357,7 @@ impl Expiry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Config;
+    use crate::{Config, Registry};
     use registry_api::v1::{Instance, RegisterRequest};
 
     fn req(id: &str, ttl_ms: u64) -> RegisterRequest {
@@ -276,7 +383,7 @@ mod tests {
     async fn freeze_for_ten_seconds(config: Config) -> (Registry, u64) {
         let r = Registry::new(config);
         let _task = r.spawn_expiry();
-        let lease = r.register(req("a", 3000)).unwrap().lease_id;
+        let lease = r.register(req("a", 3000), None).await.unwrap().lease_id;
         tokio::time::sleep(Duration::from_secs(1)).await;
         tokio::time::advance(Duration::from_secs(10)).await;
         settle().await;
@@ -318,7 +425,7 @@ mod tests {
         let (r, lease) = freeze_for_ten_seconds(Config::default()).await;
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(r.heartbeat(&[lease]).unwrap()[0].ttl_ms, 3000);
+            assert_eq!(r.heartbeat(&[lease], None).unwrap()[0].ttl_ms, 3000);
         }
         assert_eq!(r.status().instances, 1);
         assert_eq!(r.metrics().stall_extensions(), 1);
@@ -338,10 +445,14 @@ mod tests {
         let r = Registry::new(storm_config());
         let _task = r.spawn_expiry();
         for i in 0..30 {
-            r.register(req(&format!("dying-{i}"), 2000)).unwrap();
+            r.register(req(&format!("dying-{i}"), 2000), None)
+                .await
+                .unwrap();
         }
         for i in 0..10 {
-            r.register(req(&format!("kept-{i}"), 60_000)).unwrap();
+            r.register(req(&format!("kept-{i}"), 60_000), None)
+                .await
+                .unwrap();
         }
         // 30 of 40 leases (75% > 50%) come due at the same instant.
         tokio::time::sleep(Duration::from_millis(2050)).await;
@@ -369,10 +480,14 @@ mod tests {
         let r = Registry::new(storm_config());
         let _task = r.spawn_expiry();
         for i in 0..10 {
-            r.register(req(&format!("dying-{i}"), 2000)).unwrap();
+            r.register(req(&format!("dying-{i}"), 2000), None)
+                .await
+                .unwrap();
         }
         for i in 0..30 {
-            r.register(req(&format!("kept-{i}"), 60_000)).unwrap();
+            r.register(req(&format!("kept-{i}"), 60_000), None)
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(2001)).await;
         assert_eq!(r.status().instances, 30);
@@ -386,7 +501,9 @@ mod tests {
         let r = Registry::new(storm_config());
         let _task = r.spawn_expiry();
         for i in 0..9 {
-            r.register(req(&format!("dying-{i}"), 2000)).unwrap();
+            r.register(req(&format!("dying-{i}"), 2000), None)
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(2001)).await;
         assert_eq!(r.status().instances, 0, "9 leases < storm_min_leases 10");
@@ -398,15 +515,15 @@ mod tests {
         let r = Registry::new(storm_config());
         let _task = r.spawn_expiry();
         for i in 0..30 {
-            r.register(req(&format!("dying-{i}"), 2000)).unwrap();
+            r.register(req(&format!("dying-{i}"), 2000), None)
+                .await
+                .unwrap();
         }
-        let kept: Vec<_> = (0..10)
-            .map(|i| {
-                r.register(req(&format!("kept-{i}"), 5000))
-                    .unwrap()
-                    .lease_id
-            })
-            .collect();
+        let mut kept = Vec::new();
+        for i in 0..10 {
+            let kept_lease = r.register(req(&format!("kept-{i}"), 5000), None).await;
+            kept.push(kept_lease.unwrap().lease_id);
+        }
         tokio::time::sleep(Duration::from_millis(2050)).await;
         assert!(r.metrics().storm_active());
         // Frozen past the kept leases' deadline (5 s).
@@ -414,7 +531,7 @@ mod tests {
         settle().await;
         assert_eq!(r.metrics().stall_extensions(), 1);
         assert!(
-            r.heartbeat(&kept).unwrap().iter().all(|s| s.found),
+            r.heartbeat(&kept, None).unwrap().iter().all(|s| s.found),
             "live leases got the stall back"
         );
         // The backlog was already dead before the freeze; it keeps draining

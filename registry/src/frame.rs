@@ -53,6 +53,30 @@ pub fn encode_instances<'a>(instances: impl Iterator<Item = &'a Instance>) -> By
     buf.into()
 }
 
+/// Already-encoded messages as records of the length-delimited field `tag`
+/// (e.g. `ResolveResponse.instances`, `Snapshot.instances`): each record is
+/// the key, the length and the bytes as they are, nothing re-encoded.
+pub fn records<'a>(tag: u32, messages: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    let mut buf = Vec::new();
+    for m in messages {
+        push_record(tag, m, &mut buf);
+    }
+    buf.into()
+}
+
+/// Appends one record of field `tag` holding an encoded message.
+pub fn push_record(tag: u32, message: &[u8], buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(message.len() as u64, buf);
+    buf.extend_from_slice(message);
+}
+
+/// The length of [`push_record`]'s output for a message of `len` bytes.
+pub fn record_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 impl Message for ResolveFrame {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         buf.put_slice(&self.instances);

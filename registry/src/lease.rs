@@ -9,8 +9,18 @@
 //! `lease_queue.go`). So each live lease costs one O(log n) heap operation per
 //! TTL period however often it is renewed, and the expiry task never scans.
 //!
-//! This module knows nothing about instances beyond the keys attached to a
-//! lease; deleting them is the catalog's job (see `core`).
+//! The table owns each lease's list of attached instance keys, as etcd's
+//! `Lessor` owns its items: [`LeaseTable::attach`], [`LeaseTable::detach`]
+//! and [`LeaseTable::revoke`] are the only ways to change it. It knows
+//! nothing about instances beyond those keys; deleting them is the store's
+//! job, and callers change attachments while holding the catalog's write
+//! transaction, so a lease's keys and the catalog never disagree.
+//!
+//! Lease ids are never reused by a later life of a registry restored from
+//! the same data directory: with a data directory, ids are
+//! `life << 32 | n`, where `life` is a counter the data directory persists
+//! and increments at every start (see `crate::persist`); without one, the
+//! first id is random, and nothing survives a restart anyway.
 
 use std::{
     cmp::Reverse,
@@ -29,9 +39,18 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::catalog::InstanceKey;
 
-/// Lease identifier, unique across restarts with overwhelming probability
-/// (random start) so a client's stale id never renews someone else's lease.
+/// Lease identifier, never granted twice by the lives of one data directory
+/// (and unique across restarts with overwhelming probability without one),
+/// so a client's stale id never renews someone else's lease.
 pub type LeaseId = u64;
+
+/// Ids granted per life before the table refuses to grant more: the low 32
+/// bits of a life-scoped id. Four billion grants is decades of churn at a
+/// thousand registrations a second; a restart starts a new life.
+pub const IDS_PER_LIFE: u64 = 1 << 32;
+
+/// Largest life counter: ids stay below 2^53, exact in JSON doubles.
+pub const MAX_LIFE: u64 = (1 << 21) - 1;
 
 /// Monotonic millisecond clock anchored at the table's creation. Uses tokio's
 /// `Instant`, so tests drive it with a paused clock.
@@ -77,11 +96,12 @@ pub struct Lease {
     /// Identity that created the lease (with auth on): only it may renew or
     /// revoke it.
     pub owner: Option<Arc<str>>,
-    /// Instances attached. Only changed under the catalog's write lock, so
-    /// this mutex is never contended; it exists for interior mutability.
-    /// Inline storage for one key: most leases carry one instance, and a
-    /// heap allocation per lease is measurable at a million leases.
-    pub(crate) instances: Mutex<SmallVec<[InstanceKey; 1]>>,
+    /// Instances attached. Only changed through the table's methods, under
+    /// the catalog's write lock, so this mutex is never contended; it exists
+    /// for interior mutability. Inline storage for one key: most leases
+    /// carry one instance, and a heap allocation per lease is measurable at
+    /// a million leases.
+    keys: Mutex<LeaseKeys>,
 }
 
 impl Lease {
@@ -97,9 +117,17 @@ impl Lease {
 
     /// Number of instances attached.
     pub fn instance_count(&self) -> usize {
-        self.instances.lock().len()
+        self.keys.lock().len()
+    }
+
+    /// The keys of the instances attached (a copy).
+    pub fn keys(&self) -> LeaseKeys {
+        self.keys.lock().clone()
     }
 }
+
+/// The instance keys of one lease.
+pub type LeaseKeys = SmallVec<[InstanceKey; 1]>;
 
 /// All live leases plus the queue the expiry task pops from.
 #[derive(Debug)]
@@ -110,20 +138,35 @@ pub struct LeaseTable {
     /// head, so the expiry task's sleep is shortened.
     wake: Notify,
     next_id: AtomicU64,
+    /// First id this life may not grant (`u64::MAX` without a life).
+    id_limit: u64,
     clock: Clock,
 }
 
 impl LeaseTable {
-    /// An empty table on the given clock.
+    /// An empty table on the given clock, granting ids from a random start
+    /// in [2^32, 2^52) (exact in JSON doubles, distinct across restarts with
+    /// overwhelming probability).
     pub fn new(clock: Clock) -> Self {
-        // Random start in [2^32, 2^52): ids stay exact in JSON doubles and
-        // don't repeat across restarts.
         let start = (rand::random::<u64>() >> 12) | (1 << 32);
+        Self::starting_at(clock, start, u64::MAX)
+    }
+
+    /// An empty table granting ids of life `life` (`life << 32 | n`, n from
+    /// 1): a life counter the data directory persists makes every life's ids
+    /// disjoint from every other's.
+    pub fn for_life(clock: Clock, life: u64) -> Self {
+        assert!((1..=MAX_LIFE).contains(&life), "life {life} out of range");
+        Self::starting_at(clock, (life << 32) | 1, (life + 1) << 32)
+    }
+
+    fn starting_at(clock: Clock, start: u64, id_limit: u64) -> Self {
         Self {
             leases: DashMap::new(),
             queue: Mutex::new(BinaryHeap::new()),
             wake: Notify::new(),
             next_id: AtomicU64::new(start),
+            id_limit,
             clock,
         }
     }
@@ -147,12 +190,14 @@ impl LeaseTable {
     /// Creates a lease expiring `ttl` from now.
     pub fn grant(&self, ttl: Duration) -> Arc<Lease> {
         self.grant_owned(ttl, None)
+            .expect("a fresh table has ids to grant")
     }
 
-    /// Creates a lease owned by an identity.
-    pub fn grant_owned(&self, ttl: Duration, owner: Option<Arc<str>>) -> Arc<Lease> {
+    /// Creates a lease owned by an identity; `None` once this life has
+    /// granted [`IDS_PER_LIFE`] ids (a restart begins a new life).
+    pub fn grant_owned(&self, ttl: Duration, owner: Option<Arc<str>>) -> Option<Arc<Lease>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.insert(id, ttl, owner)
+        (id < self.id_limit).then(|| self.insert(id, ttl, owner))
     }
 
     fn insert(&self, id: LeaseId, ttl: Duration, owner: Option<Arc<str>>) -> Arc<Lease> {
@@ -163,7 +208,7 @@ impl LeaseTable {
             ttl_ms,
             deadline_ms: AtomicU64::new(deadline),
             owner,
-            instances: Mutex::new(SmallVec::new()),
+            keys: Mutex::new(SmallVec::new()),
         });
         self.leases.insert(id, lease.clone());
         let earliest = {
@@ -240,10 +285,33 @@ impl LeaseTable {
         Some(lease.deadline_ms().saturating_sub(self.clock.now_ms()))
     }
 
-    /// Removes a lease from the table (revocation or expiry). Its queue entry
-    /// is left behind and skipped when popped.
-    pub fn remove(&self, id: LeaseId) -> Option<Arc<Lease>> {
-        self.leases.remove(&id).map(|(_, l)| l)
+    /// Attaches an instance key to a lease (idempotent).
+    pub fn attach(&self, lease: &Lease, key: InstanceKey) {
+        let mut keys = lease.keys.lock();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+
+    /// Detaches an instance key from a lease, if both exist; true if it was
+    /// attached.
+    pub fn detach(&self, lease_id: LeaseId, key: &InstanceKey) -> bool {
+        let Some(lease) = self.get(lease_id) else {
+            return false;
+        };
+        let mut keys = lease.keys.lock();
+        let before = keys.len();
+        keys.retain(|k| k != key);
+        keys.len() != before
+    }
+
+    /// Removes a lease from the table (revocation or expiry) and takes its
+    /// keys: the instances the caller must now delete. Its queue entry is
+    /// left behind and skipped when popped.
+    pub fn revoke(&self, id: LeaseId) -> Option<(Arc<Lease>, LeaseKeys)> {
+        let (_, lease) = self.leases.remove(&id)?;
+        let keys = std::mem::take(&mut *lease.keys.lock());
+        Some((lease, keys))
     }
 
     /// Pops up to `limit` leases whose deadline is at or before `now_ms`.
@@ -307,6 +375,54 @@ impl LeaseTable {
 mod tests {
     use super::*;
 
+    fn key(id: &str) -> InstanceKey {
+        InstanceKey {
+            service: "svc".into(),
+            id: id.into(),
+        }
+    }
+
+    #[test]
+    fn life_scoped_ids_are_disjoint_across_lives_and_bounded() {
+        let first = LeaseTable::for_life(Clock::new(), 1);
+        let second = LeaseTable::for_life(Clock::new(), 2);
+        let a: Vec<_> = (0..3)
+            .map(|_| first.grant(Duration::from_secs(1)).id)
+            .collect();
+        let b: Vec<_> = (0..3)
+            .map(|_| second.grant(Duration::from_secs(1)).id)
+            .collect();
+        assert_eq!(a, [(1 << 32) + 1, (1 << 32) + 2, (1 << 32) + 3]);
+        assert!(b.iter().all(|id| *id > a[2] && *id >> 32 == 2));
+        let last = LeaseTable::for_life(Clock::new(), MAX_LIFE);
+        assert!(last.grant(Duration::from_secs(1)).id < 1 << 53);
+        last.next_id
+            .store(((MAX_LIFE + 1) << 32) - 1, Ordering::Relaxed);
+        assert!(last.grant_owned(Duration::from_secs(1), None).is_some());
+        assert!(
+            last.grant_owned(Duration::from_secs(1), None).is_none(),
+            "this life's ids are used up"
+        );
+    }
+
+    #[test]
+    fn the_table_owns_attachments() {
+        let table = LeaseTable::new(Clock::new());
+        let lease = table.grant(Duration::from_secs(5));
+        table.attach(&lease, key("a"));
+        table.attach(&lease, key("a"));
+        table.attach(&lease, key("b"));
+        assert_eq!(lease.instance_count(), 2, "attach is idempotent");
+        assert!(table.detach(lease.id, &key("a")));
+        assert!(!table.detach(lease.id, &key("a")));
+        assert!(!table.detach(lease.id + 1, &key("b")), "no such lease");
+        let (revoked, keys) = table.revoke(lease.id).unwrap();
+        assert_eq!(revoked.id, lease.id);
+        assert_eq!(keys.as_slice(), [key("b")]);
+        assert!(table.revoke(lease.id).is_none());
+        assert_eq!(lease.instance_count(), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn expires_after_ttl_not_before() {
         let table = LeaseTable::new(Clock::new());
@@ -369,7 +485,7 @@ mod tests {
     async fn revoked_lease_is_skipped() {
         let table = LeaseTable::new(Clock::new());
         let lease = table.grant(Duration::from_secs(1));
-        table.remove(lease.id);
+        table.revoke(lease.id);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(table.pop_expired(table.clock().now_ms(), 10).is_empty());
         assert_eq!(table.next_deadline_ms(), None);

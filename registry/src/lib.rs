@@ -7,8 +7,13 @@
 //! - [`catalog`]: the instances by service, the monotonic revision, the
 //!   bounded event history, and the watcher set that each committed revision
 //!   fans out to.
-//! - [`core`]: [`Registry`], the handle joining the two: register,
-//!   heartbeat, deregister, resolve, list, watch, and the expiry task.
+//! - [`core`]: [`Registry`], the handle: validates, authorises and plans
+//!   every operation; a write becomes a [`change::Batch`] handed to the
+//!   store.
+//! - [`change`]: the change batch (instance puts and deletes, lease grants
+//!   and revocations) every write, expiry and restore is expressed as.
+//! - [`store`]: the seam writes go through: the in-memory catalog (with a
+//!   data directory, durable before acknowledged), or etcd.
 //! - [`watch`]: turns a watcher's queue into the Watch response stream
 //!   (snapshot chunks, filtered events, reset snapshots, progress).
 //! - [`auth`]: who is calling (bearer tokens, mTLS names), what each role
@@ -19,8 +24,8 @@
 //!   oversize or undecodable messages.
 //! - [`frame`]: Resolve answers whose instance list is encoded once per
 //!   service revision and shared by every caller.
-//! - [`persist`]: `--data-dir`, the periodic catalog snapshot a restarted
-//!   registry loads, leases and all, before it serves.
+//! - [`persist`]: `--data-dir`, the log every change is written to
+//!   (group-committed) before it is acknowledged, loaded at start.
 //! - [`etcd`]: `--store etcd`, several nodes over one etcd cluster: the
 //!   node's etcd lease, batched writes, the watch that feeds the local
 //!   catalog, and resync after losing etcd.
@@ -31,8 +36,9 @@
 //!   (`xds:///name`) or Envoy discovers services through us.
 //! - [`server`]: [`server::run`] serves the registry, health and reflection
 //!   on a bound listener until a shutdown future resolves.
-//! - [`expiry`]: the expiry task, with its pause-safety (leases get back
-//!   time the daemon was stalled) and expiry-storm guard.
+//! - [`expiry`]: the expiry task and the expiry of a lease through the
+//!   store, with pause-safety (leases get back time the daemon was
+//!   stalled) and the expiry-storm guard.
 //! - [`metrics`], [`telemetry`], [`ops`]: operations. Counters and the
 //!   Prometheus exposition, the per-RPC tower layer (metrics and tracing
 //!   spans) and log set-up, and the `/metrics`, `/healthz`, `/readyz`
@@ -44,6 +50,7 @@
 pub mod auth;
 pub mod bench;
 pub mod catalog;
+pub mod change;
 pub mod config;
 pub mod core;
 pub mod ctl;
@@ -58,6 +65,7 @@ pub mod ops;
 pub mod persist;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod validate;
 pub mod watch;

@@ -49,53 +49,12 @@ use tonic::{
 use tower::{Layer, Service};
 use tracing::{debug, warn};
 
-use crate::{
-    config::Config,
-    error::{Error, Result},
-};
-
-/// Default cap on live instances: ~1 KiB each with metadata and indexes,
-/// so about a gigabyte at the cap; the same as the lease cap.
-pub const DEFAULT_MAX_INSTANCES: usize = 1_000_000;
-/// Default largest request: registry requests are small (an instance is at
-/// most ~80 KiB of metadata), so 4 MiB (gRPC's usual default) is generous
-/// and anything bigger is hostile.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 << 20;
-/// Default connection cap: one per client process is the norm, so this is a
-/// fleet of ten thousand; each costs a file descriptor (raise `ulimit -n`
-/// above it) and tens of KiB of HTTP/2 state.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Default HTTP/2 stream cap per connection: just above the default
-/// per-connection watcher cap (10,000), so that cap, which answers
-/// `RESOURCE_EXHAUSTED`, trips first (the stream cap makes clients queue
-/// silently), with room left for unary calls beside a full set of watchers.
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 10_240;
-/// Default ping interval: a half-open connection (peer gone without a FIN)
-/// is found within interval + timeout, about a minute and a half.
-pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
-/// Default time to answer a ping: generous for a loaded client across a
-/// WAN, short enough that dead peers do not pile up.
-pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Default idle timeout: a backstop for peers that send nothing and are not
-/// caught by pings (keepalive disabled); well above the 80 s a healthy
-/// client can be silent between pings.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default handshake timeout: a real client sends its preface in the first
-/// round trip; ten seconds covers a slow TLS handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default per-call timeout: every registry call is in-memory work that
-/// takes microseconds; only a peer trickling its request body takes longer.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::config::Config;
 
 /// Bytes a new connection must send within the handshake timeout: the
 /// length of the HTTP/2 client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 /// Under TLS the ClientHello alone is longer, so the same rule holds.
 pub const HANDSHAKE_BYTES: u64 = 24;
-
-/// Smallest accepted `max_message_size`: a register request with a full
-/// metadata map is ~80 KiB, so anything under 64 KiB would refuse valid
-/// requests rather than hostile ones.
-pub const MIN_MESSAGE_SIZE: usize = 64 << 10;
 
 /// Shortest interval between two "connection refused: over the cap" warnings:
 /// a flood must not turn into a log flood; the count is in the next warning.
@@ -110,40 +69,6 @@ const PROST_DECODE_FAILED: &str = "failed to decode Protobuf message";
 /// tonic's prefix for a malformed gRPC frame (bad compression flag); the
 /// status is `INTERNAL`.
 const TONIC_PROTOCOL_ERROR: &str = "protocol error:";
-
-/// Checks the transport limits of a config for values that cannot work: a
-/// zero cap, or an idle timeout that could cut healthy clients (those answer
-/// keepalive pings, so they are silent at most interval + timeout).
-pub fn validate(config: &Config) -> Result<()> {
-    let bad = |msg: String| Err(Error::InvalidArgument(msg));
-    if config.max_connections == 0 {
-        return bad("max_connections must be at least 1".into());
-    }
-    if config.max_concurrent_streams == 0 {
-        return bad("max_concurrent_streams must be at least 1".into());
-    }
-    if config.max_message_size < MIN_MESSAGE_SIZE {
-        return bad(format!(
-            "max_message_size {} is below the minimum {MIN_MESSAGE_SIZE}",
-            config.max_message_size
-        ));
-    }
-    if !config.keepalive_interval.is_zero() && config.keepalive_timeout.is_zero() {
-        return bad("keepalive_timeout must be above 0 when keepalive_interval is set".into());
-    }
-    let silent = config.keepalive_interval + config.keepalive_timeout;
-    if !config.idle_timeout.is_zero()
-        && !config.keepalive_interval.is_zero()
-        && config.idle_timeout <= silent
-    {
-        return bad(format!(
-            "idle_timeout {} must exceed keepalive_interval + keepalive_timeout ({}), or healthy idle clients are cut",
-            humantime::format_duration(config.idle_timeout),
-            humantime::format_duration(silent)
-        ));
-    }
-    Ok(())
-}
 
 /// Counters of connections the limits turned away or reaped, for operators
 /// and tests. Cheap to clone (shared).
@@ -618,30 +543,5 @@ mod tests {
             rewrite_status(&mut after, 1);
             assert_eq!(before, after, "{status:?}");
         }
-    }
-
-    #[test]
-    fn idle_timeout_must_exceed_keepalive() {
-        let ok = Config::default();
-        validate(&ok).unwrap();
-        let cut = Config {
-            keepalive_interval: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(80),
-            ..Config::default()
-        };
-        let msg = validate(&cut).unwrap_err().to_string();
-        assert!(msg.contains("idle_timeout 1m 20s"), "{msg}");
-        let no_keepalive = Config {
-            keepalive_interval: Duration::ZERO,
-            idle_timeout: Duration::from_secs(1),
-            ..Config::default()
-        };
-        validate(&no_keepalive).unwrap();
-        let zero = Config {
-            max_connections: 0,
-            ..Config::default()
-        };
-        assert!(validate(&zero).is_err());
     }
 }

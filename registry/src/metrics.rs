@@ -13,6 +13,7 @@
 
 use std::{
     fmt,
+    sync::Arc,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
@@ -23,7 +24,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
 };
 
-use crate::core::Registry;
+use registry_api::v1::StatusResponse;
 
 /// Upper bounds (seconds) of the RPC latency histogram buckets: 100 µs to
 /// 10 s, roughly ×2.5 apart. Registry calls take tens of microseconds when
@@ -233,17 +234,15 @@ pub struct Metrics {
     pub(crate) storm_backlog: AtomicUsize,
     /// True between the gRPC server starting and its shutdown signal.
     pub(crate) serving: AtomicBool,
-    /// Catalog snapshots written to the data directory.
-    pub(crate) snapshots_written: AtomicU64,
-    /// Catalog snapshots that failed to write.
-    pub(crate) snapshot_failures: AtomicU64,
-    /// Size of the last snapshot written.
-    pub(crate) snapshot_bytes: AtomicU64,
-    /// When the last snapshot was written (Unix ms; 0: never).
-    pub(crate) snapshot_unix_ms: AtomicU64,
-    /// How long the last snapshot took to collect and write.
-    pub(crate) snapshot_duration_us: AtomicU64,
-    /// Instances restored from the snapshot at start.
+    /// Group commits (one flush each) of the data directory.
+    pub(crate) data_dir_commits: AtomicU64,
+    /// Write records made durable by those commits.
+    pub(crate) data_dir_records: AtomicU64,
+    /// Total time spent writing and flushing, in microseconds.
+    pub(crate) data_dir_flush_us: AtomicU64,
+    /// Whether the data directory failed (writes refused since).
+    pub(crate) data_dir_failed: AtomicBool,
+    /// Instances restored from the data directory at start.
     pub(crate) restored_instances: AtomicU64,
     /// Leases restored from the snapshot at start.
     pub(crate) restored_leases: AtomicU64,
@@ -268,11 +267,10 @@ impl Default for Metrics {
             storm_active: AtomicBool::new(false),
             storm_backlog: AtomicUsize::new(0),
             serving: AtomicBool::new(false),
-            snapshots_written: AtomicU64::new(0),
-            snapshot_failures: AtomicU64::new(0),
-            snapshot_bytes: AtomicU64::new(0),
-            snapshot_unix_ms: AtomicU64::new(0),
-            snapshot_duration_us: AtomicU64::new(0),
+            data_dir_commits: AtomicU64::new(0),
+            data_dir_records: AtomicU64::new(0),
+            data_dir_flush_us: AtomicU64::new(0),
+            data_dir_failed: AtomicBool::new(false),
             restored_instances: AtomicU64::new(0),
             restored_leases: AtomicU64::new(0),
             rpc: RpcMetrics::new(),
@@ -321,23 +319,31 @@ impl Metrics {
 /// scrapes natively).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The `/metrics` exposition of a registry, read at call time.
-pub fn render(registry: &Registry) -> String {
+/// The `/metrics` exposition: the counters, and the sizes of a status
+/// snapshot the caller took (so this module needs nothing of the registry
+/// handle).
+pub fn render(metrics: &Arc<Metrics>, status: StatusResponse) -> String {
     let mut reg = prometheus_client::registry::Registry::default();
     reg.register(
         "registry_build",
         "Build of the registry daemon (value is always 1)",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
-    reg.register_collector(Box::new(Scrape(registry.clone())));
+    reg.register_collector(Box::new(Scrape {
+        metrics: metrics.clone(),
+        status,
+    }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");
     out
 }
 
-/// Reads a registry at scrape time.
-struct Scrape(Registry);
+/// What one scrape renders.
+struct Scrape {
+    metrics: Arc<Metrics>,
+    status: StatusResponse,
+}
 
 impl fmt::Debug for Scrape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -350,9 +356,9 @@ fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> fmt::
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn gauge_f64(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+fn counter_f64(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: f64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
 fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> fmt::Result {
@@ -362,11 +368,10 @@ fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> fmt
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> fmt::Result {
-        let r = &self.0;
-        let m = r.metrics();
-        let st = r.status();
+        let m = &self.metrics;
+        let st = &self.status;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let info = r.server_info();
+        let info = st.server.unwrap_or_default();
 
         gauge(
             &mut e,
@@ -397,7 +402,7 @@ impl Collector for Scrape {
             &mut e,
             "registry_start_time_seconds",
             "Start of this server life, Unix seconds (the epoch)",
-            (r.epoch() / 1000) as i64,
+            (info.epoch / 1000) as i64,
         )?;
         gauge(
             &mut e,
@@ -502,33 +507,27 @@ impl Collector for Scrape {
 
         counter(
             &mut e,
-            "registry_snapshots_written",
-            "Catalog snapshots written to the data directory (--data-dir)",
-            load(&m.snapshots_written),
+            "registry_data_dir_commits",
+            "Group commits of the data directory (--data-dir), one flush each",
+            load(&m.data_dir_commits),
         )?;
         counter(
             &mut e,
-            "registry_snapshot_failures",
-            "Catalog snapshots that failed to write (the previous one stays in place)",
-            load(&m.snapshot_failures),
+            "registry_data_dir_records",
+            "Writes made durable in the data directory",
+            load(&m.data_dir_records),
+        )?;
+        counter_f64(
+            &mut e,
+            "registry_data_dir_flush_seconds",
+            "Time spent writing and flushing the data directory",
+            load(&m.data_dir_flush_us) as f64 / 1e6,
         )?;
         gauge(
             &mut e,
-            "registry_snapshot_bytes",
-            "Size of the last catalog snapshot",
-            load(&m.snapshot_bytes) as i64,
-        )?;
-        gauge_f64(
-            &mut e,
-            "registry_snapshot_timestamp_seconds",
-            "When the last catalog snapshot was written, Unix seconds (0: never)",
-            load(&m.snapshot_unix_ms) as f64 / 1e3,
-        )?;
-        gauge_f64(
-            &mut e,
-            "registry_snapshot_duration_seconds",
-            "Time the last catalog snapshot took to collect and write",
-            load(&m.snapshot_duration_us) as f64 / 1e6,
+            "registry_data_dir_failed",
+            "1 once a data directory write failed: writes are refused until a restart",
+            m.data_dir_failed.load(Ordering::Relaxed) as i64,
         )?;
         gauge(
             &mut e,
@@ -633,14 +632,14 @@ mod tests {
 
     #[tokio::test]
     async fn render_reads_counts_and_rpc_tables() {
-        let r = Registry::new(crate::Config::default());
+        let r = crate::Registry::new(crate::Config::default());
         let m = r.metrics();
         inc(&m.registrations, 3);
         let resolve = RpcMetrics::method_index("/registry.v1.Registry/Resolve");
         m.rpc.observe_latency(resolve, Duration::from_millis(2));
         m.rpc.count_code(resolve, 5);
         m.rpc.count_code(resolve, 99);
-        let text = render(&r);
+        let text = render(r.metrics(), r.status());
         for line in [
             "registry_registrations_total 3",
             "registry_instances 0",

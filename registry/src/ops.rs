@@ -49,7 +49,7 @@ pub async fn serve(
 async fn metrics_handler(State(registry): State<Registry>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        metrics::render(&registry),
+        metrics::render(registry.metrics(), registry.status()),
     )
 }
 

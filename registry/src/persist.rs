@@ -1,439 +1,412 @@
-//! Optional catalog snapshot on disk (`--data-dir`), so a restarted registry
-//! answers with the previous catalog at once instead of being empty until
-//! every service has re-registered (at most one heartbeat interval with
-//! client-lib, but callers without a last known good list see nothing
-//! meanwhile).
+//! `--data-dir`: every change durable before it is acknowledged, so a
+//! restarted registry (even after `kill -9`) comes back with exactly the
+//! catalog and leases of its last acknowledged revision or later.
 //!
-//! What is saved: every instance and every lease (id, TTL, owner), plus the
-//! lease epoch. What is restored: the same, with every lease given a fresh
-//! TTL from the restart, as etcd does with its leases after a leader change.
-//! A service that died while the registry was down therefore disappears one
-//! TTL after the restart, and one that lives on keeps renewing the very
-//! lease it had: the restored registry reports the previous life's
-//! `lease_epoch`, so clients do not re-register. Revisions, on the other
-//! hand, start a new epoch: the events between the last snapshot and the
-//! crash are lost, so a watcher of the previous life gets a reset snapshot,
-//! never a replay with a hole in it.
+//! The design is etcd's: a write is applied in memory under the catalog's
+//! write lock, queued to the log in revision order while the lock is still
+//! held, and answered only once the log has it on disk. One writer thread
+//! takes everything queued since its last round and commits it as one
+//! atomic batch with one `fdatasync` (group commit), so under concurrent
+//! load one disk flush acknowledges many writes.
 //!
-//! The snapshot is periodic, not a write-ahead log: a crash loses the
-//! changes of the last `snapshot_interval` (they come back when those
-//! services re-register, which client-lib does on the first `NOT_FOUND`).
-//! Writing walks the catalog one service lock at a time, copying each
-//! instance's stored encoding as is (no decoding, no write lock), then
-//! writes a temporary file, fsyncs it and renames it over the previous
-//! snapshot, so a crash mid-write leaves the previous snapshot intact.
+//! The log is [`fjall`], a maintained LSM-tree store with a write-ahead
+//! journal; no file format of our own. It holds the state, not a history:
+//! - `instances`: `service \0 id` -> the encoded `Instance` (its lease id
+//!   and revision included);
+//! - `leases`: the big-endian lease id -> [`LeaseRecord`] (TTL, owner);
+//!   renewals are never written, a restored lease gets a fresh TTL;
+//! - `meta`: the last logged `revision`, the `lease_epoch` of the data
+//!   directory, and `life`, a counter incremented (durably) at every start.
 //!
-//! File layout: `REGSNAP\x01`, CRC-32 of the payload (u32 LE), payload
-//! length (u64 LE), payload (the protobuf `SnapshotFile` below). A file that
-//! fails these checks is moved aside to `catalog.snap.corrupt` and the
-//! registry starts empty (services re-register), rather than refusing to
-//! start or serving half a catalog.
+//! What a restart guarantees (README, "Restarts"): the restored catalog is
+//! the state at one revision R of the previous life, with R at or after the
+//! revision of every write that was acknowledged; every restored lease
+//! existed at R and holds exactly its instances at R. Lease ids carry the
+//! life (see [`crate::lease::LeaseTable::for_life`]), so a new life never
+//! grants an id any earlier life granted, acknowledged or not. Revisions go
+//! on from R under a new epoch: changes that were visible but not yet
+//! durable at the crash may be gone, so a watcher of the old life is reset
+//! rather than replayed across them.
 
 use std::{
-    collections::HashMap,
-    fs,
-    io::Write,
     path::{Path, PathBuf},
-    sync::{Arc, atomic::Ordering},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Instant,
 };
 
-use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Condvar, Mutex};
 use prost::Message;
 use registry_api::v1::Instance;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::{
-    core::Registry,
+    change::LeaseChange,
     error::{Error, Result},
-    lease::Lease,
-    validate,
+    lease::{LeaseId, MAX_LIFE},
+    metrics::{self, Metrics},
 };
 
-/// Name of the snapshot in the data directory.
-pub const SNAPSHOT_FILE: &str = "catalog.snap";
-/// Where a snapshot that failed its checks is moved at start.
-pub const CORRUPT_FILE: &str = "catalog.snap.corrupt";
-const TEMP_FILE: &str = "catalog.snap.tmp";
-const MAGIC: &[u8; 8] = b"REGSNAP\x01";
-const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
-/// Field number of `SnapshotFile.instances`, written by
-/// [`crate::catalog::Catalog::encode_all`] straight from the stored bytes.
-const INSTANCES_TAG: u32 = 5;
+/// Subdirectory of the data directory holding the store.
+pub const STORE_DIR: &str = "store";
 
-/// The snapshot payload. Instances are kept as bytes when read, so each is
-/// decoded once, straight into the catalog.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SnapshotFile {
-    /// Catalog revision the snapshot reflects (at least).
-    #[prost(uint64, tag = "1")]
-    revision: u64,
-    /// The server life the lease ids belong to.
-    #[prost(uint64, tag = "2")]
-    lease_epoch: u64,
-    /// When it was written, Unix ms (for logs).
-    #[prost(uint64, tag = "3")]
-    written_unix_ms: u64,
-    /// Every lease.
-    #[prost(message, repeated, tag = "4")]
-    leases: Vec<LeaseRecord>,
-    /// Every instance, an encoded `registry.v1.Instance` each.
-    #[prost(bytes = "bytes", repeated, tag = "5")]
-    instances: Vec<Bytes>,
-}
+/// Meta keys.
+const META_REVISION: &[u8] = b"revision";
+const META_LEASE_EPOCH: &[u8] = b"lease_epoch";
+const META_LIFE: &[u8] = b"life";
 
-/// One lease of the snapshot.
+/// One lease of the data directory.
 #[derive(Clone, PartialEq, prost::Message)]
-struct LeaseRecord {
+pub struct LeaseRecord {
+    /// Granted TTL.
     #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(uint64, tag = "2")]
-    ttl_ms: u64,
+    pub ttl_ms: u64,
     /// Identity that created it (auth on), so only it may renew it still.
-    #[prost(string, optional, tag = "3")]
-    owner: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub owner: Option<String>,
 }
 
-/// What one snapshot write saved.
-#[derive(Debug, Clone, Copy)]
-pub struct Written {
-    /// Instances saved.
-    pub instances: usize,
-    /// Leases saved.
-    pub leases: usize,
-    /// Size of the file.
-    pub bytes: u64,
-    /// Revision it reflects.
-    pub revision: u64,
-}
-
-/// What a start restored from the data directory.
-#[derive(Debug, Clone, Copy)]
-pub struct Restored {
-    /// The lease epoch of the snapshot, which the registry reports from now
-    /// on so that clients keep their leases.
+/// What a start found in the data directory.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// This start's life (ids are granted under it).
+    pub life: u64,
+    /// The lease epoch of the directory: the epoch of its first life.
     pub lease_epoch: u64,
-    /// Leases restored (with a fresh TTL).
-    pub leases: usize,
-    /// Instances restored.
-    pub instances: usize,
-    /// Instances or leases left out: over a configured cap, under a lease
-    /// that was not saved, or not valid any more.
-    pub dropped: usize,
-    /// Revision of the snapshot.
+    /// The last logged revision.
     pub revision: u64,
+    /// Every lease: id, TTL, owner.
+    pub leases: Vec<(LeaseId, u64, Option<Arc<str>>)>,
+    /// Every instance, as stored (lease id and revision included).
+    pub instances: Vec<Instance>,
+    /// Records that could not be decoded (skipped, logged).
+    pub undecodable: usize,
 }
 
-/// Saves the registry's catalog and leases in `dir`, atomically replacing
-/// the previous snapshot. Blocking (file I/O): call it off the runtime.
-pub fn write(registry: &Registry, dir: &Path) -> Result<Written> {
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        Error::DataDir(format!("{what} {}: {e}", path.display()))
-    };
-    let mut payload =
-        Vec::with_capacity(registry.catalog().stats.instances.load(Ordering::Relaxed) * 128 + 64);
-    // Instances first, then leases: a lease revoked during the walk is then
-    // missing from the file, and its instances are dropped on restore, as
-    // they were in the registry.
-    let (instances, revision) = registry.catalog().encode_all(INSTANCES_TAG, &mut payload);
-    let leases: Vec<LeaseRecord> = registry
-        .leases()
-        .records()
-        .into_iter()
-        .map(|(id, ttl_ms, owner)| LeaseRecord {
-            id,
-            ttl_ms,
-            owner: owner.map(|o| o.to_string()),
-        })
-        .collect();
-    let head = SnapshotFile {
-        revision,
-        lease_epoch: registry.lease_epoch(),
-        written_unix_ms: unix_ms(),
-        leases,
-        instances: Vec::new(),
-    };
-    let lease_count = head.leases.len();
-    // Protobuf fields may come in any order; repeated ones concatenate.
-    head.encode(&mut payload).expect("a Vec grows as needed");
+/// One write's record, queued under the catalog's write lock.
+#[derive(Debug)]
+pub struct Record {
+    /// Its revision (the current one for a write that changed only leases).
+    pub revision: u64,
+    /// Instances put: key and encoding (revision set).
+    pub puts: Vec<((Arc<str>, Arc<str>), Arc<[u8]>)>,
+    /// Instances deleted.
+    pub deletes: Vec<(Arc<str>, Arc<str>)>,
+    /// Lease grants and revocations.
+    pub leases: Vec<LeaseChange>,
+}
 
-    let tmp = dir.join(TEMP_FILE);
-    let path = dir.join(SNAPSHOT_FILE);
-    let mut file = fs::File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
-    let mut header = [0u8; HEADER_LEN];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    header[12..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    file.write_all(&header)
-        .and_then(|_| file.write_all(&payload))
-        .and_then(|_| file.sync_all())
-        .map_err(|e| io("cannot write", &tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(|e| io("cannot rename to", &path, e))?;
-    // The rename itself is durable only once the directory is synced.
-    #[cfg(unix)]
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+#[derive(Debug, Default)]
+struct Queue {
+    records: Vec<(u64, Record)>,
+    stop: bool,
+}
+
+/// An open data directory and its writer thread.
+pub struct DataDir {
+    path: PathBuf,
+    db: Database,
+    instances: Keyspace,
+    leases: Keyspace,
+    meta: Keyspace,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    next_seq: AtomicU64,
+    /// The highest sequence number on disk.
+    durable: watch::Sender<u64>,
+    /// Why the writer stopped, once it failed: the registry refuses writes
+    /// from then on (as etcd stops on a failed WAL write).
+    failed: Mutex<Option<String>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir")
+            .field("path", &self.path)
+            .field("durable", &*self.durable.borrow())
+            .field("failed", &*self.failed.lock())
+            .finish_non_exhaustive()
     }
-    Ok(Written {
-        instances,
-        leases: lease_count,
-        bytes: (HEADER_LEN + payload.len()) as u64,
-        revision,
-    })
 }
 
-/// Loads the snapshot in `dir` into a fresh registry, creating `dir` if
-/// needed. `Ok(None)` when there is no usable snapshot (first start, or a
-/// corrupt file, which is moved aside and logged). Errors only when the
-/// directory cannot be used at all: the operator asked for persistence, so
-/// running without it silently would be worse than not starting.
-pub fn restore(registry: &Registry, dir: &Path) -> Result<Option<Restored>> {
-    fs::create_dir_all(dir)
-        .map_err(|e| Error::DataDir(format!("cannot create {}: {e}", dir.display())))?;
-    // Fail now, not at the first snapshot, if the directory is read-only.
-    let probe = dir.join(TEMP_FILE);
-    fs::File::create(&probe)
-        .and_then(|_| fs::remove_file(&probe))
-        .map_err(|e| Error::DataDir(format!("{} is not writable: {e}", dir.display())))?;
+fn io(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::DataDir(format!("{}: {e}", path.display()))
+}
 
-    let path = dir.join(SNAPSHOT_FILE);
-    let data = match fs::read(&path) {
-        Ok(d) => Bytes::from(d),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            info!(dir = %dir.display(), "no catalog snapshot yet; starting empty");
-            return Ok(None);
+fn instance_key(service: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(service.len() + 1 + id.len());
+    k.extend_from_slice(service.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn read_u64(ks: &Keyspace, key: &[u8], path: &Path) -> Result<Option<u64>> {
+    match ks.get(key).map_err(|e| io(path, e))? {
+        Some(v) if v.len() == 8 => Ok(Some(u64::from_be_bytes((&*v).try_into().expect("8 bytes")))),
+        Some(_) => Err(io(path, format!("meta key {key:?} is not a u64"))),
+        None => Ok(None),
+    }
+}
+
+impl DataDir {
+    /// Opens (creating if needed) the data directory, starts a new life
+    /// (durably, before anything is granted), loads what it holds and starts
+    /// the writer thread. `epoch` becomes the lease epoch of a new
+    /// directory. Fails when the directory cannot be used: the operator
+    /// asked for persistence, so running without it silently would be worse
+    /// than not starting.
+    pub fn open(dir: &Path, epoch: u64, metrics: Arc<Metrics>) -> Result<(Arc<DataDir>, Loaded)> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::DataDir(format!("cannot create {}: {e}", dir.display())))?;
+        if dir.join("catalog.snap").exists() {
+            warn!(
+                dir = %dir.display(),
+                "catalog.snap is a snapshot of an older registry version and is ignored"
+            );
         }
-        Err(e) => {
+        let path = dir.join(STORE_DIR);
+        let started = Instant::now();
+        let db = Database::builder(&path)
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .open()
+            .map_err(|e| io(&path, e))?;
+        let open = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| io(&path, e))
+        };
+        let (instances, leases, meta) = (open("instances")?, open("leases")?, open("meta")?);
+
+        let life = read_u64(&meta, META_LIFE, &path)?.unwrap_or(0) + 1;
+        if life > MAX_LIFE {
             return Err(Error::DataDir(format!(
-                "cannot read {}: {e}",
+                "{}: {life} starts exhaust the lease id space; start with a new data directory",
                 path.display()
             )));
         }
-    };
-    let started = Instant::now();
-    let file = match decode(&data) {
-        Ok(f) => f,
-        Err(why) => {
-            let aside = dir.join(CORRUPT_FILE);
-            let moved = fs::rename(&path, &aside).is_ok();
+        let lease_epoch = read_u64(&meta, META_LEASE_EPOCH, &path)?.unwrap_or(epoch);
+        let revision = read_u64(&meta, META_REVISION, &path)?.unwrap_or(0);
+        let mut batch = db.batch();
+        batch.insert(&meta, META_LIFE, life.to_be_bytes());
+        batch.insert(&meta, META_LEASE_EPOCH, lease_epoch.to_be_bytes());
+        batch.commit().map_err(|e| io(&path, e))?;
+        db.persist(PersistMode::SyncAll).map_err(|e| io(&path, e))?;
+
+        let mut loaded = Loaded {
+            life,
+            lease_epoch,
+            revision,
+            ..Loaded::default()
+        };
+        for item in leases.iter() {
+            let (k, v) = item.into_inner().map_err(|e| io(&path, e))?;
+            let id = <[u8; 8]>::try_from(&*k).map(u64::from_be_bytes);
+            match (id, LeaseRecord::decode(&*v)) {
+                (Ok(id), Ok(r)) => loaded.leases.push((id, r.ttl_ms, r.owner.map(Into::into))),
+                _ => loaded.undecodable += 1,
+            }
+        }
+        for item in instances.iter() {
+            let (_, v) = item.into_inner().map_err(|e| io(&path, e))?;
+            match Instance::decode(&*v) {
+                Ok(i) => loaded.instances.push(i),
+                Err(_) => loaded.undecodable += 1,
+            }
+        }
+        if loaded.undecodable > 0 {
             error!(
-                file = %path.display(),
-                moved_to = %aside.display(),
-                moved,
-                why,
-                "catalog snapshot unusable; starting empty (services re-register on their next heartbeat)"
+                dir = %path.display(),
+                records = loaded.undecodable,
+                "undecodable records in the data directory were skipped"
             );
-            return Ok(None);
         }
-    };
-    let restored = apply(registry, file)?;
-    let m = registry.metrics();
-    m.restored_instances
-        .store(restored.instances as u64, Ordering::Relaxed);
-    m.restored_leases
-        .store(restored.leases as u64, Ordering::Relaxed);
-    info!(
-        instances = restored.instances,
-        leases = restored.leases,
-        dropped = restored.dropped,
-        revision = restored.revision,
-        took = ?started.elapsed(),
-        "catalog restored from snapshot; leases renewed for one TTL"
-    );
-    Ok(Some(restored))
-}
+        info!(
+            dir = %path.display(),
+            life,
+            revision,
+            leases = loaded.leases.len(),
+            instances = loaded.instances.len(),
+            took = ?started.elapsed(),
+            "data directory opened"
+        );
+        let data = Arc::new(DataDir {
+            path,
+            db,
+            instances,
+            leases,
+            meta,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            next_seq: AtomicU64::new(1),
+            durable: watch::channel(0).0,
+            failed: Mutex::new(None),
+            thread: Mutex::new(None),
+            metrics,
+        });
+        let writer = data.clone();
+        let thread = std::thread::Builder::new()
+            .name("registry-data-dir".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::DataDir(format!("cannot start the data directory writer: {e}")))?;
+        *data.thread.lock() = Some(thread);
+        Ok((data, loaded))
+    }
 
-/// Checks the header and decodes the payload.
-fn decode(data: &Bytes) -> std::result::Result<SnapshotFile, String> {
-    if data.len() < HEADER_LEN || &data[..8] != MAGIC {
-        return Err("not a registry snapshot (bad magic or too short)".into());
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    let crc = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-    let len = u64::from_le_bytes(data[12..HEADER_LEN].try_into().expect("8 bytes"));
-    let payload = data.slice(HEADER_LEN..);
-    if payload.len() as u64 != len {
-        return Err(format!(
-            "truncated: payload is {} bytes, the header says {len}",
-            payload.len()
-        ));
-    }
-    if crc32fast::hash(&payload) != crc {
-        return Err("checksum mismatch".into());
-    }
-    SnapshotFile::decode(payload).map_err(|e| format!("cannot decode: {e}"))
-}
 
-/// Puts a decoded snapshot into the registry, within its configured caps.
-fn apply(registry: &Registry, file: SnapshotFile) -> Result<Restored> {
-    let config = registry.config();
-    let table = registry.leases();
-    let mut dropped = 0;
-    let mut leases: HashMap<u64, (Arc<Lease>, usize)> = HashMap::with_capacity(file.leases.len());
-    for record in file.leases {
-        // A TTL outside the bounds configured now is brought within them.
-        let ttl =
-            std::time::Duration::from_millis(record.ttl_ms).clamp(config.min_ttl, config.max_ttl);
-        if leases.len() >= config.max_leases {
-            dropped += 1;
-            continue;
-        }
-        match table.restore(record.id, ttl, record.owner.map(Into::into)) {
-            Some(lease) => {
-                leases.insert(record.id, (lease, 0));
-            }
-            None => dropped += 1,
+    /// Refuses writes once the log failed.
+    pub fn check(&self) -> Result<()> {
+        match &*self.failed.lock() {
+            None => Ok(()),
+            Some(why) => Err(Error::Unavailable(format!(
+                "the data directory cannot be written ({why}); this registry refuses writes until restarted"
+            ))),
         }
     }
-    let mut per_service: HashMap<String, usize> = HashMap::new();
-    let mut total = 0usize;
-    let instances = file.instances.into_iter().filter_map(|bytes| {
-        let Ok(instance) = Instance::decode(bytes) else {
-            dropped += 1;
-            return None;
-        };
-        let valid = validate::service_name("service", &instance.service).is_ok()
-            && validate::instance_id("id", &instance.id).is_ok()
-            && validate::address("address", &instance.address).is_ok();
-        let Some((_, on_lease)) = leases.get_mut(&instance.lease_id).filter(|_| valid) else {
-            dropped += 1;
-            return None;
-        };
-        let services = per_service.len();
-        let in_service = match per_service.get_mut(&instance.service) {
-            Some(n) => n,
-            None if services < config.max_services => {
-                per_service.entry(instance.service.clone()).or_default()
-            }
-            None => {
-                dropped += 1;
-                return None;
-            }
-        };
-        if total >= config.max_instances
-            || *in_service >= config.max_instances_per_service
-            || *on_lease >= config.max_instances_per_lease
-        {
-            dropped += 1;
-            return None;
-        }
-        *in_service += 1;
-        *on_lease += 1;
-        total += 1;
-        Some(instance)
-    });
-    // Keys are attached to their leases afterwards: the filter above holds
-    // the lease map.
-    let mut attach = Vec::new();
-    let restored = registry
-        .catalog()
-        .restore(file.revision, instances, |key, lease_id| {
-            attach.push((key, lease_id))
-        })?;
-    for (key, lease_id) in attach {
-        if let Some((lease, _)) = leases.get(&lease_id) {
-            lease.instances.lock().push(key);
-        }
-    }
-    Ok(Restored {
-        lease_epoch: if file.lease_epoch == 0 {
-            registry.epoch()
-        } else {
-            file.lease_epoch
-        },
-        leases: leases.len(),
-        instances: restored,
-        dropped,
-        revision: registry.catalog().revision(),
-    })
-}
 
-/// Rewrites the snapshot every `snapshot_interval` while anything changed
-/// (catalog revision or lease count; renewals change nothing saved), and
-/// once more when `stop` is cancelled: the server cancels it after draining,
-/// so the final snapshot has every call that completed.
-pub fn spawn(registry: Registry, dir: PathBuf, stop: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let interval = registry.config().snapshot_interval;
-        let mut saved = None;
+    /// Queues a record; the caller holds the catalog's write lock, so
+    /// records are queued in revision order. Returns its sequence number,
+    /// to wait for with [`DataDir::durable`].
+    pub fn append(&self, record: Record) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.queue.lock();
+        q.records.push((seq, record));
+        drop(q);
+        self.wake.notify_one();
+        seq
+    }
+
+    /// Resolves once record `seq` is on disk, or fails if the log failed.
+    pub async fn durable(&self, seq: u64) -> Result<()> {
+        let mut rx = self.durable.subscribe();
         loop {
-            let stopping = tokio::select! {
-                _ = stop.cancelled() => true,
-                _ = tokio::time::sleep(interval) => false,
+            if *rx.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            self.check()?;
+            if rx.changed().await.is_err() {
+                return Err(Error::Unavailable("the data directory was closed".into()));
+            }
+        }
+    }
+
+    /// Writes what is queued and stops the writer thread; later appends are
+    /// not written. Blocking: call it off the runtime or at shutdown.
+    pub fn close(&self) {
+        self.queue.lock().stop = true;
+        self.wake.notify_one();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    fn run(&self) {
+        loop {
+            let (records, stop) = {
+                let mut q = self.queue.lock();
+                while q.records.is_empty() && !q.stop {
+                    self.wake.wait(&mut q);
+                }
+                (std::mem::take(&mut q.records), q.stop)
             };
-            let mark = (registry.catalog().revision(), registry.leases().len());
-            if saved != Some(mark) {
-                let (r, d) = (registry.clone(), dir.clone());
+            if let Some(&(last, _)) = records.last() {
                 let started = Instant::now();
-                let result = tokio::task::spawn_blocking(move || write(&r, &d))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::DataDir(format!("snapshot task failed: {e}"))));
-                let m = registry.metrics();
-                match result {
-                    Ok(w) => {
-                        saved = Some(mark);
-                        m.snapshots_written.fetch_add(1, Ordering::Relaxed);
-                        m.snapshot_bytes.store(w.bytes, Ordering::Relaxed);
-                        m.snapshot_unix_ms.store(unix_ms(), Ordering::Relaxed);
-                        m.snapshot_duration_us
-                            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                        debug!(
-                            instances = w.instances,
-                            leases = w.leases,
-                            bytes = w.bytes,
-                            revision = w.revision,
-                            took = ?started.elapsed(),
-                            "catalog snapshot written"
-                        );
+                match self.write(&records) {
+                    Ok(()) => {
+                        self.durable.send_replace(last);
+                        let m = &self.metrics;
+                        metrics::inc(&m.data_dir_commits, 1);
+                        metrics::inc(&m.data_dir_records, records.len() as u64);
+                        metrics::inc(&m.data_dir_flush_us, started.elapsed().as_micros() as u64);
                     }
                     Err(e) => {
-                        m.snapshot_failures.fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, "catalog snapshot failed; the previous one stays in place");
+                        error!(error = %e, "data directory write failed; refusing writes from now on");
+                        self.metrics.data_dir_failed.store(true, Ordering::Relaxed);
+                        *self.failed.lock() = Some(e.to_string());
+                        // Wake the waiters so they see the failure.
+                        self.durable.send_modify(|_| {});
+                        return;
                     }
                 }
             }
-            if stopping {
+            if stop {
                 return;
             }
         }
-    })
-}
+    }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// One group commit: every record as one atomic batch, one flush.
+    fn write(&self, records: &[(u64, Record)]) -> Result<()> {
+        let mut batch = self.db.batch();
+        let mut revision = None;
+        for (_, r) in records {
+            for ((service, id), bytes) in &r.puts {
+                batch.insert(&self.instances, instance_key(service, id), &**bytes);
+            }
+            for (service, id) in &r.deletes {
+                batch.remove(&self.instances, instance_key(service, id));
+            }
+            for change in &r.leases {
+                match change {
+                    LeaseChange::Grant { id, ttl_ms, owner } => batch.insert(
+                        &self.leases,
+                        id.to_be_bytes(),
+                        LeaseRecord {
+                            ttl_ms: *ttl_ms,
+                            owner: owner.as_deref().map(str::to_owned),
+                        }
+                        .encode_to_vec(),
+                    ),
+                    LeaseChange::Revoke(id) => batch.remove(&self.leases, id.to_be_bytes()),
+                }
+            }
+            revision = Some(revision.unwrap_or(0).max(r.revision));
+        }
+        if let Some(revision) = revision {
+            batch.insert(&self.meta, META_REVISION, revision.to_be_bytes());
+        }
+        batch.commit().map_err(|e| io(&self.path, e))?;
+        self.db
+            .persist(PersistMode::SyncData)
+            .map_err(|e| io(&self.path, e))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, time::Duration};
 
-    use registry_api::v1::{Instance, RegisterRequest};
+    use registry_api::v1::RegisterRequest;
 
-    use super::*;
-    use crate::config::Config;
+    use crate::{config::Config, core::Registry};
 
     /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    struct TempDir(std::path::PathBuf);
 
     impl TempDir {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
+            Self(std::env::temp_dir().join(format!(
                 "registry-persist-{name}-{}-{}",
                 std::process::id(),
                 rand::random::<u32>()
-            ));
-            Self(dir)
+            )))
         }
     }
 
     impl Drop for TempDir {
         fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
@@ -444,169 +417,159 @@ mod tests {
         }
     }
 
-    fn register(r: &Registry, service: &str, id: &str, ttl_ms: u64, lease_id: u64) -> u64 {
-        r.register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: format!("10.0.0.1:{}", 8000 + id.len()),
-                metadata: HashMap::from([("version".into(), "v2".into())]),
-                ..Default::default()
-            }),
-            ttl_ms,
-            lease_id,
-        })
+    async fn register(r: &Registry, service: &str, id: &str, ttl_ms: u64, lease_id: u64) -> u64 {
+        r.register(
+            RegisterRequest {
+                instance: Some(registry_api::v1::Instance {
+                    service: service.into(),
+                    id: id.into(),
+                    address: format!("10.0.0.1:{}", 8000 + id.len()),
+                    metadata: HashMap::from([("version".into(), "v2".into())]),
+                    ..Default::default()
+                }),
+                ttl_ms,
+                lease_id,
+            },
+            None,
+        )
+        .await
         .unwrap()
         .lease_id
     }
 
-    fn ids(r: &Registry, service: &str) -> Vec<(String, String, u64)> {
-        r.resolve(service, &HashMap::new(), false)
+    fn ids(r: &Registry, service: &str) -> Vec<(String, String, u64, u64)> {
+        r.resolve(service, &HashMap::new(), false, None)
             .unwrap()
             .instances
             .into_iter()
-            .map(|i| (i.id, i.address, i.lease_id))
+            .map(|i| (i.id, i.address, i.lease_id, i.revision))
             .collect()
     }
 
     #[tokio::test(start_paused = true)]
-    async fn restart_restores_instances_and_leases_with_a_fresh_ttl() {
+    async fn a_restart_restores_every_acknowledged_change_with_a_fresh_ttl() {
         let dir = TempDir::new("roundtrip");
-        let before = Registry::open(config(&dir)).unwrap();
-        let shared = register(&before, "prod", "a", 3000, 0);
-        register(&before, "prod", "bb", 0, shared);
-        let own = register(&before, "cart", "c", 10_000, 0);
-        let expiring = register(&before, "gone", "g", 1000, 0);
-        before.deregister_lease(expiring).unwrap();
-        let written = write(&before, &dir.0).unwrap();
-        assert_eq!((written.instances, written.leases), (3, 2));
+        let before = Registry::open_memory(config(&dir)).unwrap();
+        let shared = register(&before, "prod", "a", 3000, 0).await;
+        register(&before, "prod", "bb", 0, shared).await;
+        let own = register(&before, "cart", "c", 10_000, 0).await;
+        let gone = register(&before, "gone", "g", 1000, 0).await;
+        before.deregister_lease(gone, None).await.unwrap();
+        before
+            .deregister_instance("prod", "bb", None)
+            .await
+            .unwrap();
         let revision = before.catalog().revision();
+        let (prod, cart) = (ids(&before, "prod"), ids(&before, "cart"));
+        let lease_epoch = before.lease_epoch();
+        drop(before);
 
         // Time passes while the registry is down: longer than the TTLs.
         tokio::time::advance(Duration::from_secs(60)).await;
-        let after = Registry::open(config(&dir)).unwrap();
-        assert_eq!(ids(&after, "prod"), ids(&before, "prod"));
-        assert_eq!(ids(&after, "cart"), ids(&before, "cart"));
-        assert!(
-            after
-                .resolve("gone", &HashMap::new(), false)
-                .unwrap()
-                .instances
-                .is_empty(),
-            "revoked before the snapshot"
-        );
+        let after = Registry::open_memory(config(&dir)).unwrap();
         assert_eq!(
-            after.catalog().revision(),
-            revision,
-            "revisions go on from the snapshot"
+            ids(&after, "prod"),
+            prod,
+            "each instance with its lease and revision"
         );
-        assert_eq!(
-            after.lease_epoch(),
-            before.lease_epoch(),
-            "leases of the previous life stay valid"
-        );
-        assert_eq!(after.server_info().lease_epoch, before.epoch());
-        assert_eq!(
-            after.metrics().restored_instances.load(Ordering::Relaxed),
-            3
-        );
+        assert_eq!(ids(&after, "cart"), cart);
+        assert!(ids(&after, "gone").is_empty(), "revoked before the restart");
+        assert_eq!(after.catalog().revision(), revision, "revisions go on");
+        assert_eq!(after.lease_epoch(), lease_epoch, "leases stay valid");
+        assert_ne!(after.epoch(), lease_epoch, "revisions start a new epoch");
+        assert_eq!(after.status().leases, 2);
 
         // Each lease got a fresh TTL from the restart: renewable now, and a
         // new register may attach to it.
-        assert_eq!(after.heartbeat(&[shared, own]).unwrap().len(), 2);
-        assert!(after.heartbeat(&[shared]).unwrap()[0].found);
-        register(&after, "prod", "ccc", 0, shared);
-        assert!(
-            register(&after, "x", "1", 5000, 0) > own.max(shared),
-            "new ids above restored ones"
+        let renewed = after.heartbeat(&[shared, own, gone], None).unwrap();
+        assert_eq!(
+            renewed.iter().map(|s| s.found).collect::<Vec<_>>(),
+            [true, true, false]
         );
+        register(&after, "prod", "ccc", 0, shared).await;
+        let fresh = register(&after, "x", "1", 5000, 0).await;
+        assert!(fresh >> 32 > own >> 32, "a new life grants ids of its own");
 
-        // Nobody renews `own`: it expires one TTL after the restart, not before.
-        tokio::time::advance(Duration::from_millis(9_900)).await;
-        after.expire_due(100);
-        assert_eq!(ids(&after, "cart").len(), 1);
-        tokio::time::advance(Duration::from_millis(200)).await;
-        after.expire_due(100);
+        // Nobody renews `own`: it expires one TTL after the restart, not
+        // before; `shared` is renewed and stays.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(2_020)).await;
+            assert!(after.heartbeat(&[shared], None).unwrap()[0].found);
+        }
+        assert_eq!(after.expire_due(100), 2, "own and x");
         assert!(ids(&after, "cart").is_empty());
+        drop(after);
+        let third = Registry::open_memory(config(&dir)).unwrap();
+        assert!(
+            ids(&third, "cart").is_empty(),
+            "the expiry was recorded too"
+        );
+        assert_eq!(ids(&third, "prod").len(), 2);
+        assert_eq!(third.status().leases, 1);
+    }
+
+    #[tokio::test]
+    async fn lease_ids_of_every_life_are_new() {
+        let dir = TempDir::new("lives");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let r = Registry::open_memory(config(&dir)).unwrap();
+            for i in 0..3 {
+                let id = register(&r, "svc", &format!("i{i}"), 5000, 0).await;
+                assert!(seen.insert(id), "lease id {id} granted twice");
+            }
+        }
     }
 
     #[tokio::test]
     async fn an_old_life_watcher_gets_a_reset_snapshot() {
         let dir = TempDir::new("watch");
-        let before = Registry::open(config(&dir)).unwrap();
-        register(&before, "prod", "a", 5000, 0);
-        write(&before, &dir.0).unwrap();
+        let before = Registry::open_memory(config(&dir)).unwrap();
+        register(&before, "prod", "a", 5000, 0).await;
         let revision = before.catalog().revision();
-        let after = Registry::open(config(&dir)).unwrap();
+        drop(before);
+        let after = Registry::open_memory(config(&dir)).unwrap();
         let (_, start) = after
             .catalog()
             .watch(crate::catalog::WatchFilter::default(), revision, true, None)
             .unwrap();
         match start {
-            crate::catalog::WatchStart::Snapshot {
-                instances, reset, ..
-            } => {
-                assert_eq!(instances.len(), 1);
-                assert!(reset.is_some(), "history before the snapshot is gone");
+            crate::catalog::WatchStart::Snapshot { view, reset } => {
+                assert_eq!(view.len(), 1);
+                assert!(reset.is_some(), "history before the restart is gone");
             }
             crate::catalog::WatchStart::Replay(_) => panic!("replayed across a restart"),
         }
     }
 
     #[tokio::test]
-    async fn a_corrupt_snapshot_is_moved_aside_and_the_registry_starts_empty() {
-        let dir = TempDir::new("corrupt");
-        let before = Registry::open(config(&dir)).unwrap();
-        register(&before, "prod", "a", 5000, 0);
-        write(&before, &dir.0).unwrap();
-        let path = dir.0.join(SNAPSHOT_FILE);
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        fs::write(&path, &bytes).unwrap();
-        let after = Registry::open(config(&dir)).unwrap();
-        assert!(ids(&after, "prod").is_empty());
-        assert!(!path.exists());
-        assert!(dir.0.join(CORRUPT_FILE).exists());
-        assert_eq!(after.lease_epoch(), after.epoch());
-
-        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        assert!(
-            ids(&Registry::open(config(&dir)).unwrap(), "prod").is_empty(),
-            "truncated"
-        );
-        fs::write(&path, b"hello").unwrap();
-        assert!(
-            ids(&Registry::open(config(&dir)).unwrap(), "prod").is_empty(),
-            "not a snapshot"
-        );
-    }
-
-    #[tokio::test]
-    async fn restore_keeps_within_the_configured_caps() {
+    async fn restore_keeps_within_the_configured_caps_and_forgets_the_rest() {
         let dir = TempDir::new("caps");
-        let before = Registry::open(config(&dir)).unwrap();
-        let lease = register(&before, "prod", "0", 5000, 0);
+        let before = Registry::open_memory(config(&dir)).unwrap();
+        let lease = register(&before, "prod", "0", 5000, 0).await;
         for i in 1..5 {
-            register(&before, "prod", &i.to_string(), 0, lease);
+            register(&before, "prod", &i.to_string(), 0, lease).await;
         }
-        write(&before, &dir.0).unwrap();
-        let after = Registry::open(Config {
+        drop(before);
+        let capped = Registry::open_memory(Config {
             max_instances_per_service: 3,
             ..config(&dir)
         })
         .unwrap();
-        assert_eq!(ids(&after, "prod").len(), 3);
-        assert_eq!(after.leases().get(lease).unwrap().instance_count(), 3);
-        assert_eq!(after.status().instances, 3);
+        assert_eq!(ids(&capped, "prod").len(), 3);
+        assert_eq!(capped.leases().get(lease).unwrap().instance_count(), 3);
+        assert_eq!(capped.status().instances, 3);
+        drop(capped);
+        let again = Registry::open_memory(config(&dir)).unwrap();
+        assert_eq!(ids(&again, "prod").len(), 3, "the dropped ones are gone");
     }
 
     #[test]
     fn an_unusable_data_dir_refuses_to_start() {
         let dir = TempDir::new("file");
-        fs::write(&dir.0, b"a file, not a directory").unwrap();
-        let err = Registry::open(config(&dir)).unwrap_err();
+        std::fs::write(&dir.0, b"a file, not a directory").unwrap();
+        let err = Registry::open_memory(config(&dir)).unwrap_err();
         assert!(err.to_string().contains("data dir"), "{err}");
-        let _ = fs::remove_file(&dir.0);
+        let _ = std::fs::remove_file(&dir.0);
     }
 }

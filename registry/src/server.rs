@@ -28,7 +28,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let registry = Registry::open(config)?;
+    let registry = Registry::open(config).await?;
     serve(listener, registry, shutdown).await
 }
 
@@ -39,7 +39,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let addr = listener.local_addr()?;
-    limits::validate(registry.config())?;
+    registry.config().validate()?;
     let tls = tls_config(registry.config())?;
     let auth = match &registry.config().auth_file {
         Some(path) => Some(Arc::new(Auth::load(path)?)),
@@ -56,20 +56,8 @@ pub async fn serve(
              this port can register instances and redirect traffic. Use --tls-cert/--tls-key and --auth-file."
         );
     }
-    if registry.etcd().is_some() && registry.config().data_dir.is_some() {
-        return Err(crate::error::Error::InvalidArgument(
-            "--data-dir is for the in-memory store; with --store etcd the catalog lives in etcd"
-                .into(),
-        ));
-    }
     let background = spawn_auth_maintenance(registry.clone(), auth.clone(), rate.clone());
     let expiry = registry.spawn_expiry();
-    let stop_snapshots = tokio_util::sync::CancellationToken::new();
-    let snapshots = registry
-        .config()
-        .data_dir
-        .clone()
-        .map(|dir| crate::persist::spawn(registry.clone(), dir, stop_snapshots.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -142,16 +130,7 @@ pub async fn serve(
     registry.metrics().set_serving(false);
     registry.shutdown();
     let _ = expiry.await;
-    if let Some(snapshots) = snapshots {
-        // After the drain: the final snapshot has every call that completed.
-        stop_snapshots.cancel();
-        let _ = snapshots.await;
-    }
-    if let Some(store) = registry.etcd() {
-        // Lets the node revoke its etcd lease: its instances leave the
-        // cluster now rather than after the lease TTL.
-        store.stopped().await;
-    }
+    registry.close().await;
     background.abort();
     info!(
         connections_rejected = conn_stats.rejected(),

@@ -59,9 +59,7 @@ impl registry_server::Registry for RegistryService {
             telemetry::record_service(&instance.service);
         }
         Ok(Response::new(
-            self.registry
-                .register_as_async(req, caller.as_deref())
-                .await?,
+            self.registry.register(req, caller.as_deref()).await?,
         ))
     }
 
@@ -71,7 +69,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = auth::caller(&request);
         let ids = request.into_inner().lease_ids;
-        let leases = self.registry.heartbeat_as(&ids, caller.as_deref())?;
+        let leases = self.registry.heartbeat(&ids, caller.as_deref())?;
         if let [only] = leases.as_slice()
             && !only.found
         {
@@ -101,7 +99,7 @@ impl registry_server::Registry for RegistryService {
             .take_until(shutdown.cancelled_owned())
             .map(move |req| {
                 let req = req?;
-                let leases = registry.heartbeat_as(&req.lease_ids, caller.as_deref())?;
+                let leases = registry.heartbeat(&req.lease_ids, caller.as_deref())?;
                 Ok(HeartbeatResponse {
                     leases,
                     server: Some(registry.server_info()),
@@ -117,13 +115,11 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let caller = caller.as_deref();
         let (revision, removed) = match request.into_inner().target {
-            Some(Target::LeaseId(id)) => {
-                self.registry.deregister_lease_as_async(id, caller).await?
-            }
+            Some(Target::LeaseId(id)) => self.registry.deregister_lease(id, caller).await?,
             Some(Target::Instance(key)) => {
                 telemetry::record_service(&key.service);
                 self.registry
-                    .deregister_instance_as_async(&key.service, &key.id, caller)
+                    .deregister_instance(&key.service, &key.id, caller)
                     .await?
             }
             None => {
@@ -142,7 +138,7 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let req = request.into_inner();
         telemetry::record_service(&req.service);
-        Ok(Response::new(self.registry.resolve_frame_as(
+        Ok(Response::new(self.registry.resolve_frame(
             &req.service,
             &req.selector,
             req.include_lease_ttl,
@@ -156,7 +152,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<ListServicesResponse>, Status> {
         let caller = auth::caller(&request);
         Ok(Response::new(
-            self.registry.list_services_as(caller.as_deref()),
+            self.registry.list_services(caller.as_deref()),
         ))
     }
 
@@ -188,14 +184,10 @@ impl registry_server::Registry for RegistryService {
             selector,
             reader: None,
         };
-        if let Some(store) = self.registry.etcd() {
-            // A watch resumed from another node may be a little ahead of
-            // this one: give it a moment to catch up rather than reset.
-            store.catch_up(req.start_revision.saturating_sub(1)).await;
-        }
-        let (handle, start) =
-            self.registry
-                .watch_as(filter, req.start_revision, req.epoch, conn, caller.as_ref())?;
+        let (handle, start) = self
+            .registry
+            .watch(filter, req.start_revision, req.epoch, conn, caller.as_ref())
+            .await?;
         Ok(Response::new(Box::pin(watch::stream(
             self.registry.clone(),
             handle,

@@ -14,7 +14,7 @@
 //! the same message field, so the client decodes one `EventBatch` holding
 //! all their events, in order.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
@@ -23,19 +23,25 @@ use prost::{
     encoding::{DecodeContext, WireType},
 };
 use registry_api::v1::{
-    DeleteReason, Event, EventBatch, EventType, Instance, Progress, ResetReason, Snapshot,
-    WatchResponse, watch_response::Kind,
+    DeleteReason, Event, EventBatch, EventType, Instance, Progress, ResetReason, ServerInfo,
+    Snapshot, WatchResponse, watch_response::Kind,
 };
 use tonic::Status;
 
 use crate::{
-    catalog::{EventKind, RevisionBatch, WatchFilter, WatchStart, WatcherHandle},
+    catalog::{
+        CatalogView, EventKind, RevisionBatch, WatchFilter, WatchStart, WatcherHandle,
+        selector_matches,
+    },
     core::Registry,
+    frame,
 };
 
 /// Largest snapshot chunk, in encoded bytes: well under gRPC's default 4 MiB
-/// message limit, so clients in any language can take it.
-pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// message limit, so clients in any language can take it, and small enough
+/// that the one chunk an unread stream holds in its send buffer keeps a few
+/// hundred stalled watch-all streams within tens of megabytes.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
 
 /// Bytes of queued revisions coalesced into one message: fewer, larger
 /// writes when a watcher is behind, without unbounded messages.
@@ -220,46 +226,92 @@ fn events_message(events: Vec<Event>) -> WatchResponse {
     }
 }
 
-/// Splits a snapshot into messages of at most [`SNAPSHOT_CHUNK_BYTES`]; the
-/// last one has `more == false`. An empty snapshot is one empty message.
-pub fn snapshot_messages(
-    registry: &Registry,
-    revision: u64,
-    instances: &[Arc<Instance>],
+/// The Snapshot messages of a view, built one chunk at a time as the
+/// stream is polled: a stream whose client does not read holds one chunk,
+/// never a copy of the view. Instances go out as the catalog stores them
+/// (encoded once, at write time); only a selector makes them be decoded,
+/// to be matched. The last message has `more == false`; an empty view is
+/// one empty message.
+#[derive(Debug)]
+pub struct SnapshotChunks {
+    view: CatalogView,
+    selector: Vec<(String, String)>,
     reset: Option<ResetReason>,
-) -> Vec<WatchResponse> {
-    use prost::Message;
-    let mut chunks: Vec<Vec<Instance>> = vec![Vec::new()];
-    let mut size = 0;
-    for inst in instances {
-        let len = inst.encoded_len() + 4;
-        let current = chunks.last_mut().expect("never empty");
-        if size + len > SNAPSHOT_CHUNK_BYTES && !current.is_empty() {
-            chunks.push(Vec::new());
-            size = 0;
+    server: ServerInfo,
+    service: usize,
+    instance: usize,
+    done: bool,
+}
+
+impl SnapshotChunks {
+    /// The chunks of `view` as seen through `filter` (whose service and
+    /// read permission the view already applied).
+    pub fn new(
+        view: CatalogView,
+        filter: &WatchFilter,
+        reset: Option<ResetReason>,
+        server: ServerInfo,
+    ) -> Self {
+        Self {
+            view,
+            selector: filter.selector.clone(),
+            reset,
+            server,
+            service: 0,
+            instance: 0,
+            done: false,
         }
-        size += len;
-        chunks
-            .last_mut()
-            .expect("never empty")
-            .push(Instance::clone(inst));
     }
-    let n = chunks.len();
-    let server = registry.server_info();
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, instances)| WatchResponse {
-            kind: Some(Kind::Snapshot(Snapshot {
-                revision,
-                instances,
-                reset: reset.is_some(),
-                reason: reset.unwrap_or(ResetReason::Unspecified) as i32,
-                server: Some(server),
-                more: i + 1 < n,
-            })),
-        })
-        .collect()
+
+    fn frame(&self, records: Vec<u8>, more: bool) -> WatchFrame {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let rest = Snapshot {
+            revision: self.view.revision(),
+            instances: Vec::new(),
+            reset: self.reset.is_some(),
+            reason: self.reset.unwrap_or(ResetReason::Unspecified) as i32,
+            server: Some(self.server),
+            more,
+        };
+        let body = records.len() + rest.encoded_len();
+        let mut buf = Vec::with_capacity(body + 8);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(body as u64, &mut buf);
+        buf.extend_from_slice(&records);
+        rest.encode_raw(&mut buf);
+        WatchFrame(Frame::Encoded(buf.into()))
+    }
+}
+
+impl Iterator for SnapshotChunks {
+    type Item = WatchFrame;
+
+    fn next(&mut self) -> Option<WatchFrame> {
+        if self.done {
+            return None;
+        }
+        let mut records = Vec::new();
+        while let Some(service) = self.view.services().get(self.service) {
+            while let Some(bytes) = service.get(self.instance) {
+                if !self.selector.is_empty()
+                    && !selector_matches(&self.selector, &crate::catalog::decode_instance(bytes))
+                {
+                    self.instance += 1;
+                    continue;
+                }
+                let len = frame::record_len(2, bytes.len());
+                if !records.is_empty() && records.len() + len > SNAPSHOT_CHUNK_BYTES {
+                    return Some(self.frame(records, true));
+                }
+                frame::push_record(2, bytes, &mut records);
+                self.instance += 1;
+            }
+            self.service += 1;
+            self.instance = 0;
+        }
+        self.done = true;
+        Some(self.frame(records, false))
+    }
 }
 
 /// The response stream of one Watch call. Ends with `UNAVAILABLE` when the
@@ -274,9 +326,9 @@ pub fn stream(
         let shutdown = registry.shutdown_token().clone();
         let filter = handle.filter().clone();
         match start {
-            WatchStart::Snapshot { revision, instances, reset } => {
-                for msg in snapshot_messages(&registry, revision, &instances, reset) {
-                    yield Ok(WatchFrame::message(msg));
+            WatchStart::Snapshot { view, reset } => {
+                for frame in SnapshotChunks::new(view, &filter, reset, registry.server_info()) {
+                    yield Ok(frame);
                 }
             }
             WatchStart::Replay(batches) => {
@@ -293,15 +345,16 @@ pub fn stream(
         }
         loop {
             if handle.overflowed() {
-                let (revision, instances) = registry.catalog().resnapshot(&mut handle);
-                tracing::debug!(revision, "slow watcher sent a reset snapshot");
-                for msg in snapshot_messages(
-                    &registry,
-                    revision,
-                    &instances,
+                let view = registry.catalog().resnapshot(&mut handle);
+                tracing::debug!(revision = view.revision(), "slow watcher sent a reset snapshot");
+                let chunks = SnapshotChunks::new(
+                    view,
+                    &filter,
                     Some(ResetReason::SlowConsumer),
-                ) {
-                    yield Ok(WatchFrame::message(msg));
+                    registry.server_info(),
+                );
+                for frame in chunks {
+                    yield Ok(frame);
                 }
                 continue;
             }
@@ -388,6 +441,7 @@ mod tests {
     use super::*;
     use crate::catalog::{CatalogEvent, EventKind};
     use registry_api::v1::DeleteReason;
+    use std::sync::Arc;
 
     fn batch(revision: u64, ids: &[&str], service: &str) -> RevisionBatch {
         let events: Vec<CatalogEvent> = ids

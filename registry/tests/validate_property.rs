@@ -205,7 +205,8 @@ proptest! {
                     known_bad.then_some(false)
                 })
         };
-        let result = registry.register(req);
+        // Memory-mode writes complete without waiting.
+        let result = futures::executor::block_on(registry.register(req, None));
         let status = registry.status();
         match &result {
             Ok(resp) => {

@@ -118,12 +118,15 @@ impl View {
     }
 }
 
-fn open(
+async fn open(
     registry: &Registry,
     filter: WatchFilter,
     start: u64,
 ) -> impl Stream<Item = Result<WatchResponse, tonic::Status>> + Unpin {
-    let (handle, start) = registry.watch(filter, start, 0, None).expect("watch");
+    let (handle, start) = registry
+        .watch(filter, start, 0, None, None)
+        .await
+        .expect("watch");
     // Frames go through a real encode/decode, as on the wire: shared and
     // coalesced encodings must decode to the same events.
     Box::pin(
@@ -140,7 +143,7 @@ fn expected(registry: &Registry, filter: &WatchFilter) -> BTreeMap<Key, Instance
     let services: Vec<String> = match &filter.service {
         Some(s) => vec![s.to_string()],
         None => registry
-            .list_services()
+            .list_services(None)
             .services
             .into_iter()
             .map(|s| s.name)
@@ -149,7 +152,11 @@ fn expected(registry: &Registry, filter: &WatchFilter) -> BTreeMap<Key, Instance
     let selector = filter.selector.iter().cloned().collect();
     let mut out = BTreeMap::new();
     for s in services {
-        for i in registry.resolve(&s, &selector, false).unwrap().instances {
+        for i in registry
+            .resolve(&s, &selector, false, None)
+            .unwrap()
+            .instances
+        {
             out.insert((i.service.clone(), i.id.clone()), i);
         }
     }
@@ -181,10 +188,10 @@ fn run(ops: Vec<Op>) {
             },
         ];
         let mut views: Vec<View> = filters.iter().map(|_| View::default()).collect();
-        let mut streams: Vec<_> = filters
-            .iter()
-            .map(|f| open(&registry, f.clone(), 0))
-            .collect();
+        let mut streams = Vec::new();
+        for f in &filters {
+            streams.push(open(&registry, f.clone(), 0).await);
+        }
         // A watcher that will disconnect half-way and resume.
         let resumed_filter = WatchFilter {
             service: Some("svc2".into()),
@@ -192,7 +199,7 @@ fn run(ops: Vec<Op>) {
             reader: None,
         };
         let mut resumed_view = View::default();
-        let mut resumed = Some(open(&registry, resumed_filter.clone(), 0));
+        let mut resumed = Some(open(&registry, resumed_filter.clone(), 0).await);
 
         let mut leases: Vec<u64> = Vec::new();
         let half = ops.len() / 2;
@@ -214,11 +221,12 @@ fn run(ops: Vec<Op>) {
                     let lease_id = attach
                         .and_then(|i| leases.get(i as usize).copied())
                         .unwrap_or(0);
-                    match registry.register(RegisterRequest {
+                    let req = RegisterRequest {
                         instance: Some(inst),
                         ttl_ms: 1000,
                         lease_id,
-                    }) {
+                    };
+                    match registry.register(req, None).await {
                         Ok(r) => {
                             if !leases.contains(&r.lease_id) {
                                 leases.push(r.lease_id);
@@ -229,16 +237,18 @@ fn run(ops: Vec<Op>) {
                     }
                 }
                 Op::DeregisterId { svc, id } => {
-                    let _ = registry.deregister_instance(&format!("svc{svc}"), &format!("i{id}"));
+                    let _ = registry
+                        .deregister_instance(&format!("svc{svc}"), &format!("i{id}"), None)
+                        .await;
                 }
                 Op::RevokeLease { idx } => {
                     if let Some(id) = leases.get(idx as usize) {
-                        let _ = registry.deregister_lease(*id);
+                        let _ = registry.deregister_lease(*id, None).await;
                     }
                 }
                 Op::Heartbeat { idx } => {
                     if let Some(id) = leases.get(idx as usize) {
-                        registry.heartbeat(&[*id]).unwrap();
+                        registry.heartbeat(&[*id], None).unwrap();
                     }
                 }
                 Op::Advance { ms } => {
@@ -252,20 +262,18 @@ fn run(ops: Vec<Op>) {
                 resumed = None; // disconnect
             }
             if resumed.is_none() && (n == half + 3 || (n > half && n % 5 == 0)) {
-                resumed = Some(open(
-                    &registry,
-                    resumed_filter.clone(),
-                    resumed_view.revision + 1,
-                ));
+                resumed =
+                    Some(open(&registry, resumed_filter.clone(), resumed_view.revision + 1).await);
             }
             for (view, stream) in views.iter_mut().zip(streams.iter_mut()) {
                 view.drain(stream);
             }
         }
-        let resumed_stream = resumed.get_or_insert_with(|| {
-            open(&registry, resumed_filter.clone(), resumed_view.revision + 1)
-        });
-        resumed_view.drain(resumed_stream);
+        if resumed.is_none() {
+            resumed =
+                Some(open(&registry, resumed_filter.clone(), resumed_view.revision + 1).await);
+        }
+        resumed_view.drain(resumed.as_mut().expect("just opened"));
         for (view, stream) in views.iter_mut().zip(streams.iter_mut()) {
             view.drain(stream);
         }

@@ -16,10 +16,7 @@ use std::{
     time::Duration,
 };
 
-use registry::{
-    Config,
-    etcd::{EtcdOptions, start},
-};
+use registry::{Config, etcd::EtcdOptions};
 use tokio::{
     net::TcpListener,
     process::{Child, Command},
@@ -224,7 +221,9 @@ impl ClusterNode {
         runtime.spawn(async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let registry = start(config, options).await.expect("node syncs with etcd");
+            let registry = registry::Registry::connect_cluster(config, options)
+                .await
+                .expect("node syncs with etcd");
             let _ = ready_tx.send(addr);
             registry::server::serve(listener, registry, async {
                 let _ = rx.await;

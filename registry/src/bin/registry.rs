@@ -169,16 +169,13 @@ struct Args {
     /// through it outlive the node if it dies (with --store etcd).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     etcd_lease_ttl: Duration,
-    /// Keep a snapshot of the catalog and leases in this directory (created
-    /// if missing) and load it at start: a restarted registry answers with
-    /// the previous catalog at once, leases renewed for one TTL, instead of
-    /// waiting for services to re-register. In-memory store only.
+    /// Keep the catalog and leases in this directory (created if missing):
+    /// every change is written there before it is acknowledged, and a
+    /// restarted registry (even after a crash) loads it before it serves,
+    /// leases renewed for one TTL, instead of waiting for services to
+    /// re-register. In-memory store only.
     #[arg(long, env = "REGISTRY_DATA_DIR")]
     data_dir: Option<std::path::PathBuf>,
-    /// How often the snapshot in --data-dir is rewritten (when something
-    /// changed); it is also written at shutdown.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    snapshot_interval: Duration,
 }
 
 /// Where the catalog lives.
@@ -234,7 +231,14 @@ impl Args {
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst.unwrap_or(self.rate_limit.saturating_mul(2)),
             data_dir: self.data_dir.clone(),
-            snapshot_interval: self.snapshot_interval,
+            etcd: (self.store == StoreKind::Etcd).then(|| {
+                let mut options = registry::config::EtcdOptions::new(
+                    registry::config::EtcdOptions::parse_endpoints(&self.etcd_endpoints),
+                );
+                options.prefix = self.etcd_prefix.clone();
+                options.lease_ttl = self.etcd_lease_ttl;
+                options
+            }),
         }
     }
 }
@@ -243,57 +247,20 @@ impl Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     registry::telemetry::init_logging(args.log_format);
-    if !(args.storm_fraction > 0.0 && args.storm_fraction <= 1.0) || args.storm_rate == 0 {
-        eprintln!(
-            "registry: --storm-fraction ({}) must be in (0, 1] and --storm-rate ({}) at least 1",
-            args.storm_fraction, args.storm_rate
-        );
-        return ExitCode::from(2);
-    }
-    if args.min_ttl.is_zero() || args.min_ttl > args.max_ttl {
-        eprintln!(
-            "registry: --min-ttl ({}) must be above 0 and at most --max-ttl ({})",
-            humantime::format_duration(args.min_ttl),
-            humantime::format_duration(args.max_ttl)
-        );
-        return ExitCode::from(2);
-    }
-    if args.store == StoreKind::Etcd && args.data_dir.is_some() {
-        eprintln!(
-            "registry: --data-dir is for --store memory; with --store etcd the catalog lives in etcd"
-        );
-        return ExitCode::from(2);
-    }
-    if args.snapshot_interval.is_zero() {
-        eprintln!("registry: --snapshot-interval must be above 0");
-        return ExitCode::from(2);
-    }
     let config = args.config();
-    if let Err(e) = registry::limits::validate(&config) {
+    if let Err(e) = config.validate() {
         eprintln!("registry: {e}");
         return ExitCode::from(2);
     }
-    let registry = match args.store {
-        StoreKind::Memory => match Registry::open(config) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("registry: --data-dir: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        StoreKind::Etcd => {
-            let mut options = registry::etcd::EtcdOptions::new(
-                registry::etcd::EtcdOptions::parse_endpoints(&args.etcd_endpoints),
-            );
-            options.prefix = args.etcd_prefix.clone();
-            options.lease_ttl = args.etcd_lease_ttl;
-            match registry::etcd::start(config, options).await {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("registry: --store etcd: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
+    let registry = match Registry::open(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            let what = match args.store {
+                StoreKind::Memory => "--data-dir",
+                StoreKind::Etcd => "--store etcd",
+            };
+            eprintln!("registry: {what}: {e}");
+            return ExitCode::FAILURE;
         }
     };
     // Bound after the registry is loaded: a client never waits on a port

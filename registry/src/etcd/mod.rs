@@ -64,19 +64,18 @@ use parking_lot::Mutex;
 use prost::Message;
 use registry_api::{
     etcd::etcdserverpb::{RangeRequest, kv_client::KvClient},
-    v1::{DeleteReason, RegisterRequest, RegisterResponse},
+    v1::DeleteReason,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+pub use crate::config::EtcdOptions;
 use crate::{
-    auth::Identity,
-    catalog::InstanceKey,
-    config::Config,
-    core::{RegisterUndo, Registry},
+    catalog::{Catalog, InstanceKey},
+    change::{Batch, Change, Undo},
     error::{Error, Result},
-    lease::LeaseId,
+    lease::{LeaseId, LeaseTable},
 };
 
 /// etcd's default `--max-txn-ops`: the most operations one transaction may
@@ -99,55 +98,6 @@ pub const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest etcd response decoded (the initial list of a large catalog comes
 /// in one Range): a million instances of ~200 bytes.
 const MAX_ETCD_MESSAGE: usize = 256 << 20;
-
-/// Default TTL of a node's own etcd lease: how long a dead node's instances
-/// stay resolvable elsewhere. Its clients re-register on another node as
-/// soon as their KeepAlive stream breaks, which replaces the keys, so this
-/// only bounds how long instances of clients that died *with* the node
-/// linger.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
-
-/// Where and how a node reaches etcd.
-#[derive(Debug, Clone)]
-pub struct EtcdOptions {
-    /// Client URLs of the etcd members, `http://host:port`.
-    pub endpoints: Vec<String>,
-    /// Key prefix under which this registry cluster keeps its keys; several
-    /// registry clusters can share one etcd with different prefixes.
-    pub prefix: String,
-    /// TTL of the node's etcd lease (etcd rounds it up to its minimum, 2 s
-    /// with default settings).
-    pub lease_ttl: Duration,
-    /// How long start-up waits for etcd before giving up.
-    pub connect_timeout: Duration,
-}
-
-impl EtcdOptions {
-    /// Options for the given endpoints with the default prefix and TTLs.
-    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        Self {
-            endpoints: endpoints.into_iter().map(Into::into).collect(),
-            prefix: "/registry".into(),
-            lease_ttl: DEFAULT_LEASE_TTL,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-
-    /// Parses a comma-separated endpoint list (`--etcd-endpoints`).
-    pub fn parse_endpoints(list: &str) -> Vec<String> {
-        list.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                if s.contains("://") {
-                    s.to_owned()
-                } else {
-                    format!("http://{s}")
-                }
-            })
-            .collect()
-    }
-}
 
 /// What this node has written (or is writing) to etcd for one instance:
 /// the record it puts back if its etcd lease is lost.
@@ -208,11 +158,13 @@ impl Op {
 }
 
 /// A request's changes, applied in one etcd transaction; the reply is the
-/// etcd revision, or 0 when nothing changed.
+/// etcd revision, or 0 when nothing changed. On failure the writer runs
+/// `undo` itself, so a caller that stopped waiting cannot skip it.
 #[derive(Debug)]
 struct Write {
     ops: Vec<Op>,
     reply: Option<oneshot::Sender<Result<i64>>>,
+    undo: Undo,
 }
 
 /// One node's connection to etcd and its record of what it owns there.
@@ -241,10 +193,22 @@ pub struct EtcdStore {
     /// Cancelled when the sync task has finished (lease revoked on a
     /// graceful shutdown).
     finished: CancellationToken,
+    /// The catalog this node's watch feeds.
+    catalog: Arc<Catalog>,
+    /// The node's client leases (liveness is local).
+    leases: Arc<LeaseTable>,
+    /// The registry's shutdown signal.
+    shutdown: CancellationToken,
 }
 
 impl EtcdStore {
-    fn new(options: EtcdOptions, channel: Channel) -> Self {
+    fn new(
+        options: EtcdOptions,
+        channel: Channel,
+        catalog: Arc<Catalog>,
+        leases: Arc<LeaseTable>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (writes, writes_rx) = mpsc::unbounded_channel();
         Self {
             options,
@@ -258,6 +222,9 @@ impl EtcdStore {
             applied: watch::channel(0).0,
             resync: Notify::new(),
             finished: CancellationToken::new(),
+            catalog,
+            leases,
+            shutdown,
         }
     }
 
@@ -301,14 +268,8 @@ impl EtcdStore {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.finished.cancelled()).await;
     }
 
-    pub(crate) fn sync_only(&self, what: &str) -> Error {
-        Error::Unavailable(format!(
-            "{what} through the synchronous API is not available on a cluster node \
-             (--store etcd); use the async variant"
-        ))
-    }
-
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses writes while the node has no etcd session.
+    pub fn check_writable(&self) -> Result<()> {
         if self.is_stale() {
             return Err(Error::Unavailable(
                 "this registry node has lost its connection to etcd; registrations are \
@@ -327,7 +288,7 @@ impl EtcdStore {
         )
     }
 
-    fn send(&self, ops: Vec<Op>, reply: Option<oneshot::Sender<Result<i64>>>) {
+    fn send(&self, ops: Vec<Op>, reply: Option<oneshot::Sender<Result<i64>>>, undo: Undo) {
         if ops.is_empty() {
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(0));
@@ -336,7 +297,76 @@ impl EtcdStore {
         }
         // A closed queue means the writer stopped (shutdown): the reply
         // sender is dropped with the message and the caller sees an error.
-        let _ = self.writes.send(Write { ops, reply });
+        let _ = self.writes.send(Write { ops, reply, undo });
+    }
+
+    /// Turns a planned batch into etcd operations and queues them as one
+    /// write. Instances put are recorded as owned by this node (what it puts
+    /// back after losing its etcd lease); a lease's deletes apply only where
+    /// the key is still ours. `current` is the catalog revision the batch
+    /// was planned at, answered when the write changes nothing.
+    pub(crate) fn submit(self: &Arc<Self>, batch: Batch, undo: Undo, current: u64) -> EtcdWrite {
+        let mut ops = Vec::with_capacity(batch.changes.len());
+        for change in batch.changes {
+            match change {
+                Change::Put { key, mut instance } => {
+                    // Output only: each node sets it to the etcd revision.
+                    instance.revision = 0;
+                    let value = Bytes::from(instance.encode_to_vec());
+                    let seq = self.own(key.clone(), instance.lease_id, value.clone());
+                    ops.push(Op::Put { key, value, seq });
+                }
+                Change::Delete {
+                    key,
+                    reason,
+                    lease: Some(lease),
+                } => {
+                    if self.disown(&key, Some(lease)) {
+                        ops.push(Op::Delete {
+                            key,
+                            reason: (reason != DeleteReason::Expired).then_some(reason),
+                            only_ours: true,
+                        });
+                    }
+                }
+                Change::Delete {
+                    key,
+                    reason,
+                    lease: None,
+                } => {
+                    self.disown(&key, None);
+                    ops.push(Op::Delete {
+                        key,
+                        reason: Some(reason),
+                        only_ours: false,
+                    });
+                }
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(ops, Some(tx), undo);
+        EtcdWrite {
+            rx,
+            store: self.clone(),
+            current,
+        }
+    }
+
+    /// Takes back a failed write's lease-table changes, under the catalog's
+    /// write transaction like every lease-table change.
+    fn undo(&self, undo: &Undo) {
+        let _txn = self.catalog.txn();
+        if let Some(id) = undo.granted {
+            self.leases.revoke(id);
+        }
+        for (id, key) in &undo.attached {
+            self.leases.detach(*id, key);
+        }
+        for (id, key) in &undo.detached {
+            if let Some(lease) = self.leases.get(*id) {
+                self.leases.attach(&lease, key.clone());
+            }
+        }
     }
 
     /// Records that this node now owns `key` with this value; returns the
@@ -367,36 +397,6 @@ impl EtcdStore {
             _ => false,
         }
     }
-
-    /// The expiry task's deletes: a client lease on this node expired.
-    /// Fire and forget; a failure leaves the keys under our etcd lease and
-    /// the next resync deletes them (they are no longer owned).
-    pub(crate) fn expire(&self, lease_id: LeaseId, keys: impl IntoIterator<Item = InstanceKey>) {
-        let ops: Vec<Op> = keys
-            .into_iter()
-            .filter(|k| self.disown(k, Some(lease_id)))
-            .map(|key| Op::Delete {
-                key,
-                reason: None,
-                only_ours: true,
-            })
-            .collect();
-        self.send(ops, None);
-    }
-
-    /// Sends `ops` and waits for the write and for this node to apply it.
-    async fn write_and_apply(&self, ops: Vec<Op>) -> Result<u64> {
-        let (tx, rx) = oneshot::channel();
-        self.send(ops, Some(tx));
-        let revision = wait_reply(rx).await?;
-        if revision > 0 && !self.wait_applied(revision as u64, APPLY_WAIT).await {
-            tracing::warn!(
-                revision,
-                "etcd write not applied by this node in time; answering anyway"
-            );
-        }
-        Ok(revision as u64)
-    }
 }
 
 async fn wait_reply(rx: oneshot::Receiver<Result<i64>>) -> Result<i64> {
@@ -413,224 +413,133 @@ async fn wait_reply(rx: oneshot::Receiver<Result<i64>>) -> Result<i64> {
     }
 }
 
-/// Connects to etcd, builds a registry node on it, loads the catalog and
-/// starts the node's background tasks (lease keepalive, watch, writer). They
-/// stop when the registry shuts down. Fails if etcd cannot be reached within
-/// `options.connect_timeout`.
-pub async fn start(config: Config, options: EtcdOptions) -> Result<Registry> {
-    if options.endpoints.is_empty() {
-        return Err(Error::InvalidArgument(
-            "--etcd-endpoints is empty; give at least one http://host:port".into(),
-        ));
+/// A write sent to etcd: its revision once etcd has it and this node's
+/// catalog has applied it (read-your-writes on the same node).
+#[derive(Debug)]
+pub struct EtcdWrite {
+    rx: oneshot::Receiver<Result<i64>>,
+    store: Arc<EtcdStore>,
+    current: u64,
+}
+
+impl EtcdWrite {
+    /// Waits for etcd's answer, then (at most [`APPLY_WAIT`]) for this
+    /// node's catalog to apply it.
+    pub async fn wait(self) -> Result<u64> {
+        let revision = wait_reply(self.rx).await?;
+        if revision <= 0 {
+            return Ok(self.current.max(self.store.catalog.revision()));
+        }
+        if !self.store.wait_applied(revision as u64, APPLY_WAIT).await {
+            tracing::warn!(
+                revision,
+                "etcd write not applied by this node in time; answering anyway"
+            );
+        }
+        Ok(revision as u64)
     }
-    let mut endpoints = Vec::new();
-    for url in &options.endpoints {
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::InvalidArgument(format!("etcd endpoint {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true);
-        endpoints.push(endpoint);
-    }
-    let channel = Channel::balance_list(endpoints.into_iter());
-    let deadline = tokio::time::Instant::now() + options.connect_timeout;
-    // Any response header carries the cluster id the epoch derives from.
-    let cluster_id = loop {
-        let probe = RangeRequest {
-            key: sync::instance_prefix(&options.prefix),
-            range_end: sync::prefix_end(&sync::instance_prefix(&options.prefix)),
-            count_only: true,
-            ..Default::default()
+}
+
+impl EtcdStore {
+    /// Connects to etcd, builds a registry node on it, loads the catalog and
+    /// starts the node's background tasks (lease keepalive, watch, writer). They
+    /// stop when the registry shuts down. Fails if etcd cannot be reached within
+    /// `options.connect_timeout`.
+    pub async fn start(
+        options: EtcdOptions,
+        catalog: Arc<Catalog>,
+        leases: Arc<LeaseTable>,
+        shutdown: CancellationToken,
+    ) -> Result<(Arc<EtcdStore>, u64)> {
+        if options.endpoints.is_empty() {
+            return Err(Error::InvalidArgument(
+                "--etcd-endpoints is empty; give at least one http://host:port".into(),
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for url in &options.endpoints {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::InvalidArgument(format!("etcd endpoint {url:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true);
+            endpoints.push(endpoint);
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        let deadline = tokio::time::Instant::now() + options.connect_timeout;
+        // Any response header carries the cluster id the epoch derives from.
+        let cluster_id = loop {
+            let probe = RangeRequest {
+                key: sync::instance_prefix(&options.prefix),
+                range_end: sync::prefix_end(&sync::instance_prefix(&options.prefix)),
+                count_only: true,
+                ..Default::default()
+            };
+            let attempt = tokio::time::timeout(ETCD_CALL_TIMEOUT, kv(&channel).range(probe)).await;
+            match attempt {
+                Ok(Ok(resp)) => {
+                    break resp.into_inner().header.map(|h| h.cluster_id).unwrap_or(1);
+                }
+                Ok(Err(status)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Unavailable(format!(
+                        "cannot reach etcd at {}: {}",
+                        options.endpoints.join(","),
+                        status.message()
+                    )));
+                }
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Unavailable(format!(
+                        "etcd at {} did not answer within {:?}",
+                        options.endpoints.join(","),
+                        options.connect_timeout
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         };
-        let attempt = tokio::time::timeout(ETCD_CALL_TIMEOUT, kv(&channel).range(probe)).await;
-        match attempt {
-            Ok(Ok(resp)) => {
-                break resp.into_inner().header.map(|h| h.cluster_id).unwrap_or(1);
+        let connect_timeout = options.connect_timeout;
+        let store = Arc::new(EtcdStore::new(options, channel, catalog, leases, shutdown));
+        let rx = store
+            .writes_rx
+            .lock()
+            .take()
+            .expect("a fresh store has its queue");
+        tokio::spawn(writer::run(store.clone(), rx, store.shutdown.clone()));
+        tokio::spawn(sync::run(store.clone()));
+        // Serve only once the catalog holds what etcd holds.
+        let mut applied = store.applied.subscribe();
+        let synced = tokio::time::timeout(connect_timeout, async {
+            loop {
+                if !store.is_stale() {
+                    return;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
             }
-            Ok(Err(status)) if tokio::time::Instant::now() >= deadline => {
-                return Err(Error::Unavailable(format!(
-                    "cannot reach etcd at {}: {}",
-                    options.endpoints.join(","),
-                    status.message()
-                )));
-            }
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(Error::Unavailable(format!(
-                    "etcd at {} did not answer within {:?}",
-                    options.endpoints.join(","),
-                    options.connect_timeout
-                )));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        })
+        .await;
+        if synced.is_err() || store.is_stale() {
+            store.shutdown.cancel();
+            return Err(Error::Unavailable(format!(
+                "etcd at {} reachable but the first sync did not finish within {connect_timeout:?}",
+                store.options.endpoints.join(",")
+            )));
         }
-    };
-    let connect_timeout = options.connect_timeout;
-    let store = Arc::new(EtcdStore::new(options, channel));
-    let registry = Registry::with_store(config, store.clone(), cluster_id.max(1));
-    let rx = store
-        .writes_rx
-        .lock()
-        .take()
-        .expect("a fresh store has its queue");
-    tokio::spawn(writer::run(
-        store.clone(),
-        rx,
-        registry.shutdown_token().clone(),
-    ));
-    tokio::spawn(sync::run(store.clone(), registry.clone()));
-    // Serve only once the catalog holds what etcd holds.
-    let mut applied = store.applied.subscribe();
-    let synced = tokio::time::timeout(connect_timeout, async {
-        loop {
-            if !store.is_stale() {
-                return;
-            }
-            if applied.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    if synced.is_err() || store.is_stale() {
-        registry.shutdown();
-        return Err(Error::Unavailable(format!(
-            "etcd at {} reachable but the first sync did not finish within {connect_timeout:?}",
-            store.options.endpoints.join(",")
-        )));
+        let epoch = cluster_id.max(1);
+        tracing::info!(
+            epoch,
+            revision = store.applied_revision(),
+            lease = store.node_lease(),
+            instances = store.catalog.instance_count(),
+            "registry node synced with etcd"
+        );
+        Ok((store, epoch))
     }
-    tracing::info!(
-        epoch = registry.epoch(),
-        revision = store.applied_revision(),
-        lease = store.node_lease(),
-        instances = registry.catalog().stats.instances.load(Ordering::Relaxed),
-        "registry node synced with etcd"
-    );
-    Ok(registry)
 }
 
 fn kv(channel: &Channel) -> KvClient<Channel> {
     KvClient::new(channel.clone()).max_decoding_message_size(MAX_ETCD_MESSAGE)
-}
-
-/// Register on a cluster node: checks and lease bookkeeping as in memory
-/// mode, then the instance is written to etcd under the node's lease.
-pub(crate) async fn register(
-    registry: &Registry,
-    store: &Arc<EtcdStore>,
-    req: RegisterRequest,
-    caller: Option<&Identity>,
-) -> Result<RegisterResponse> {
-    store.check_writable()?;
-    let (lease, (rx, undo, seq)) =
-        registry.register_with(req, caller, |txn, mut instance, undo| {
-            // Output only: each node sets it to the etcd revision of the put.
-            instance.revision = 0;
-            let value = Bytes::from(instance.encode_to_vec());
-            let seq = store.own(undo.key.clone(), instance.lease_id, value.clone());
-            drop(txn);
-            let (tx, rx) = oneshot::channel();
-            let op = Op::Put {
-                key: undo.key.clone(),
-                value,
-                seq,
-            };
-            store.send(vec![op], Some(tx));
-            (rx, undo, seq)
-        })?;
-    let result = wait_reply(rx).await;
-    match result {
-        Ok(revision) => {
-            if !store.wait_applied(revision as u64, APPLY_WAIT).await {
-                tracing::warn!(
-                    revision,
-                    "own register not applied in time; answering anyway"
-                );
-            }
-            Ok(RegisterResponse {
-                lease_id: lease.id,
-                ttl_ms: lease.ttl_ms,
-                revision: revision as u64,
-                server: Some(registry.server_info()),
-            })
-        }
-        Err(e) => {
-            rollback(registry, store, undo, seq);
-            Err(e)
-        }
-    }
-}
-
-/// Undoes a register whose etcd write failed, unless a newer registration
-/// of the same instance has taken over since.
-fn rollback(registry: &Registry, store: &EtcdStore, undo: RegisterUndo, seq: u64) {
-    let _txn = registry.catalog().txn();
-    {
-        let mut owned = store.owned.lock();
-        if owned.get(&undo.key).is_some_and(|o| o.seq == seq) {
-            owned.remove(&undo.key);
-        } else {
-            return;
-        }
-    }
-    if undo.new_lease {
-        registry.leases().remove(undo.lease.id);
-    } else if undo.added_key {
-        undo.lease.instances.lock().retain(|k| *k != undo.key);
-    }
-    // The write may have reached etcd after all: the resync lists and
-    // removes what is under our lease but not owned.
-    store.resync.notify_one();
-}
-
-/// Deregister a lease on a cluster node: its instances are deleted from
-/// etcd (only where still under this node's lease), with reason
-/// DEREGISTERED.
-pub(crate) async fn deregister_lease(
-    registry: &Registry,
-    store: &Arc<EtcdStore>,
-    lease_id: LeaseId,
-    caller: Option<&Identity>,
-) -> Result<(u64, u32)> {
-    store.check_writable()?;
-    let (ops, removed) = registry.deregister_lease_with(lease_id, caller, |txn, keys| {
-        drop(txn);
-        let removed = keys.len() as u32;
-        let ops: Vec<Op> = keys
-            .into_iter()
-            .filter(|k| store.disown(k, Some(lease_id)))
-            .map(|key| Op::Delete {
-                key,
-                reason: Some(DeleteReason::Deregistered),
-                only_ours: true,
-            })
-            .collect();
-        (ops, removed)
-    })?;
-    let revision = store.write_and_apply(ops).await?;
-    Ok((revision.max(registry.catalog().revision()), removed))
-}
-
-/// Deregister one instance on a cluster node: deleted from etcd wherever it
-/// lives (an admin may remove another node's instance), reason DEREGISTERED.
-pub(crate) async fn deregister_instance(
-    registry: &Registry,
-    store: &Arc<EtcdStore>,
-    service: &str,
-    id: &str,
-    caller: Option<&Identity>,
-) -> Result<(u64, u32)> {
-    store.check_writable()?;
-    let ops = registry.deregister_instance_with(service, id, caller, |txn, key| {
-        drop(txn);
-        store.disown(&key, None);
-        vec![Op::Delete {
-            key,
-            reason: Some(DeleteReason::Deregistered),
-            only_ours: false,
-        }]
-    })?;
-    let revision = store.write_and_apply(ops).await?;
-    Ok((revision.max(registry.catalog().revision()), 1))
 }

@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{ETCD_CALL_TIMEOUT, EtcdStore, MAX_ETCD_MESSAGE, Op};
-use crate::{catalog::InstanceKey, core::Registry};
+use crate::catalog::InstanceKey;
 
 /// First wait before a new session after a failed one; doubles up to
 /// [`MAX_BACKOFF`].
@@ -100,13 +100,13 @@ fn parse_key(rest: &[u8]) -> Option<InstanceKey> {
 
 /// Runs sessions until the registry shuts down, then revokes the node's
 /// lease so its instances leave the cluster at once.
-pub(super) async fn run(store: Arc<EtcdStore>, registry: Registry) {
-    let shutdown = registry.shutdown_token().clone();
+pub(super) async fn run(store: Arc<EtcdStore>) {
+    let shutdown = store.shutdown.clone();
     let mut backoff = MIN_BACKOFF;
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => Ok(()),
-            r = session(&store, &registry) => r,
+            r = session(&store) => r,
         };
         store.stale.store(true, Ordering::Release);
         match result {
@@ -169,7 +169,7 @@ async fn grant(
 }
 
 /// One session; returns why it ended.
-async fn session(store: &Arc<EtcdStore>, registry: &Registry) -> Result<(), Status> {
+async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     let options = &store.options;
     let ttl_s = options.lease_ttl.as_secs().max(1) as i64;
     let mut leases = LeaseClient::new(store.channel.clone());
@@ -217,10 +217,10 @@ async fn session(store: &Arc<EtcdStore>, registry: &Registry) -> Result<(), Stat
             listed.insert(key, kv);
         }
     }
-    apply_listing(registry, &listed, revision as u64);
+    apply_listing(store, &listed, revision as u64);
 
     // (3) Reconcile what we own with what etcd has.
-    reconcile(store, registry, &listed, lease, lease_lost, revision);
+    reconcile(store, &listed, lease, lease_lost, revision);
 
     // (4) Watch from R + 1, renewing the lease.
     let root = root_prefix(&options.prefix);
@@ -279,7 +279,7 @@ async fn session(store: &Arc<EtcdStore>, registry: &Registry) -> Result<(), Stat
                 if resp.canceled {
                     return Err(Status::unavailable(format!("watch canceled: {}", resp.cancel_reason)));
                 }
-                apply_events(store, registry, &resp.events, &ipfx);
+                apply_events(store, &resp.events, &ipfx);
                 if let Some(h) = resp.header {
                     store.applied.send_if_modified(|a| {
                         let newer = h.revision as u64 > *a;
@@ -309,15 +309,15 @@ fn decode(kv: &KeyValue, key: &InstanceKey) -> Option<Instance> {
 
 /// Commits the difference between the catalog and a listing at `revision`
 /// as one resync point.
-fn apply_listing(registry: &Registry, listed: &HashMap<InstanceKey, KeyValue>, revision: u64) {
-    let catalog = registry.catalog();
+fn apply_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, revision: u64) {
+    let catalog = &store.catalog;
     let (services, _) = catalog.list_services();
     let mut txn = catalog.txn();
     for (service, _) in services {
         let Some(snap) = catalog.resolve(&service).0 else {
             continue;
         };
-        for inst in &snap.instances {
+        for inst in snap.instances() {
             let key = InstanceKey::of(inst);
             match listed.get(&key) {
                 Some(_) => {}
@@ -356,7 +356,6 @@ fn apply_listing(registry: &Registry, listed: &HashMap<InstanceKey, KeyValue>, r
 /// After a listing: make etcd hold exactly what this node owns.
 fn reconcile(
     store: &EtcdStore,
-    registry: &Registry,
     listed: &HashMap<InstanceKey, KeyValue>,
     lease: i64,
     lease_lost: bool,
@@ -364,7 +363,7 @@ fn reconcile(
 ) {
     let mut ops = Vec::new();
     {
-        let _txn = registry.catalog().txn();
+        let _txn = store.catalog.txn();
         let mut owned = store.owned.lock();
         let mut gone = Vec::new();
         for (key, o) in owned.iter() {
@@ -381,10 +380,8 @@ fn reconcile(
             }
         }
         for key in gone {
-            if let Some(o) = owned.remove(&key)
-                && let Some(l) = registry.leases().get(o.client_lease)
-            {
-                l.instances.lock().retain(|k| *k != key);
+            if let Some(o) = owned.remove(&key) {
+                store.leases.detach(o.client_lease, &key);
             }
         }
         for (key, kv) in listed {
@@ -407,14 +404,14 @@ fn reconcile(
         );
         // One op per write, so the writer can batch them at will.
         for op in ops {
-            store.send(vec![op], None);
+            store.send(vec![op], None, Default::default());
         }
     }
 }
 
 /// Applies watch events: each etcd revision becomes one catalog commit at
 /// that revision.
-fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: &[u8]) {
+fn apply_events(store: &EtcdStore, events: &[Event], ipfx: &[u8]) {
     let rpfx = reason_prefix(&store.options.prefix);
     let lease = store.node_lease();
     let mut i = 0;
@@ -443,8 +440,7 @@ fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: 
                 reasons.insert(key, reason);
             }
         }
-        let catalog = registry.catalog();
-        let mut txn = catalog.txn();
+        let mut txn = store.catalog.txn();
         for ev in group {
             let Some(kv) = &ev.kv else { continue };
             let Some(rest) = kv.key.strip_prefix(ipfx) else {
@@ -453,7 +449,7 @@ fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: 
             let Some(key) = parse_key(rest) else { continue };
             if ev.r#type == EventType::Put as i32 {
                 if kv.lease != lease {
-                    lost_to_other(store, registry, &key, revision);
+                    lost_to_other(store, &key, revision);
                 }
                 if let Some(instance) = decode(kv, &key) {
                     txn.put(instance);
@@ -467,7 +463,7 @@ fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: 
                 if reason.is_some() || !prev_ours {
                     // Deregistered (by any node) or taken from someone else:
                     // not ours to put back.
-                    lost_to_other(store, registry, &key, revision);
+                    lost_to_other(store, &key, revision);
                 }
                 // Without a reason key: our etcd lease expiring took it
                 // (owned stays, and the keepalive reports the loss), or
@@ -481,7 +477,7 @@ fn apply_events(store: &EtcdStore, registry: &Registry, events: &[Event], ipfx: 
 
 /// Another node (or an admin) changed an instance this node may own:
 /// forget it, unless our own newer put is on its way.
-fn lost_to_other(store: &EtcdStore, registry: &Registry, key: &InstanceKey, revision: i64) {
+fn lost_to_other(store: &EtcdStore, key: &InstanceKey, revision: i64) {
     let mut owned = store.owned.lock();
     let Some(o) = owned.get(key) else { return };
     if o.revision == 0 || o.revision >= revision {
@@ -490,9 +486,7 @@ fn lost_to_other(store: &EtcdStore, registry: &Registry, key: &InstanceKey, revi
     let client_lease = o.client_lease;
     owned.remove(key);
     drop(owned);
-    if let Some(l) = registry.leases().get(client_lease) {
-        l.instances.lock().retain(|k| k != key);
-    }
+    store.leases.detach(client_lease, key);
 }
 
 #[cfg(test)]

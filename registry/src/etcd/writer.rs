@@ -124,6 +124,19 @@ async fn commit(store: &EtcdStore, kv: &mut KvClient<Channel>, batch: Vec<Write>
         }
         store.resync.notify_one();
         for write in batch {
+            // Undo what planning did: the lease table, and our record of
+            // owning what we meant to put (unless a newer put took over).
+            store.undo(&write.undo);
+            {
+                let mut owned = store.owned.lock();
+                for op in &write.ops {
+                    if let Op::Put { key, seq, .. } = op
+                        && owned.get(key).is_some_and(|o| o.seq == *seq)
+                    {
+                        owned.remove(key);
+                    }
+                }
+            }
             if let Some(reply) = write.reply {
                 let _ = reply.send(Err(Error::Unavailable(format!(
                     "etcd write failed: {why}; try again"

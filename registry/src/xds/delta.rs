@@ -334,12 +334,12 @@ impl Ctx<'_> {
             ResourceType::LoadAssignment => {
                 let snap = self.snapshot(name)?;
                 let version = format!("{epoch}.{}", snap.revision);
-                if snap.instances.is_empty() {
+                if snap.is_empty() {
                     return Some((version, None));
                 }
                 let cap = self.registry.config().max_services;
                 let any = self.cache.get_or_build(name, snap.revision, cap, || {
-                    resources::any(resources::load_assignment(name, &snap.instances))
+                    resources::any(resources::load_assignment(name, snap.instances()))
                 });
                 Some((version, Some(any)))
             }

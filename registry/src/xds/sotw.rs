@@ -358,14 +358,14 @@ impl Ctx<'_> {
             if sub.sent.get(&name) == Some(&snap.revision) {
                 continue;
             }
-            if self.warming && snap.instances.is_empty() {
+            if self.warming && snap.is_empty() {
                 sub.held = true;
                 self.held = true;
                 continue;
             }
             let cap = self.registry.config().max_services;
             out.push(self.cache.get_or_build(&name, snap.revision, cap, || {
-                resources::any(resources::load_assignment(&name, &snap.instances))
+                resources::any(resources::load_assignment(&name, snap.instances()))
             }));
             sub.sent.insert(name, snap.revision);
         }
@@ -424,17 +424,21 @@ mod tests {
         })
     }
 
+    /// Memory-mode writes complete without waiting: block on them in place.
     fn register(r: &Registry, service: &str) {
-        r.register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: "1".into(),
-                address: "127.0.0.1:80".into(),
-                ..Default::default()
-            }),
-            ttl_ms: 60_000,
-            lease_id: 0,
-        })
+        futures::executor::block_on(r.register(
+            RegisterRequest {
+                instance: Some(Instance {
+                    service: service.into(),
+                    id: "1".into(),
+                    address: "127.0.0.1:80".into(),
+                    ..Default::default()
+                }),
+                ttl_ms: 60_000,
+                lease_id: 0,
+            },
+            None,
+        ))
         .unwrap();
     }
 

@@ -58,7 +58,7 @@ impl<'a> Ctx<'a> {
 
     /// Whether the service has live instances the subscriber may see.
     pub(super) fn live(&mut self, name: &Arc<str>) -> bool {
-        self.snapshot(name).is_some_and(|s| !s.instances.is_empty())
+        self.snapshot(name).is_some_and(|s| !s.is_empty())
     }
 
     /// Every live service, for wildcard subscriptions.

@@ -37,7 +37,7 @@ fn changes(registry: Registry, mut handle: WatcherHandle) -> ChangeStream {
     Box::pin(async_stream::stream! {
         loop {
             if handle.overflowed() {
-                let _ = registry.catalog().resnapshot(&mut handle);
+                registry.catalog().resubscribe(&mut handle);
                 yield Change::Everything;
                 continue;
             }
@@ -157,10 +157,9 @@ impl Watches {
     }
 
     fn watch(&self, filter: WatchFilter) -> Result<WatcherHandle, Status> {
-        // The initial snapshot is not needed: the stream reads the service's
-        // snapshot itself when computing a response.
-        let (handle, _start) = self.registry.watch(filter, 0, 0, self.conn)?;
-        Ok(handle)
+        // No initial snapshot: the stream reads the service's snapshot
+        // itself when computing a response.
+        Ok(self.registry.catalog().subscribe(filter, self.conn)?)
     }
 
     /// The next change, with whatever else is ready coalesced into it.
