@@ -28,6 +28,10 @@ pub enum Error {
     /// The registry cannot serve the request right now (shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// A concurrent change to the same instance won (another cluster node
+    /// registered it meanwhile); retrying decides afresh.
+    #[error("{0}")]
+    Aborted(String),
     /// Binding or serving the listener failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -54,6 +58,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Aborted(_) => Code::Aborted,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Transport(_) | Error::Io(_) | Error::DataDir(_) | Error::Reflection(_) => {

@@ -344,13 +344,13 @@ pub fn stream(
             }
         }
         loop {
-            if handle.overflowed() {
+            if let Some(reason) = handle.reset_reason() {
                 let view = registry.catalog().resnapshot(&mut handle);
-                tracing::debug!(revision = view.revision(), "slow watcher sent a reset snapshot");
+                tracing::debug!(revision = view.revision(), ?reason, "watcher sent a reset snapshot");
                 let chunks = SnapshotChunks::new(
                     view,
                     &filter,
-                    Some(ResetReason::SlowConsumer),
+                    Some(reason),
                     registry.server_info(),
                 );
                 for frame in chunks {

@@ -40,7 +40,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -315,7 +315,7 @@ pub struct CatalogConfig {
 #[derive(Debug)]
 struct WatcherSlot {
     tx: mpsc::Sender<Arc<RevisionBatch>>,
-    overflowed: Arc<AtomicBool>,
+    overflowed: Arc<AtomicU8>,
     service: Option<Arc<str>>,
     conn: Option<SocketAddr>,
 }
@@ -419,9 +419,19 @@ pub struct WatcherHandle {
     id: u64,
     catalog: Arc<Catalog>,
     rx: mpsc::Receiver<Arc<RevisionBatch>>,
-    overflowed: Arc<AtomicBool>,
+    /// Why the writer stopped queueing for this watcher ([`RESET_NONE`]
+    /// while it queues): it overflowed, or the catalog was reset.
+    overflowed: Arc<AtomicU8>,
     filter: WatchFilter,
 }
+
+/// A watcher's reset state: none.
+const RESET_NONE: u8 = 0;
+/// Its buffer overflowed: it gets a `SLOW_CONSUMER` reset snapshot.
+const RESET_SLOW: u8 = 1;
+/// The catalog was reset to another history (a cluster's etcd restored):
+/// it gets an `EPOCH_CHANGED` reset snapshot.
+const RESET_EPOCH: u8 = 2;
 
 impl WatcherHandle {
     /// The filter this watcher was opened with.
@@ -432,7 +442,16 @@ impl WatcherHandle {
     /// Whether the writer had to drop events for this watcher; if so the
     /// caller must [`Catalog::resnapshot`] before reading on.
     pub fn overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Acquire)
+        self.overflowed.load(Ordering::Acquire) != RESET_NONE
+    }
+
+    /// Why the watcher must be sent a reset snapshot, if it must.
+    pub fn reset_reason(&self) -> Option<ResetReason> {
+        match self.overflowed.load(Ordering::Acquire) {
+            RESET_NONE => None,
+            RESET_SLOW => Some(ResetReason::SlowConsumer),
+            _ => Some(ResetReason::EpochChanged),
+        }
     }
 
     /// Next batch, waiting for one.
@@ -663,7 +682,7 @@ impl Catalog {
         conn: Option<SocketAddr>,
     ) -> WatcherHandle {
         let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(1));
-        let overflowed = Arc::new(AtomicBool::new(false));
+        let overflowed = Arc::new(AtomicU8::new(RESET_NONE));
         let watchers = &mut writer.watchers;
         let id = watchers.next_id;
         watchers.next_id += 1;
@@ -876,6 +895,66 @@ impl Txn<'_> {
         self.discontinuity = true;
     }
 
+    /// Replaces the whole catalog with the staged state at `revision`, which
+    /// may be below the current one: a cluster whose etcd was restored from
+    /// an older backup continues from there under a new epoch. Nothing is
+    /// replayed across it: every service is relabelled at `revision`, the
+    /// history starts after it, and every watcher is sent an
+    /// `EPOCH_CHANGED` reset snapshot. The staged puts must be the complete
+    /// new state; every instance not put is deleted.
+    pub fn commit_reset(mut self, revision: u64) {
+        let catalog = self.catalog;
+        let mut keep: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        for op in &self.staged {
+            if let Staged::Put(i, _) = op {
+                keep.entry(i.service.clone())
+                    .or_default()
+                    .insert(i.id.clone());
+            }
+        }
+        let services: Vec<(Arc<str>, Arc<ServiceEntry>)> = catalog
+            .services
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for (name, entry) in &services {
+            let state = entry.state.lock();
+            for id in state.instances.keys() {
+                if !keep.get(&**name).is_some_and(|ids| ids.contains(&**id)) {
+                    self.staged.push(Staged::Delete(
+                        InstanceKey {
+                            service: name.clone(),
+                            id: id.clone(),
+                        },
+                        DeleteReason::Expired,
+                    ));
+                }
+            }
+        }
+        self.restore = true;
+        self.at = Some(revision);
+        self.apply(None);
+        for (_, entry) in &services {
+            entry.state.lock().revision = revision.max(1);
+            entry.snapshot.store(None);
+        }
+        let writer = &mut *self.writer;
+        writer.history.clear();
+        writer.history_len = 0;
+        writer.compacted = revision;
+        writer.listing.revision = revision;
+        for slot in writer
+            .watchers
+            .all
+            .values()
+            .chain(writer.watchers.by_service.values().flat_map(|m| m.values()))
+        {
+            slot.overflowed.store(RESET_EPOCH, Ordering::Release);
+        }
+        catalog.listing.store(Arc::new(writer.listing.clone()));
+        catalog.revision.store(revision, Ordering::Release);
+    }
+
     /// [`Txn::commit`] at a revision given from outside (the etcd store:
     /// the catalog revision *is* etcd's revision, so clients may resume on
     /// any node). Revisions must increase but need not be contiguous; one
@@ -1057,11 +1136,11 @@ pub type PutRecord = ((Arc<str>, Arc<str>), Arc<[u8]>);
 /// reset snapshot.
 fn fan_out(watchers: &Watchers, batch: &Arc<RevisionBatch>) {
     let send = |slot: &WatcherSlot| {
-        if slot.overflowed.load(Ordering::Acquire) {
+        if slot.overflowed.load(Ordering::Acquire) != RESET_NONE {
             return;
         }
         if let Err(mpsc::error::TrySendError::Full(_)) = slot.tx.try_send(batch.clone()) {
-            slot.overflowed.store(true, Ordering::Release);
+            slot.overflowed.store(RESET_SLOW, Ordering::Release);
         }
     };
     if !watchers.by_service.is_empty() {

@@ -172,7 +172,7 @@ pub(super) fn drain(handle: &mut WatcherHandle) {
     while handle.rx.try_recv().is_ok() {}
     handle
         .overflowed
-        .store(false, std::sync::atomic::Ordering::Release);
+        .store(super::RESET_NONE, std::sync::atomic::Ordering::Release);
 }
 
 /// Brings walked snapshots to revision `r1` with the batches committed

@@ -114,14 +114,30 @@ struct Owned {
     seq: u64,
 }
 
+/// When a put may land: never over a registration another node made since
+/// this node planned it.
+#[derive(Debug, Clone, Copy)]
+enum Guard {
+    /// A registration planned when this node had applied revision `C`: the
+    /// key must be unchanged since `C`, or absent, or already ours (our own
+    /// earlier put, maybe still in flight when this one was planned). A put
+    /// delayed past another node's newer registration (a cancelled or slow
+    /// request, a frozen node) then fails instead of taking the key back.
+    Since(i64),
+    /// A put-back after this node lost its etcd lease: only onto an absent
+    /// key or one still ours; a key another node holds now is theirs.
+    AbsentOrOurs,
+}
+
 /// One queued change to etcd.
 #[derive(Debug)]
 enum Op {
-    /// Put an instance under the node's lease.
+    /// Put an instance under the node's lease, if its guard holds.
     Put {
         key: InstanceKey,
         value: Bytes,
         seq: u64,
+        guard: Guard,
     },
     /// Delete an instance. `reason` writes the reason key in the same
     /// revision (absent: EXPIRED); `only_ours` deletes only while the key is
@@ -137,22 +153,6 @@ impl Op {
     fn key(&self) -> &InstanceKey {
         match self {
             Op::Put { key, .. } | Op::Delete { key, .. } => key,
-        }
-    }
-
-    /// Operations it takes in a transaction.
-    fn cost(&self) -> usize {
-        match self {
-            Op::Put { .. } => 1,
-            Op::Delete {
-                reason, only_ours, ..
-            } => {
-                if *only_ours {
-                    1
-                } else {
-                    1 + usize::from(reason.is_some())
-                }
-            }
         }
     }
 }
@@ -306,6 +306,7 @@ impl EtcdStore {
     /// the key is still ours. `current` is the catalog revision the batch
     /// was planned at, answered when the write changes nothing.
     pub(crate) fn submit(self: &Arc<Self>, batch: Batch, undo: Undo, current: u64) -> EtcdWrite {
+        let guard = Guard::Since(current as i64);
         let mut ops = Vec::with_capacity(batch.changes.len());
         for change in batch.changes {
             match change {
@@ -314,7 +315,12 @@ impl EtcdStore {
                     instance.revision = 0;
                     let value = Bytes::from(instance.encode_to_vec());
                     let seq = self.own(key.clone(), instance.lease_id, value.clone());
-                    ops.push(Op::Put { key, value, seq });
+                    ops.push(Op::Put {
+                        key,
+                        value,
+                        seq,
+                        guard,
+                    });
                 }
                 Change::Delete {
                     key,

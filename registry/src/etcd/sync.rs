@@ -33,8 +33,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{ETCD_CALL_TIMEOUT, EtcdStore, MAX_ETCD_MESSAGE, Op};
+use super::{ETCD_CALL_TIMEOUT, EtcdStore, Guard, MAX_ETCD_MESSAGE, Op};
 use crate::catalog::InstanceKey;
+use crate::change::Undo;
 
 /// First wait before a new session after a failed one; doubles up to
 /// [`MAX_BACKOFF`].
@@ -354,6 +355,15 @@ fn apply_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, rev
 }
 
 /// After a listing: make etcd hold exactly what this node owns.
+///
+/// - After losing our etcd lease, every owned instance is put back, but
+///   only onto a key that is absent or still ours: one another node holds
+///   now was registered there after we lost it (the client failed over),
+///   and the writer refuses the put and forgets the instance here.
+/// - An owned instance now held by another node, or removed, since our put
+///   is forgotten (and detached from its client lease).
+/// - A key under our etcd lease that we no longer own (its client lease
+///   expired or it was deregistered while etcd was away) is deleted.
 fn reconcile(
     store: &EtcdStore,
     listed: &HashMap<InstanceKey, KeyValue>,
@@ -361,21 +371,33 @@ fn reconcile(
     lease_lost: bool,
     revision: i64,
 ) {
-    let mut ops = Vec::new();
+    let mut writes: Vec<(Op, Undo)> = Vec::new();
     {
         let _txn = store.catalog.txn();
         let mut owned = store.owned.lock();
         let mut gone = Vec::new();
         for (key, o) in owned.iter() {
+            let held_by_other = listed.get(key).is_some_and(|kv| kv.lease != lease);
             match listed.get(key) {
-                _ if lease_lost => ops.push(Op::Put {
-                    key: key.clone(),
-                    value: o.value.clone(),
-                    seq: o.seq,
-                }),
-                Some(kv) if kv.lease == lease => {}
-                // Removed or taken over by another node since our put.
-                _ if o.revision != 0 && o.revision < revision => gone.push(key.clone()),
+                Some(kv) if kv.lease == lease && !lease_lost => {}
+                // Taken over by another node since our put.
+                _ if held_by_other && o.revision != 0 && o.revision < revision => {
+                    gone.push(key.clone())
+                }
+                _ if lease_lost => writes.push((
+                    Op::Put {
+                        key: key.clone(),
+                        value: o.value.clone(),
+                        seq: o.seq,
+                        guard: Guard::AbsentOrOurs,
+                    },
+                    Undo {
+                        attached: vec![(o.client_lease, key.clone())],
+                        ..Undo::default()
+                    },
+                )),
+                // Removed since our put (deregistered through another node).
+                None if o.revision != 0 && o.revision < revision => gone.push(key.clone()),
                 _ => {}
             }
         }
@@ -386,25 +408,26 @@ fn reconcile(
         }
         for (key, kv) in listed {
             if kv.lease == lease && !owned.contains_key(key) {
-                // Its client lease expired or it was deregistered while
-                // etcd was away.
-                ops.push(Op::Delete {
-                    key: key.clone(),
-                    reason: None,
-                    only_ours: true,
-                });
+                writes.push((
+                    Op::Delete {
+                        key: key.clone(),
+                        reason: None,
+                        only_ours: true,
+                    },
+                    Undo::default(),
+                ));
             }
         }
     }
-    if !ops.is_empty() {
+    if !writes.is_empty() {
         tracing::info!(
-            writes = ops.len(),
+            writes = writes.len(),
             lease_lost,
             "reconciling our instances with etcd"
         );
         // One op per write, so the writer can batch them at will.
-        for op in ops {
-            store.send(vec![op], None, Default::default());
+        for (op, undo) in writes {
+            store.send(vec![op], None, undo);
         }
     }
 }

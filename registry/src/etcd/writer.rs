@@ -7,11 +7,20 @@
 //! and under load each round trip carries up to 128 registrations, so
 //! throughput is not one round trip per instance.
 //!
-//! Deletes that must only remove our own key (expiry, lease revocation: the
-//! instance may have re-registered on another node meanwhile) are nested
-//! transactions comparing the key's lease with the node's. A deregistration
-//! also puts the reason key in the same (nested) transaction; once that is
-//! committed the reason keys are deleted in a follow-up transaction.
+//! Every queued operation is one nested transaction of the batch, so each
+//! carries its own condition and answer:
+//! - a put lands only if its [`Guard`] holds (see there): a registration
+//!   delayed behind another node's newer one fails with `ABORTED` instead
+//!   of overwriting it, and its planning is undone;
+//! - a delete that must only remove our own key (expiry, lease revocation:
+//!   the instance may have re-registered on another node meanwhile)
+//!   compares the key's lease with the node's;
+//! - a deregistration also puts the reason key in the same nested
+//!   transaction, so in the same revision; once that is committed the
+//!   reason keys are deleted in a follow-up transaction.
+//!
+//! A failed write is answered with the error and undone here, by the task,
+//! whether or not its caller still waits.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -26,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{ETCD_CALL_TIMEOUT, EtcdStore, MAX_TXN_OPS, Op, Write, sync};
+use super::{ETCD_CALL_TIMEOUT, EtcdStore, Guard, MAX_TXN_OPS, Op, Write, sync};
 use crate::{catalog::InstanceKey, error::Error};
 
 /// Runs until the registry shuts down or every sender is gone.
@@ -49,18 +58,17 @@ pub(super) async fn run(
             },
         };
         let mut batch = vec![first];
-        let mut cost: usize = batch[0].ops.iter().map(Op::cost).sum();
+        let mut cost = batch[0].ops.len();
         let mut keys: HashSet<InstanceKey> =
             batch[0].ops.iter().map(|op| op.key().clone()).collect();
         while cost < MAX_TXN_OPS {
             let Ok(next) = rx.try_recv() else { break };
-            let next_cost: usize = next.ops.iter().map(Op::cost).sum();
             let conflict = next.ops.iter().any(|op| keys.contains(op.key()));
-            if conflict || cost + next_cost > MAX_TXN_OPS {
+            if conflict || cost + next.ops.len() > MAX_TXN_OPS {
                 carry = Some(next);
                 break;
             }
-            cost += next_cost;
+            cost += next.ops.len();
             keys.extend(next.ops.iter().map(|op| op.key().clone()));
             batch.push(next);
         }
@@ -68,26 +76,37 @@ pub(super) async fn run(
     }
 }
 
+/// What one operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It changed a key.
+    Changed,
+    /// Its condition did not hold (a delete of a key no longer ours: fine).
+    Skipped,
+    /// A put whose guard failed: another node holds the key now.
+    Refused,
+}
+
 /// Sends one batch as one transaction (splitting a single oversized write
 /// into several) and answers every writer.
 async fn commit(store: &EtcdStore, kv: &mut KvClient<Channel>, batch: Vec<Write>) {
     let lease = store.node_lease();
     let prefix = &store.options.prefix;
-    let mut success = Vec::new();
+    let mut ops = Vec::new();
     let mut reasons = Vec::new();
     for write in &batch {
         for op in &write.ops {
-            push_op(op, lease, prefix, &mut success, &mut reasons);
+            ops.push(request(op, lease, prefix, &mut reasons));
         }
     }
     let mut chunks: Vec<Vec<RequestOp>> = Vec::new();
     // Only a single write larger than the limit (a lease with many
     // instances) gets here with more than MAX_TXN_OPS operations.
-    while success.len() > MAX_TXN_OPS {
-        let rest = success.split_off(MAX_TXN_OPS);
-        chunks.push(std::mem::replace(&mut success, rest));
+    while ops.len() > MAX_TXN_OPS {
+        let rest = ops.split_off(MAX_TXN_OPS);
+        chunks.push(std::mem::replace(&mut ops, rest));
     }
-    chunks.push(success);
+    chunks.push(ops);
     let mut responses: Vec<ResponseOp> = Vec::new();
     let mut revision = 0;
     let mut failure = None;
@@ -124,53 +143,51 @@ async fn commit(store: &EtcdStore, kv: &mut KvClient<Channel>, batch: Vec<Write>
         }
         store.resync.notify_one();
         for write in batch {
-            // Undo what planning did: the lease table, and our record of
-            // owning what we meant to put (unless a newer put took over).
-            store.undo(&write.undo);
-            {
-                let mut owned = store.owned.lock();
-                for op in &write.ops {
-                    if let Op::Put { key, seq, .. } = op
-                        && owned.get(key).is_some_and(|o| o.seq == *seq)
-                    {
-                        owned.remove(key);
-                    }
-                }
-            }
-            if let Some(reply) = write.reply {
-                let _ = reply.send(Err(Error::Unavailable(format!(
-                    "etcd write failed: {why}; try again"
-                ))));
-            }
+            fail(
+                store,
+                write,
+                Error::Unavailable(format!("etcd write failed: {why}; try again")),
+            );
         }
         return;
     }
-    // Answer in order, matching responses to operations.
+    // Answer in order: one response per operation.
     let mut responses = responses.into_iter();
     for write in batch {
-        let mut changed = false;
+        let outcomes: Vec<Outcome> = write
+            .ops
+            .iter()
+            .map(|op| outcome(op, responses.next()))
+            .collect();
+        if let Some(refused) = write
+            .ops
+            .iter()
+            .zip(&outcomes)
+            .find(|(_, o)| **o == Outcome::Refused)
+            .map(|(op, _)| op.key().clone())
+        {
+            tracing::info!(
+                service = %refused.service,
+                id = %refused.id,
+                "put refused: another node registered the instance since this one planned it"
+            );
+            let why = Error::Aborted(format!(
+                "instance {:?} of service {:?} was registered through another registry node meanwhile; \
+                 retry to take it over",
+                refused.id, refused.service
+            ));
+            fail(store, write, why);
+            continue;
+        }
         for op in &write.ops {
-            let resp = responses.next();
-            match op {
-                Op::Put { key, seq, .. } => {
-                    changed = true;
-                    if let Some(o) = store.owned.lock().get_mut(key)
-                        && o.seq == *seq
-                    {
-                        o.revision = revision;
-                    }
-                }
-                Op::Delete {
-                    reason, only_ours, ..
-                } => {
-                    if !*only_ours && reason.is_some() {
-                        // The reason key's put has its own response.
-                        responses.next();
-                    }
-                    changed |= deleted_something(resp);
-                }
+            if let Op::Put { key, seq, .. } = op
+                && let Some(o) = store.owned.lock().get_mut(key)
+                && o.seq == *seq
+            {
+                o.revision = revision;
             }
         }
+        let changed = outcomes.contains(&Outcome::Changed);
         if let Some(reply) = write.reply {
             let _ = reply.send(Ok(if changed { revision } else { 0 }));
         }
@@ -199,23 +216,101 @@ async fn commit(store: &EtcdStore, kv: &mut KvClient<Channel>, batch: Vec<Write>
     }
 }
 
-/// Appends the etcd operations of one queued op.
-fn push_op(
-    op: &Op,
-    lease: i64,
-    prefix: &str,
-    out: &mut Vec<RequestOp>,
-    reasons: &mut Vec<Vec<u8>>,
-) {
+/// Answers a failed write and undoes it: the lease table as planned, and
+/// our record of owning what it meant to put (unless a newer put of the
+/// same key took over since).
+fn fail(store: &EtcdStore, write: Write, error: Error) {
+    store.undo(&write.undo);
+    {
+        let mut owned = store.owned.lock();
+        for op in &write.ops {
+            if let Op::Put { key, seq, .. } = op
+                && owned.get(key).is_some_and(|o| o.seq == *seq)
+            {
+                owned.remove(key);
+            }
+        }
+    }
+    if let Some(reply) = write.reply {
+        let _ = reply.send(Err(error));
+    }
+}
+
+fn compare(
+    key: &[u8],
+    target: CompareTarget,
+    union: TargetUnion,
+    result: CompareResult,
+) -> Compare {
+    Compare {
+        result: result as i32,
+        target: target as i32,
+        key: key.to_vec(),
+        target_union: Some(union),
+        range_end: Vec::new(),
+    }
+}
+
+/// `ops` if `conditions[0]`, else if `conditions[1]`, ...: each condition
+/// one level of nested transactions (etcd's compares are conjunctions).
+fn first_of(conditions: &[Compare], ops: Vec<RequestOp>) -> RequestOp {
+    let (first, rest) = conditions.split_first().expect("at least one condition");
+    let failure = if rest.is_empty() {
+        Vec::new()
+    } else {
+        vec![first_of(rest, ops.clone())]
+    };
+    RequestOp {
+        request: Some(Request::RequestTxn(TxnRequest {
+            compare: vec![first.clone()],
+            success: ops,
+            failure,
+        })),
+    }
+}
+
+/// The one nested transaction of a queued operation.
+fn request(op: &Op, lease: i64, prefix: &str, reasons: &mut Vec<Vec<u8>>) -> RequestOp {
     match op {
-        Op::Put { key, value, .. } => out.push(RequestOp {
-            request: Some(Request::RequestPut(PutRequest {
-                key: sync::instance_key(prefix, key),
-                value: value.to_vec(),
-                lease,
-                ..Default::default()
-            })),
-        }),
+        Op::Put {
+            key, value, guard, ..
+        } => {
+            let ikey = sync::instance_key(prefix, key);
+            let put = RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: ikey.clone(),
+                    value: value.to_vec(),
+                    lease,
+                    ..Default::default()
+                })),
+            };
+            let absent = compare(
+                &ikey,
+                CompareTarget::Version,
+                TargetUnion::Version(0),
+                CompareResult::Equal,
+            );
+            let ours = compare(
+                &ikey,
+                CompareTarget::Lease,
+                TargetUnion::Lease(lease),
+                CompareResult::Equal,
+            );
+            let conditions = match guard {
+                Guard::Since(revision) => vec![
+                    compare(
+                        &ikey,
+                        CompareTarget::Mod,
+                        TargetUnion::ModRevision(revision + 1),
+                        CompareResult::Less,
+                    ),
+                    absent,
+                    ours,
+                ],
+                Guard::AbsentOrOurs => vec![absent, ours],
+            };
+            first_of(&conditions, vec![put])
+        }
         Op::Delete {
             key,
             reason,
@@ -240,35 +335,52 @@ fn push_op(
                     })),
                 });
             }
-            if *only_ours {
-                out.push(RequestOp {
-                    request: Some(Request::RequestTxn(TxnRequest {
-                        compare: vec![Compare {
-                            result: CompareResult::Equal as i32,
-                            target: CompareTarget::Lease as i32,
-                            key: ikey,
-                            target_union: Some(TargetUnion::Lease(lease)),
-                            range_end: Vec::new(),
-                        }],
-                        success: ops,
-                        failure: Vec::new(),
-                    })),
-                });
+            let condition = if *only_ours {
+                vec![compare(
+                    &ikey,
+                    CompareTarget::Lease,
+                    TargetUnion::Lease(lease),
+                    CompareResult::Equal,
+                )]
             } else {
-                out.extend(ops);
+                Vec::new()
+            };
+            RequestOp {
+                request: Some(Request::RequestTxn(TxnRequest {
+                    compare: condition,
+                    success: ops,
+                    failure: Vec::new(),
+                })),
             }
         }
     }
 }
 
-/// Whether a delete (plain or nested in a compare) removed a key.
-fn deleted_something(resp: Option<ResponseOp>) -> bool {
-    match resp.and_then(|r| r.response) {
-        Some(Response::ResponseDeleteRange(d)) => d.deleted > 0,
-        Some(Response::ResponseTxn(t)) => t.succeeded
-            && t.responses.into_iter().any(
-                |r| matches!(r.response, Some(Response::ResponseDeleteRange(d)) if d.deleted > 0),
-            ),
-        _ => false,
+/// What an operation's (nested) response says it did.
+fn outcome(op: &Op, resp: Option<ResponseOp>) -> Outcome {
+    let Some(Response::ResponseTxn(mut txn)) = resp.and_then(|r| r.response) else {
+        return Outcome::Skipped;
+    };
+    match op {
+        Op::Put { .. } => loop {
+            if txn.succeeded {
+                return Outcome::Changed;
+            }
+            match txn.responses.pop().and_then(|r| r.response) {
+                Some(Response::ResponseTxn(inner)) => txn = inner,
+                _ => return Outcome::Refused,
+            }
+        },
+        Op::Delete { .. } => {
+            let deleted = txn.succeeded
+                && txn.responses.into_iter().any(
+                    |r| matches!(r.response, Some(Response::ResponseDeleteRange(d)) if d.deleted > 0),
+                );
+            if deleted {
+                Outcome::Changed
+            } else {
+                Outcome::Skipped
+            }
+        }
     }
 }
