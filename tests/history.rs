@@ -24,10 +24,12 @@ use std::{process::ExitCode, time::Duration};
 use common::{
     TestServer,
     history::{
+        Answer, Call, History,
         checker::{LeaseBook, check},
         workload::{self, Config},
     },
 };
+use registry_api::v1::watch_response::Kind;
 
 #[derive(Debug)]
 struct Args {
@@ -104,6 +106,9 @@ async fn run(args: Args) -> ExitCode {
         tokio::time::sleep(per_segment).await;
         let history = running.finish(Some(&mut status_client)).await;
         let report = check(&history, &mut book);
+        if segment == 0 {
+            checker_catches_corruption(&history);
+        }
         if !report.violations.is_empty() {
             println!(
                 "history: segment {segment} FAILED\n{}",
@@ -120,10 +125,73 @@ async fn run(args: Args) -> ExitCode {
             "history: segment {segment} (seed {}) ok: {:?}",
             cfg.seed, report.stats
         );
+
         for n in &report.timeline.notes {
             println!("note: {n}");
         }
     }
     server.stop().await;
     ExitCode::SUCCESS
+}
+
+/// The checker has teeth: a passing history with one answer corrupted must
+/// fail, naming that answer. Panics (failing the test) otherwise.
+fn checker_catches_corruption(history: &History) {
+    let mutations: [(&str, fn(&mut History) -> Option<String>); 4] = [
+        ("a Resolve answer missing one instance", |h| {
+            let op = h.ops.iter_mut().find(|o| {
+                matches!(&o.outcome, Ok(Answer::Resolve(r)) if r.instances.len() >= 2)
+            })?;
+            let Ok(Answer::Resolve(r)) = &mut op.outcome else { unreachable!() };
+            r.instances.pop();
+            Some(format!("op #{}", op.seq))
+        }),
+        ("a ListServices count off by one", |h| {
+            let op = h.ops.iter_mut().find(|o| {
+                matches!(&o.outcome, Ok(Answer::ListServices(r)) if !r.services.is_empty())
+            })?;
+            let Ok(Answer::ListServices(r)) = &mut op.outcome else { unreachable!() };
+            r.services[0].instance_count += 1;
+            Some(format!("op #{}", op.seq))
+        }),
+        ("a watcher missing one event", |h| {
+            let w = h.watches.iter_mut().find(|w| {
+                w.sessions.iter().any(|s| {
+                    s.messages.iter().any(|m| matches!(&m.kind, Some(Kind::Events(_))))
+                })
+            })?;
+            let name = w.name.clone();
+            let m = w
+                .sessions
+                .iter_mut()
+                .flat_map(|s| s.messages.iter_mut())
+                .find(|m| matches!(&m.kind, Some(Kind::Events(_))))?;
+            let Some(Kind::Events(b)) = &mut m.kind else { unreachable!() };
+            b.events.pop();
+            Some(name)
+        }),
+        ("one lease id granted twice", |h| {
+            let mut grants = h.ops.iter_mut().filter(|o| {
+                matches!((&o.call, &o.outcome), (Call::Register { lease_id: 0, .. }, Ok(_)))
+            });
+            let Ok(Answer::Register(first)) = &grants.next()?.outcome else { unreachable!() };
+            let id = first.lease_id;
+            let Ok(Answer::Register(second)) = &mut grants.next()?.outcome else { unreachable!() };
+            second.lease_id = id;
+            Some(format!("lease id {id} granted twice"))
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut h = history.clone();
+        let Some(needle) = mutate(&mut h) else {
+            panic!("checker self-test: the run had nothing to corrupt for {what}");
+        };
+        let report = check(&h, &mut LeaseBook::default());
+        assert!(
+            report.violations.iter().any(|v| v.what.contains(&needle)),
+            "checker self-test: {what} ({needle}) went unnoticed; it reported:\n{}",
+            report.render(h.seed, h.life, 5)
+        );
+    }
+    println!("history: the checker catches each of 4 corruptions of this run's history");
 }

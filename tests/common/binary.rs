@@ -7,7 +7,11 @@
 //! `registry` package's tests, and these tests belong to `registry-api`. So,
 //! as `tests/examples_run.rs` does for the examples, the binary is built by
 //! the same cargo (`env!("CARGO")`, same target directory: a no-op when it
-//! is fresh) and its path taken from the `executable` cargo reports.
+//! is fresh) and its path taken from the `executable` cargo reports. The
+//! build also names one example of this package: that makes cargo resolve
+//! features with this package's dev-dependencies (tokio's `test-util`...)
+//! as `cargo test --test <name>` does, so the registry library it links is
+//! the one the test build already compiled instead of a second variant.
 
 use std::{
     collections::VecDeque,
@@ -39,9 +43,15 @@ pub fn registry_binary() -> &'static Path {
                 "registry",
                 "--bin",
                 "registry",
+                "--package",
+                env!("CARGO_PKG_NAME"),
+                "--example",
+                "prod_service",
                 "--message-format=json",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| !set_by_cargo_for_tests(k)))
             .stderr(Stdio::inherit())
             .output()
             .expect("run cargo build --bin registry");
@@ -61,6 +71,27 @@ pub fn registry_binary() -> &'static Path {
         }
         panic!("cargo reported no executable for the registry binary");
     })
+}
+
+/// Variables cargo sets for a test process. Passed on to the nested cargo
+/// they would invalidate build scripts that watch them (`ring` reruns on a
+/// change of `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME`), and every crate
+/// above `ring` would be rebuilt by each cargo in turn.
+fn set_by_cargo_for_tests(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// Log lines kept for a failure message.

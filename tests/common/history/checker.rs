@@ -637,6 +637,20 @@ fn blank() -> Inst {
     }
 }
 
+/// The highest revision of a write acknowledged in `h` that changed the
+/// catalog, with the operation: what a crash must not lose.
+pub fn max_acked_write(h: &History) -> Option<(u64, &Op)> {
+    h.ops
+        .iter()
+        .filter_map(|o| changed_revision(o).map(|r| (r, o)))
+        .max_by_key(|(r, _)| *r)
+}
+
+/// [`describe`] for other checks (the crash test).
+pub fn describe_op(op: &Op) -> String {
+    describe(op)
+}
+
 /// The revision of a write that changed the catalog.
 fn changed_revision(op: &Op) -> Option<u64> {
     match (&op.call, op.outcome.as_ref().ok()?) {
