@@ -87,7 +87,9 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
                         "life {life} granted lease id {lease} to {name}-{life}; an earlier life had granted it to {owner}"
                     );
                 }
-                granted.entry(lease).or_insert_with(|| format!("{name}-{life}"));
+                granted
+                    .entry(lease)
+                    .or_insert_with(|| format!("{name}-{life}"));
             }
             // A single lease id: unknown is NOT_FOUND (register again).
             let found = match client

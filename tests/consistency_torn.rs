@@ -84,7 +84,12 @@ async fn fill(client: &RegistryClient<Channel>, round: usize) -> (u64, u64) {
     (lease, last)
 }
 
-async fn resolve_reader(mut c: RegistryClient<Channel>, lease: u64, log: Log, stop: Arc<AtomicBool>) {
+async fn resolve_reader(
+    mut c: RegistryClient<Channel>,
+    lease: u64,
+    log: Log,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         let r = c
             .resolve(ResolveRequest {
@@ -102,7 +107,12 @@ async fn resolve_reader(mut c: RegistryClient<Channel>, lease: u64, log: Log, st
                     .enumerate()
                     .filter(|(i, inst)| inst.id != id(*i) || inst.lease_id != lease)
                     .take(3)
-                    .map(|(i, inst)| format!("#{i} is {}/{} lease {}", inst.service, inst.id, inst.lease_id))
+                    .map(|(i, inst)| {
+                        format!(
+                            "#{i} is {}/{} lease {}",
+                            inst.service, inst.id, inst.lease_id
+                        )
+                    })
                     .collect();
                 (!bad.is_empty()).then(|| bad.join(", "))
             })
@@ -128,7 +138,11 @@ async fn counts_reader(mut c: RegistryClient<Channel>, log: Log, stop: Arc<Atomi
             .iter()
             .find(|s| s.name == SERVICE)
             .map_or(0, |s| s.instance_count as usize);
-        let s = c.status(StatusRequest {}).await.expect("Status").into_inner();
+        let s = c
+            .status(StatusRequest {})
+            .await
+            .expect("Status")
+            .into_inner();
         let mut log = log.lock().unwrap();
         log.push(Seen {
             reader: "ListServices",
@@ -194,8 +208,16 @@ async fn revoking_a_lease_of_2000_instances_is_all_or_nothing_for_every_reader()
         let stop = Arc::new(AtomicBool::new(false));
         // Each reader on a connection of its own.
         let mut readers = vec![
-            tokio::spawn(counts_reader(server.client().await, log.clone(), stop.clone())),
-            tokio::spawn(watch_reader(server.client().await, log.clone(), stop.clone())),
+            tokio::spawn(counts_reader(
+                server.client().await,
+                log.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(watch_reader(
+                server.client().await,
+                log.clone(),
+                stop.clone(),
+            )),
         ];
         for _ in 0..RESOLVERS {
             readers.push(tokio::spawn(resolve_reader(
@@ -227,7 +249,10 @@ async fn revoking_a_lease_of_2000_instances_is_all_or_nothing_for_every_reader()
             .into_inner();
         let acked = log.lock().unwrap().len();
         overlapping += acked - sent;
-        assert_eq!(dereg.removed as usize, INSTANCES, "the lease held all 2,000");
+        assert_eq!(
+            dereg.removed as usize, INSTANCES,
+            "the lease held all 2,000"
+        );
         let d = dereg.revision;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !all_read(&log, &|s| s.revision >= d) {
@@ -252,7 +277,9 @@ async fn revoking_a_lease_of_2000_instances_is_all_or_nothing_for_every_reader()
                     s.reader,
                     s.count,
                     s.revision,
-                    s.mismatch.as_ref().map_or(String::new(), |m| format!(" ({m})")),
+                    s.mismatch
+                        .as_ref()
+                        .map_or(String::new(), |m| format!(" ({m})")),
                     if s.revision >= d {
                         "0".to_string()
                     } else if s.revision >= full_from {

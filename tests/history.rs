@@ -53,10 +53,8 @@ fn parse() -> Option<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut value = |name: &str| -> String {
-            it.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
+        let mut value =
+            |name: &str| -> String { it.next().unwrap_or_else(|| panic!("{name} needs a value")) };
         match a.as_str() {
             "--seconds" => args.seconds = value("--seconds").parse().expect("--seconds N"),
             "--segment" => args.segment = value("--segment").parse().expect("--segment N"),
@@ -134,30 +132,40 @@ async fn run(args: Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Corrupts one answer of a history; returns what the report must name.
+type Corrupt = fn(&mut History) -> Option<String>;
+
 /// The checker has teeth: a passing history with one answer corrupted must
 /// fail, naming that answer. Panics (failing the test) otherwise.
 fn checker_catches_corruption(history: &History) {
-    let mutations: [(&str, fn(&mut History) -> Option<String>); 4] = [
+    let mutations: [(&str, Corrupt); 4] = [
         ("a Resolve answer missing one instance", |h| {
-            let op = h.ops.iter_mut().find(|o| {
-                matches!(&o.outcome, Ok(Answer::Resolve(r)) if r.instances.len() >= 2)
-            })?;
-            let Ok(Answer::Resolve(r)) = &mut op.outcome else { unreachable!() };
+            let op = h
+                .ops
+                .iter_mut()
+                .find(|o| matches!(&o.outcome, Ok(Answer::Resolve(r)) if r.instances.len() >= 2))?;
+            let Ok(Answer::Resolve(r)) = &mut op.outcome else {
+                unreachable!()
+            };
             r.instances.pop();
             Some(format!("op #{}", op.seq))
         }),
         ("a ListServices count off by one", |h| {
-            let op = h.ops.iter_mut().find(|o| {
-                matches!(&o.outcome, Ok(Answer::ListServices(r)) if !r.services.is_empty())
-            })?;
-            let Ok(Answer::ListServices(r)) = &mut op.outcome else { unreachable!() };
+            let op = h.ops.iter_mut().find(
+                |o| matches!(&o.outcome, Ok(Answer::ListServices(r)) if !r.services.is_empty()),
+            )?;
+            let Ok(Answer::ListServices(r)) = &mut op.outcome else {
+                unreachable!()
+            };
             r.services[0].instance_count += 1;
             Some(format!("op #{}", op.seq))
         }),
         ("a watcher missing one event", |h| {
             let w = h.watches.iter_mut().find(|w| {
                 w.sessions.iter().any(|s| {
-                    s.messages.iter().any(|m| matches!(&m.kind, Some(Kind::Events(_))))
+                    s.messages
+                        .iter()
+                        .any(|m| matches!(&m.kind, Some(Kind::Events(_))))
                 })
             })?;
             let name = w.name.clone();
@@ -166,17 +174,26 @@ fn checker_catches_corruption(history: &History) {
                 .iter_mut()
                 .flat_map(|s| s.messages.iter_mut())
                 .find(|m| matches!(&m.kind, Some(Kind::Events(_))))?;
-            let Some(Kind::Events(b)) = &mut m.kind else { unreachable!() };
+            let Some(Kind::Events(b)) = &mut m.kind else {
+                unreachable!()
+            };
             b.events.pop();
             Some(name)
         }),
         ("one lease id granted twice", |h| {
             let mut grants = h.ops.iter_mut().filter(|o| {
-                matches!((&o.call, &o.outcome), (Call::Register { lease_id: 0, .. }, Ok(_)))
+                matches!(
+                    (&o.call, &o.outcome),
+                    (Call::Register { lease_id: 0, .. }, Ok(_))
+                )
             });
-            let Ok(Answer::Register(first)) = &grants.next()?.outcome else { unreachable!() };
+            let Ok(Answer::Register(first)) = &grants.next()?.outcome else {
+                unreachable!()
+            };
             let id = first.lease_id;
-            let Ok(Answer::Register(second)) = &mut grants.next()?.outcome else { unreachable!() };
+            let Ok(Answer::Register(second)) = &mut grants.next()?.outcome else {
+                unreachable!()
+            };
             second.lease_id = id;
             Some(format!("lease id {id} granted twice"))
         }),

@@ -35,7 +35,14 @@ use tonic::transport::Channel;
 pub fn registry_binary() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
+        // The same profile as this test (`cargo test --release` soaks).
+        let profile: &[&str] = if cfg!(debug_assertions) {
+            &[]
+        } else {
+            &["--release"]
+        };
         let output = std::process::Command::new(env!("CARGO"))
+            .args(profile)
             .args([
                 "build",
                 "--quiet",
@@ -235,7 +242,12 @@ impl BinaryServer {
             None
         })
         .await
-        .unwrap_or_else(|_| panic!("registry logged no address within 20 s:\n{}", self.log_tail()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "registry logged no address within 20 s:\n{}",
+                self.log_tail()
+            )
+        });
         let addr = addr?;
         // Keep draining stderr so the daemon never blocks on a full pipe.
         tokio::spawn(async move {

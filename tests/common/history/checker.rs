@@ -73,7 +73,29 @@ pub struct Grant {
     pub client: usize,
     pub seq: usize,
     pub revision: u64,
+    /// The TTL asked for.
+    pub ttl_ms: u64,
 }
+
+impl Grant {
+    fn describe(&self) -> String {
+        if self.client == UNACKNOWLEDGED {
+            format!(
+                "first seen on an instance at revision {} of life {} (its Register was never answered)",
+                self.revision, self.life
+            )
+        } else {
+            format!(
+                "to client {} op #{} of life {} at revision {}",
+                self.client, self.seq, self.life, self.revision
+            )
+        }
+    }
+}
+
+/// [`Grant::client`] of a lease seen only in the recorder's events (a
+/// Register in flight when the server died).
+pub const UNACKNOWLEDGED: usize = usize::MAX;
 
 /// Every lease id granted so far, across server lives.
 #[derive(Debug, Default)]
@@ -117,8 +139,14 @@ impl Timeline {
                 Some(Kind::Snapshot(s)) if !started => {
                     let part = snapshot.get_or_insert((s.revision, Vec::new()));
                     if part.0 != s.revision {
-                        violations.push(v(s.revision, Duration::ZERO, format!(
-                            "recorder: snapshot chunks carry revisions {} and {}", part.0, s.revision)));
+                        violations.push(v(
+                            s.revision,
+                            Duration::ZERO,
+                            format!(
+                                "recorder: snapshot chunks carry revisions {} and {}",
+                                part.0, s.revision
+                            ),
+                        ));
                     }
                     part.1.extend(s.instances.iter().map(Inst::from_pb));
                     if !s.more {
@@ -140,8 +168,13 @@ impl Timeline {
                     break;
                 }
                 _ if !started => {
-                    violations.push(v(0, Duration::ZERO, format!(
-                        "recorder: a watch from revision 0 began with {msg:?}, not a snapshot")));
+                    violations.push(v(
+                        0,
+                        Duration::ZERO,
+                        format!(
+                            "recorder: a watch from revision 0 began with {msg:?}, not a snapshot"
+                        ),
+                    ));
                     break;
                 }
                 Some(Kind::Events(batch)) => {
@@ -158,9 +191,14 @@ impl Timeline {
                 }
                 Some(Kind::Progress(p)) => {
                     if p.revision < t.last {
-                        violations.push(v(p.revision, Duration::ZERO, format!(
-                            "recorder: progress at revision {} after revision {} was delivered",
-                            p.revision, t.last)));
+                        violations.push(v(
+                            p.revision,
+                            Duration::ZERO,
+                            format!(
+                                "recorder: progress at revision {} after revision {} was delivered",
+                                p.revision, t.last
+                            ),
+                        ));
                     }
                     t.last = t.last.max(p.revision);
                 }
@@ -168,7 +206,8 @@ impl Timeline {
             }
         }
         if !started {
-            t.notes.push("the recorder never completed its snapshot".into());
+            t.notes
+                .push("the recorder never completed its snapshot".into());
         }
         (t, violations)
     }
@@ -263,7 +302,9 @@ fn describe(op: &Op) -> String {
             "Register{{{}/{} {} weight={} meta={:?}, ttl_ms={ttl_ms}, lease_id={lease_id}}}",
             instance.service, instance.id, instance.address, instance.weight, instance.metadata
         ),
-        Call::DeregisterInstance { service, id } => format!("Deregister{{instance {service}/{id}}}"),
+        Call::DeregisterInstance { service, id } => {
+            format!("Deregister{{instance {service}/{id}}}")
+        }
         Call::DeregisterLease { lease_id } => format!("Deregister{{lease_id {lease_id}}}"),
         Call::Heartbeat { lease_ids } => format!("Heartbeat{{{lease_ids:?}}}"),
         Call::Resolve { service } => format!("Resolve{{{service}}}"),
@@ -370,8 +411,11 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
             ) => {
                 let l = resp.lease_id;
                 if l == 0 || (*lease_id != 0 && l != *lease_id) {
-                    out.push(v(resp.revision, op.ret, format!(
-                        "{} was answered with lease_id {l}", describe(op))));
+                    out.push(v(
+                        resp.revision,
+                        op.ret,
+                        format!("{} was answered with lease_id {l}", describe(op)),
+                    ));
                 }
                 if *lease_id == 0 {
                     let grant = Grant {
@@ -379,28 +423,49 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
                         client: op.client,
                         seq: op.seq,
                         revision: resp.revision,
+                        ttl_ms: resp.ttl_ms,
                     };
                     if let Some(prev) = book.grants.insert(l, grant) {
                         out.push(v(resp.revision, op.ret, format!(
-                            "lease id {l} granted twice: to client {} op #{} of life {} at revision {}, and again to {} of life {} at revision {}",
-                            prev.client, prev.seq, prev.life, prev.revision, describe(op), h.life, resp.revision)));
+                            "lease id {l} granted twice: {}, and again to {} of life {} at revision {}",
+                            prev.describe(), describe(op), h.life, resp.revision)));
                     }
                 }
                 let mut inst = Inst::from_pb(instance);
                 inst.lease_id = l;
                 inst.revision = resp.revision;
-                (resp.revision, Some(vec![Ev { kind: EvKind::Put, inst }]))
+                (
+                    resp.revision,
+                    Some(vec![Ev {
+                        kind: EvKind::Put,
+                        inst,
+                    }]),
+                )
             }
             (Call::DeregisterInstance { service, id }, Answer::Deregister(resp)) => {
                 if resp.removed != 1 {
-                    out.push(v(resp.revision, op.ret, format!(
-                        "{} answered removed={} (one instance, or NOT_FOUND)", describe(op), resp.removed)));
+                    out.push(v(
+                        resp.revision,
+                        op.ret,
+                        format!(
+                            "{} answered removed={} (one instance, or NOT_FOUND)",
+                            describe(op),
+                            resp.removed
+                        ),
+                    ));
                 }
                 // The instance's other fields are checked by the model.
-                (resp.revision, Some(vec![Ev {
-                    kind: EvKind::Delete(DeleteReason::Deregistered),
-                    inst: Inst { service: service.clone(), id: id.clone(), ..blank() },
-                }]))
+                (
+                    resp.revision,
+                    Some(vec![Ev {
+                        kind: EvKind::Delete(DeleteReason::Deregistered),
+                        inst: Inst {
+                            service: service.clone(),
+                            id: id.clone(),
+                            ..blank()
+                        },
+                    }]),
+                )
             }
             (Call::DeregisterLease { lease_id }, Answer::Deregister(resp)) => {
                 if resp.removed == 0 {
@@ -420,43 +485,72 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
         }
         if r > timeline.last {
             match final_rev {
-                Some(f) if r > f => out.push(v(r, op.ret, format!(
-                    "{} was acknowledged at revision {r}, beyond the last revision {f}", describe(op)))),
+                Some(f) if r > f => out.push(v(
+                    r,
+                    op.ret,
+                    format!(
+                        "{} was acknowledged at revision {r}, beyond the last revision {f}",
+                        describe(op)
+                    ),
+                )),
                 _ => stats.unchecked += 1,
             }
             continue;
         }
         let Some(got) = timeline.revisions.get(&r) else {
-            out.push(v(r, op.ret, format!(
-                "{} was acknowledged at revision {r}, but no watcher ever saw revision {r}", describe(op))));
+            out.push(v(
+                r,
+                op.ret,
+                format!(
+                    "{} was acknowledged at revision {r}, but no watcher ever saw revision {r}",
+                    describe(op)
+                ),
+            ));
             continue;
         };
         match (&op.call, expected) {
             (Call::DeregisterLease { lease_id }, _) => {
-                let Answer::Deregister(resp) = answer else { unreachable!() };
+                let Answer::Deregister(resp) = answer else {
+                    unreachable!()
+                };
                 let ok = got.len() == resp.removed as usize
                     && got.iter().all(|e| {
-                        e.kind == EvKind::Delete(DeleteReason::Deregistered) && e.inst.lease_id == *lease_id
+                        e.kind == EvKind::Delete(DeleteReason::Deregistered)
+                            && e.inst.lease_id == *lease_id
                     });
                 if !ok {
-                    out.push(v(r, op.ret, format!(
-                        "{} answered removed={} at revision {r}, but revision {r} holds: {}",
-                        describe(op), resp.removed, list(got))));
+                    out.push(v(
+                        r,
+                        op.ret,
+                        format!(
+                            "{} answered removed={} at revision {r}, but revision {r} holds: {}",
+                            describe(op),
+                            resp.removed,
+                            list(got)
+                        ),
+                    ));
                 }
             }
             (Call::DeregisterInstance { .. }, Some(exp)) => {
-                let ok = got.len() == 1 && got[0].kind == exp[0].kind && got[0].inst.key() == exp[0].inst.key();
+                let ok = got.len() == 1
+                    && got[0].kind == exp[0].kind
+                    && got[0].inst.key() == exp[0].inst.key();
                 if !ok {
-                    out.push(v(r, op.ret, format!(
-                        "{} acknowledged at revision {r}, but revision {r} holds: {}", describe(op), list(got))));
+                    out.push(v(
+                        r,
+                        op.ret,
+                        format!(
+                            "{} acknowledged at revision {r}, but revision {r} holds: {}",
+                            describe(op),
+                            list(got)
+                        ),
+                    ));
                 }
             }
-            (_, Some(exp)) => {
-                if got != &exp {
-                    out.push(v(r, op.ret, format!(
-                        "{} acknowledged at revision {r}; expected exactly {}, but revision {r} holds: {}",
-                        describe(op), list(&exp), list(got))));
-                }
+            (_, Some(exp)) if got != &exp => {
+                out.push(v(r, op.ret, format!(
+                    "{} acknowledged at revision {r}; expected exactly {}, but revision {r} holds: {}",
+                    describe(op), list(&exp), list(got))));
             }
             _ => {}
         }
@@ -464,12 +558,22 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
     for (r, ops) in &claims {
         if ops.len() > 1 {
             let who: Vec<String> = ops.iter().map(|i| describe(&h.ops[*i])).collect();
-            out.push(v(*r, h.ops[ops[1]].ret, format!(
-                "{} acknowledged writes share revision {r}: {}", ops.len(), who.join(" | "))));
+            out.push(v(
+                *r,
+                h.ops[ops[1]].ret,
+                format!(
+                    "{} acknowledged writes share revision {r}: {}",
+                    ops.len(),
+                    who.join(" | ")
+                ),
+            ));
         }
     }
     for (r, evs) in &timeline.revisions {
-        let expired = evs.iter().filter(|e| e.kind == EvKind::Delete(DeleteReason::Expired)).count();
+        let expired = evs
+            .iter()
+            .filter(|e| e.kind == EvKind::Delete(DeleteReason::Expired))
+            .count();
         match (claims.contains_key(r), expired) {
             (false, n) if n == evs.len() && n > 0 => stats.expiry_revisions += 1,
             (false, _) if indeterminate_writes => stats.unchecked += 1,
@@ -479,6 +583,22 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
             (true, n) if n > 0 => out.push(v(*r, Duration::ZERO, format!(
                 "revision {r} of an acknowledged write also holds expiries: {}", list(evs)))),
             _ => {}
+        }
+    }
+
+    // Leases granted by Registers whose answer was lost still count as
+    // granted: a later life must not hand their ids out either.
+    for (r, evs) in &timeline.revisions {
+        for e in evs {
+            if e.kind == EvKind::Put {
+                book.grants.entry(e.inst.lease_id).or_insert(Grant {
+                    life: h.life,
+                    client: UNACKNOWLEDGED,
+                    seq: 0,
+                    revision: *r,
+                    ttl_ms: 0,
+                });
+            }
         }
     }
 
@@ -531,15 +651,29 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
                     out.push(v(0, op.ret, format!(
                         "{} answered for leases {answered:?}: one status per requested id, in order", describe(op))));
                 }
-                resp.leases.iter().filter(|l| l.found).map(|l| l.lease_id).collect()
+                resp.leases
+                    .iter()
+                    .filter(|l| l.found)
+                    .map(|l| l.lease_id)
+                    .collect()
             }
             (Call::Register { lease_id, .. }, Ok(_)) if *lease_id != 0 => vec![*lease_id],
             _ => continue,
         };
         for l in touched {
             if !book.grants.contains_key(&l) && !restored.contains(&l) {
-                out.push(v(op.outcome.as_ref().ok().and_then(Answer::revision).unwrap_or(0), op.ret, format!(
-                    "{} found lease {l}, which no client was ever granted", describe(op))));
+                out.push(v(
+                    op.outcome
+                        .as_ref()
+                        .ok()
+                        .and_then(Answer::revision)
+                        .unwrap_or(0),
+                    op.ret,
+                    format!(
+                        "{} found lease {l}, which no client was ever granted",
+                        describe(op)
+                    ),
+                ));
             }
             if let Some((ret, by)) = revoked_at.get(&l)
                 && *ret < op.invoke
@@ -569,9 +703,10 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
     obs.sort_by_key(|(r, _)| *r);
     let mut model = Model::new(timeline.start, timeline.start_state.iter().cloned());
     let mut pending = obs.into_iter().peekable();
-    let check_obs = |model: &Model, rev: u64, o: Obs, out: &mut Vec<Violation>, stats: &mut Stats| {
-        check_observation(h, &timeline, model, rev, o, out, stats)
-    };
+    let check_obs =
+        |model: &Model, rev: u64, o: Obs, out: &mut Vec<Violation>, stats: &mut Stats| {
+            check_observation(h, &timeline, model, rev, o, out, stats)
+        };
     for (r, evs) in &timeline.revisions {
         while let Some((rev, _)) = pending.peek()
             && *rev < *r
@@ -582,8 +717,14 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
         // Deregister{lease} and expiry take whole leases.
         let mut taken: BTreeMap<u64, (DeleteReason, BTreeSet<Key>)> = BTreeMap::new();
         for e in evs {
-            if let EvKind::Delete(reason @ (DeleteReason::Expired | DeleteReason::Deregistered)) = e.kind {
-                taken.entry(e.inst.lease_id).or_insert((reason, BTreeSet::new())).1.insert(e.inst.key());
+            if let EvKind::Delete(reason @ (DeleteReason::Expired | DeleteReason::Deregistered)) =
+                e.kind
+            {
+                taken
+                    .entry(e.inst.lease_id)
+                    .or_insert((reason, BTreeSet::new()))
+                    .1
+                    .insert(e.inst.key());
             }
         }
         if let Some((lease, i)) = lease_revokes.get(r) {
@@ -608,8 +749,14 @@ pub fn check(h: &History, book: &mut LeaseBook) -> Report {
             }
         }
         if let Err(e) = model.apply(*r, evs) {
-            out.push(v(*r, Duration::ZERO, format!(
-                "the events of revision {r} do not fit the state at revision {}: {e}", r - 1)));
+            out.push(v(
+                *r,
+                Duration::ZERO,
+                format!(
+                    "the events of revision {r} do not fit the state at revision {}: {e}",
+                    r - 1
+                ),
+            ));
         }
     }
     model.revision = timeline.last;
@@ -675,8 +822,16 @@ fn check_observation(
 ) {
     let (what, at) = match &o {
         Obs::Resolve(i) | Obs::List(i) | Obs::Status(i) => (describe(&h.ops[*i]), h.ops[*i].ret),
-        Obs::Watch { watch, session, msg, .. } => (
-            format!("{} (watching {:?}) session {session} message {msg}", h.watches[*watch].name, h.watches[*watch].service),
+        Obs::Watch {
+            watch,
+            session,
+            msg,
+            ..
+        } => (
+            format!(
+                "{} (watching {:?}) session {session} message {msg}",
+                h.watches[*watch].name, h.watches[*watch].service
+            ),
             Duration::ZERO,
         ),
     };
@@ -688,8 +843,11 @@ fn check_observation(
     }
     if rev > t.last {
         match h.final_revision {
-            Some(f) if rev > f => out.push(v(rev, at, format!(
-                "{what} answered revision {rev}, beyond the last revision {f}"))),
+            Some(f) if rev > f => out.push(v(
+                rev,
+                at,
+                format!("{what} answered revision {rev}, beyond the last revision {f}"),
+            )),
             _ => stats.unchecked += 1,
         }
         return;
@@ -698,8 +856,12 @@ fn check_observation(
     match o {
         Obs::Resolve(i) => {
             stats.resolves_checked += 1;
-            let Ok(Answer::Resolve(resp)) = &h.ops[i].outcome else { return };
-            let Call::Resolve { service } = &h.ops[i].call else { return };
+            let Ok(Answer::Resolve(resp)) = &h.ops[i].outcome else {
+                return;
+            };
+            let Call::Resolve { service } = &h.ops[i].call else {
+                return;
+            };
             let expected = model.view(service).unwrap_or(&empty);
             let got: Vec<Inst> = resp.instances.iter().map(Inst::from_pb).collect();
             let sorted = got.windows(2).all(|w| w[0].id < w[1].id);
@@ -719,7 +881,9 @@ fn check_observation(
         }
         Obs::List(i) => {
             stats.lists_checked += 1;
-            let Ok(Answer::ListServices(resp)) = &h.ops[i].outcome else { return };
+            let Ok(Answer::ListServices(resp)) = &h.ops[i].outcome else {
+                return;
+            };
             let got: BTreeMap<&str, usize> = resp
                 .services
                 .iter()
@@ -729,7 +893,12 @@ fn check_observation(
             let wrong: Vec<String> = got
                 .iter()
                 .filter(|(s, n)| expected.get(**s).copied().unwrap_or(0) != **n)
-                .map(|(s, n)| format!("{s}: {n} (expected {})", expected.get(*s).copied().unwrap_or(0)))
+                .map(|(s, n)| {
+                    format!(
+                        "{s}: {n} (expected {})",
+                        expected.get(*s).copied().unwrap_or(0)
+                    )
+                })
                 .chain(
                     expected
                         .iter()
@@ -738,13 +907,21 @@ fn check_observation(
                 )
                 .collect();
             if !wrong.is_empty() {
-                out.push(v(rev, at, format!(
-                    "{what} answered counts that are not the state at revision {rev}: {}", wrong.join(", "))));
+                out.push(v(
+                    rev,
+                    at,
+                    format!(
+                        "{what} answered counts that are not the state at revision {rev}: {}",
+                        wrong.join(", ")
+                    ),
+                ));
             }
         }
         Obs::Status(i) => {
             stats.statuses_checked += 1;
-            let Ok(Answer::Status(resp)) = &h.ops[i].outcome else { return };
+            let Ok(Answer::Status(resp)) = &h.ops[i].outcome else {
+                return;
+            };
             if resp.instances as usize != model.count("") {
                 out.push(v(rev, at, format!(
                     "{what} answered instances={} at revision {rev}; the state at revision {rev} has {}",
@@ -766,7 +943,10 @@ fn check_observation(
             let expected = model.view(service).unwrap_or(&empty);
             let got: Vec<Inst> = match snapshot {
                 Some(s) => s,
-                None => replay(&h.watches[watch], session, msg).map.into_values().collect(),
+                None => replay(&h.watches[watch], session, msg)
+                    .map
+                    .into_values()
+                    .collect(),
             };
             out.push(v(rev, at, format!(
                 "{what}: the watcher's state at revision {rev} is not the state at revision {rev}: {}",
@@ -787,7 +967,9 @@ fn replay(log: &WatchLog, upto_session: usize, upto: usize) -> View {
             }
             match m.kind.as_ref() {
                 Some(Kind::Snapshot(snap)) => {
-                    chunks.get_or_insert_with(Vec::new).extend(snap.instances.iter().map(Inst::from_pb));
+                    chunks
+                        .get_or_insert_with(Vec::new)
+                        .extend(snap.instances.iter().map(Inst::from_pb));
                     if !snap.more {
                         state = View::from_instances(chunks.take().unwrap());
                     }
@@ -828,32 +1010,50 @@ fn walk_watch(
     for (si, s) in log.sessions.iter().enumerate() {
         stats.watch_sessions += 1;
         if s.start_revision != 0 && have_state && s.start_revision != last + 1 {
-            out.push(v(s.start_revision, Duration::ZERO, format!(
-                "harness: {name} session {si} resumed from {} after revision {last}", s.start_revision)));
+            out.push(v(
+                s.start_revision,
+                Duration::ZERO,
+                format!(
+                    "harness: {name} session {si} resumed from {} after revision {last}",
+                    s.start_revision
+                ),
+            ));
         }
-        let mut chunks: Option<(u64, bool, Vec<Inst>)> = None;
+        let mut chunks: Option<(u64, bool, Vec<Inst>, usize)> = None;
         for (mi, m) in s.messages.iter().enumerate() {
-            let here = format!("{name} session {si} (start_revision {}) message {mi}", s.start_revision);
+            let here = format!(
+                "{name} session {si} (start_revision {}) message {mi}",
+                s.start_revision
+            );
             match m.kind.as_ref() {
                 None => {}
                 Some(Kind::Snapshot(snap)) => {
-                    let c = chunks.get_or_insert((snap.revision, snap.reset, Vec::new()));
+                    let c = chunks.get_or_insert((snap.revision, snap.reset, Vec::new(), mi));
                     if c.0 != snap.revision {
-                        out.push(v(snap.revision, Duration::ZERO, format!(
-                            "{here}: snapshot chunks carry revisions {} and {}", c.0, snap.revision)));
+                        out.push(v(
+                            snap.revision,
+                            Duration::ZERO,
+                            format!(
+                                "{here}: snapshot chunks carry revisions {} and {}",
+                                c.0, snap.revision
+                            ),
+                        ));
                     }
                     c.2.extend(snap.instances.iter().map(Inst::from_pb));
                     if snap.more {
                         continue;
                     }
-                    let (rev, reset, insts) = chunks.take().unwrap();
+                    let (rev, reset, insts, first) = chunks.take().unwrap();
                     if s.start_revision != 0 && !reset {
                         out.push(v(rev, Duration::ZERO, format!(
                             "{here}: a resumed watch was answered with a snapshot not marked reset")));
                     }
-                    if s.start_revision == 0 && mi != 0 {
-                        out.push(v(rev, Duration::ZERO, format!(
-                            "{here}: a second snapshot in a watch from revision 0")));
+                    if s.start_revision == 0 && first != 0 && !reset {
+                        out.push(v(
+                            rev,
+                            Duration::ZERO,
+                            format!("{here}: a second snapshot in a watch from revision 0, not marked reset"),
+                        ));
                     }
                     if have_state && rev < last {
                         out.push(v(rev, Duration::ZERO, format!(
@@ -861,16 +1061,32 @@ fn walk_watch(
                     }
                     state = View::from_instances(insts.iter().cloned());
                     if state.len() != insts.len() {
-                        out.push(v(rev, Duration::ZERO, format!(
-                            "{here}: snapshot at revision {rev} lists an instance twice")));
+                        out.push(v(
+                            rev,
+                            Duration::ZERO,
+                            format!("{here}: snapshot at revision {rev} lists an instance twice"),
+                        ));
                     }
                     have_state = true;
                     last = rev;
-                    obs.push((rev, Obs::Watch { watch: w, session: si, msg: mi, hash: state.hash, snapshot: Some(insts) }));
+                    obs.push((
+                        rev,
+                        Obs::Watch {
+                            watch: w,
+                            session: si,
+                            msg: mi,
+                            hash: state.hash,
+                            snapshot: Some(insts),
+                        },
+                    ));
                 }
                 Some(Kind::Events(batch)) => {
                     if !have_state {
-                        out.push(v(0, Duration::ZERO, format!("{here}: events before any snapshot")));
+                        out.push(v(
+                            0,
+                            Duration::ZERO,
+                            format!("{here}: events before any snapshot"),
+                        ));
                         continue;
                     }
                     for (r, evs) in group(&batch.events) {
@@ -906,7 +1122,16 @@ fn walk_watch(
                             }
                         }
                         last = r;
-                        obs.push((r, Obs::Watch { watch: w, session: si, msg: mi, hash: state.hash, snapshot: None }));
+                        obs.push((
+                            r,
+                            Obs::Watch {
+                                watch: w,
+                                session: si,
+                                msg: mi,
+                                hash: state.hash,
+                                snapshot: None,
+                            },
+                        ));
                     }
                 }
                 Some(Kind::Progress(p)) => {
@@ -926,7 +1151,16 @@ fn walk_watch(
                             p.revision, list(&t.events_for(service, g)))));
                     }
                     last = p.revision;
-                    obs.push((last, Obs::Watch { watch: w, session: si, msg: mi, hash: state.hash, snapshot: None }));
+                    obs.push((
+                        last,
+                        Obs::Watch {
+                            watch: w,
+                            session: si,
+                            msg: mi,
+                            hash: state.hash,
+                            snapshot: None,
+                        },
+                    ));
                 }
             }
         }

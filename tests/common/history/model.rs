@@ -33,7 +33,11 @@ impl Inst {
             service: i.service.clone(),
             id: i.id.clone(),
             address: i.address.clone(),
-            metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: i
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             weight: i.weight.max(1),
             lease_id: i.lease_id,
             revision: i.revision,
@@ -57,7 +61,12 @@ impl fmt::Display for Inst {
         write!(
             f,
             "{}/{} {} lease={} rev={} weight={} meta={:?}",
-            self.service, self.id, self.address, self.lease_id, self.revision, self.weight,
+            self.service,
+            self.id,
+            self.address,
+            self.lease_id,
+            self.revision,
+            self.weight,
             self.metadata
         )
     }
@@ -211,7 +220,10 @@ impl Model {
             match e.kind {
                 EvKind::Put => {
                     if e.inst.revision != revision {
-                        problems.push(format!("{e} is labelled revision {}, not {revision}", e.inst.revision));
+                        problems.push(format!(
+                            "{e} is labelled revision {}, not {revision}",
+                            e.inst.revision
+                        ));
                     }
                     self.put(e.inst.clone());
                 }

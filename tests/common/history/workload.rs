@@ -98,7 +98,8 @@ pub async fn start(url: &str, cfg: &Config) -> Running {
     let pool = Arc::new(Mutex::new(VecDeque::new()));
     let clients = (0..cfg.clients)
         .map(|c| {
-            let (url, cfg, pool, stop) = (url.to_owned(), cfg.clone(), pool.clone(), stop_rx.clone());
+            let (url, cfg, pool, stop) =
+                (url.to_owned(), cfg.clone(), pool.clone(), stop_rx.clone());
             tokio::spawn(async move { client(c, &url, &cfg, pool, stop, base).await })
         })
         .collect();
@@ -149,10 +150,12 @@ impl Running {
                 .into_inner()
                 .revision;
             let mut recorded = self.recorded.clone();
-            let reached =
-                tokio::time::timeout(Duration::from_secs(10), recorded.wait_for(|r| *r >= revision))
-                    .await
-                    .is_ok();
+            let reached = tokio::time::timeout(
+                Duration::from_secs(10),
+                recorded.wait_for(|r| *r >= revision),
+            )
+            .await
+            .is_ok();
             assert!(
                 reached,
                 "the recorder did not reach revision {revision} within 10 s (it has {})",
@@ -259,7 +262,8 @@ fn failure(s: tonic::Status) -> Failure {
 
 fn rng_for(seed: u64, role: u64, index: usize) -> StdRng {
     StdRng::seed_from_u64(
-        seed ^ role.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        seed ^ role.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
     )
 }
 
@@ -276,7 +280,10 @@ fn instance(rng: &mut StdRng, cfg: &Config, client: usize) -> Instance {
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("v".to_owned(), rng.random_range(0..4).to_string());
     if rng.random_bool(0.25) {
-        metadata.insert("zone".to_owned(), ["a", "b"][rng.random_range(0..2)].to_owned());
+        metadata.insert(
+            "zone".to_owned(),
+            ["a", "b"][rng.random_range(0..2)].to_owned(),
+        );
     }
     Instance {
         service: format!("h{}", rng.random_range(0..cfg.services)),
