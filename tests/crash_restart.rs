@@ -17,7 +17,7 @@
 //! revisions beyond R (visible before durable is allowed), but never fewer
 //! than the acknowledged writes.
 //!
-//! `cargo test --test crash_restart` makes 10 kills (about 20 s). Longer:
+//! `cargo test --test crash_restart` makes 10 kills (about 15 s). Longer:
 //!
 //! ```sh
 //! CRASH_KILLS=200 CRASH_SEED=42 cargo test --test crash_restart -- --nocapture

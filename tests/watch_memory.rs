@@ -17,7 +17,11 @@
 //! watcher, plus 8 x the catalog's encoded size, plus 500 x 256 KiB. A
 //! registry that gives each watcher its own copy of the view needs 500 x
 //! 5 MiB = 2.5 GiB and fails after a few dozen streams; the test stops
-//! opening (and kills the registry) as soon as the bound is crossed.
+//! opening (and kills the registry) as soon as the bound is crossed. Note
+//! the per-watcher part also bounds the message a stream blocked on flow
+//! control may hold: tonic encodes a whole message before HTTP/2 sends it,
+//! so 500 blocked streams each holding a 1 MiB snapshot chunk would not
+//! fit either; snapshot messages must be shared or small.
 
 mod common;
 
