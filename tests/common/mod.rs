@@ -3,7 +3,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
 pub mod etcd;
+pub mod history;
 pub mod hostile;
 pub mod prod;
 
