@@ -261,11 +261,17 @@ async fn etcd_restored_from_an_older_copy_resyncs_and_drops_no_later_change() {
             is_stale(node).await == Some(false)
         })
         .await;
-        checks.check(fresh, format!("{} back in sync after the restore", node.name));
+        checks.check(
+            fresh,
+            format!("{} back in sync after the restore", node.name),
+        );
     }
     // A change after the restore, at a revision the nodes already passed.
     let after = register(b, "after", long, 0, None).await;
-    checks.check(after.is_ok(), format!("Register on B after the restore: {after:?}"));
+    checks.check(
+        after.is_ok(),
+        format!("Register on B after the restore: {after:?}"),
+    );
     let rev = after.as_ref().map(|r| r.revision).unwrap_or(0);
     let on_b = resolve(b).await;
     checks.check(
@@ -359,7 +365,10 @@ async fn etcd_wiped_nodes_put_their_instances_back_and_see_each_other() {
         ),
     );
     let c1 = register(a, "c1", long, 0, None).await;
-    checks.check(c1.is_ok(), format!("Register c1 on A after the wipe: {c1:?}"));
+    checks.check(
+        c1.is_ok(),
+        format!("Register c1 on A after the wipe: {c1:?}"),
+    );
     let seen = eventually(Duration::from_secs(3), || has(b, "c1")).await;
     checks.check(
         seen,
@@ -578,7 +587,10 @@ async fn node_cut_from_etcd_makes_its_clients_move() {
     let after = samples.longest_gap(1, "x", healed_at + MAX_GAP / 2, end);
     checks.check(
         after.is_none(),
-        format!("after the heal x stays on B: gap {:?}", after.map(|g| g.len)),
+        format!(
+            "after the heal x stays on B: gap {:?}",
+            after.map(|g| g.len)
+        ),
     );
     checks.finish();
 }
@@ -606,9 +618,7 @@ async fn cancelled_register_does_not_overwrite_the_failover_registration() {
         matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)),
         "the Register on A must run out of time: {first:?}"
     );
-    let on_b = register(b, "x", TTL, 0, None)
-        .await
-        .expect("register on B");
+    let on_b = register(b, "x", TTL, 0, None).await.expect("register on B");
     let renew_b = Renewer::start(b.client(), on_b.lease_id, TTL / 3);
     eprintln!(
         "A's register gave up at +{:?}; B's answered at +{:?} (revision {}, lease {})",
@@ -641,13 +651,11 @@ async fn cancelled_register_does_not_overwrite_the_failover_registration() {
             ),
         );
     }
-    let overwritten = samples
-        .answers(1, watch_from, end)
-        .find_map(|(at, v)| {
-            v.get("x")
-                .filter(|i| i.lease_id != on_b.lease_id)
-                .map(|i| (at, i.lease_id))
-        });
+    let overwritten = samples.answers(1, watch_from, end).find_map(|(at, v)| {
+        v.get("x")
+            .filter(|i| i.lease_id != on_b.lease_id)
+            .map(|i| (at, i.lease_id))
+    });
     checks.check(
         overwritten.is_none(),
         format!(

@@ -79,9 +79,7 @@ pub fn registry_binary() -> PathBuf {
                 cargo.env_remove(&*key);
             }
         }
-        let output = cargo
-            .output()
-            .expect("run cargo build --bin registry");
+        let output = cargo.output().expect("run cargo build --bin registry");
         assert!(output.status.success(), "cargo build --bin registry failed");
         let stdout = String::from_utf8(output.stdout).unwrap();
         for line in stdout.lines() {
@@ -335,7 +333,10 @@ impl Etcd {
     /// moment would leave (etcd recovers from that); the pause is far
     /// shorter than anything a node notices.
     pub async fn backup(&mut self) -> PathBuf {
-        let copy = self.scratch.path.join(format!("backup-{}", unique_suffix()));
+        let copy = self
+            .scratch
+            .path
+            .join(format!("backup-{}", unique_suffix()));
         self.pause();
         copy_dir(&self.data, &copy);
         self.resume();
@@ -412,7 +413,12 @@ fn copy_dir(from: &Path, to: &Path) {
         .arg(to)
         .status()
         .expect("run cp");
-    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
 }
 
 /// How a test node runs.
@@ -745,18 +751,18 @@ impl Sampler {
                             service,
                             ..Default::default()
                         });
-                        let answer = match tokio::time::timeout(Duration::from_millis(500), call).await
-                        {
-                            Ok(Ok(r)) => {
-                                let r = r.into_inner();
-                                Some(Answer {
-                                    revision: r.revision,
-                                    stale: r.server.is_some_and(|s| s.stale),
-                                    instances: r.instances,
-                                })
-                            }
-                            _ => None,
-                        };
+                        let answer =
+                            match tokio::time::timeout(Duration::from_millis(500), call).await {
+                                Ok(Ok(r)) => {
+                                    let r = r.into_inner();
+                                    Some(Answer {
+                                        revision: r.revision,
+                                        stale: r.server.is_some_and(|s| s.stale),
+                                        instances: r.instances,
+                                    })
+                                }
+                                _ => None,
+                            };
                         Sample {
                             at: tokio::time::Instant::now(),
                             node,

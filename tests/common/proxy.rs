@@ -201,7 +201,10 @@ async fn upstream_pump(
                         Mode::Delay(d) => d,
                         _ => Duration::ZERO,
                     };
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
