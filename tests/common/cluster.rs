@@ -12,8 +12,8 @@
 //!
 //! The `registry` binary: `CARGO_BIN_EXE_registry` is only set for the
 //! `registry` package's own tests, so, as `tests/examples_run.rs` does for
-//! the examples, we ask cargo to build it (a no-op when fresh) and take the
-//! path it reports. `REGISTRY_BIN` overrides that.
+//! the examples, we ask cargo for it ([`registry_binary`]: a no-op when it
+//! is fresh) and take the path cargo reports. `REGISTRY_BIN` overrides that.
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
@@ -41,62 +41,81 @@ pub fn registry_binary() -> PathBuf {
         if let Ok(p) = std::env::var("REGISTRY_BIN") {
             return p.into();
         }
-        let mut cargo = std::process::Command::new(env!("CARGO"));
-        // The whole workspace with its examples (so with dev-dependencies):
-        // the same feature resolution as `cargo test --workspace`, which has
-        // built this binary already, so in CI this is a no-op rather than a
-        // second build of tokio, tonic and the daemon with other features.
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "--workspace",
-                "--bin",
+        // Built as the registry package's own integration tests build it
+        // (`cargo test -p registry` builds the binary for
+        // `CARGO_BIN_EXE_registry`), so the feature resolution is the one
+        // `cargo test --workspace` uses: in CI the binary is already fresh
+        // and this is a no-op rather than a second build of tokio, tonic
+        // and the daemon with other features. If that test target is ever
+        // renamed, a plain build of the binary still works.
+        let attempts: [&[&str]; 2] = [
+            &[
+                "test",
+                "--package",
                 "registry",
-                "--examples",
-                "--message-format=json",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stderr(Stdio::inherit());
-        // Variables cargo sets for a running test are not ours to pass on:
-        // some build scripts (ring's) rerun when CARGO_MANIFEST_DIR
-        // appears or vanishes, which would rebuild half the graph.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_PKG_")
-                || matches!(
-                    &*key,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "CARGO_RUSTC_CURRENT_DIR"
-                        | "OUT_DIR"
-                )
-            {
-                cargo.env_remove(&*key);
-            }
-        }
-        let output = cargo.output().expect("run cargo build --bin registry");
-        assert!(output.status.success(), "cargo build --bin registry failed");
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        for line in stdout.lines() {
-            if line.contains("\"reason\":\"compiler-artifact\"")
-                && line.contains("\"kind\":[\"bin\"]")
-                && line.contains("\"name\":\"registry\"")
-                && let Some(start) = line.find("\"executable\":\"")
-            {
-                let rest = &line[start + "\"executable\":\"".len()..];
-                let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
-                assert!(path.exists(), "{path:?}");
+                "--test",
+                "daemon_binary",
+                "--no-run",
+            ],
+            &["build", "--package", "registry", "--bin", "registry"],
+        ];
+        for args in attempts {
+            if let Some(path) = cargo_artifact(args) {
                 return path;
             }
         }
-        panic!("cargo reported no executable for the registry binary");
+        panic!("cargo built no registry binary (see the cargo output above)");
     })
     .clone()
+}
+
+/// Runs `cargo <args> --message-format=json` and returns the executable of
+/// the `registry` bin target it reports.
+fn cargo_artifact(args: &[&str]) -> Option<PathBuf> {
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo
+        .args(args)
+        .args(["--quiet", "--message-format=json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit());
+    // Variables cargo sets for a running test are not ours to pass on: some
+    // build scripts (ring's) rerun when CARGO_MANIFEST_DIR appears or
+    // vanishes, which would rebuild half the graph on every alternation.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                &*key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            cargo.env_remove(&*key);
+        }
+    }
+    let output = cargo.output().expect("run cargo");
+    if !output.status.success() {
+        return None;
+    }
+    let stdout = String::from_utf8(output.stdout).ok()?;
+    stdout.lines().find_map(|line| {
+        if !(line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains("\"kind\":[\"bin\"]")
+            && line.contains("\"name\":\"registry\""))
+        {
+            return None;
+        }
+        let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
+        let rest = &line[start..];
+        let path = PathBuf::from(&rest[..rest.find('"')?]);
+        path.exists().then_some(path)
+    })
 }
 
 /// A free loopback port (free when asked; a start retries if it is taken
