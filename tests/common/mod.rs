@@ -154,3 +154,7 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+// Real-process clusters and a TCP proxy for the fault tests (issue 15).
+pub mod cluster;
+pub mod proxy;
