@@ -35,6 +35,16 @@ pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
 /// every few seconds costs nothing measurable.
 pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
 
+// --- HTTP API and DNS (issue 18) ---
+/// TTL of DNS answers by default: short, so a deregistered instance leaves
+/// resolvers' caches within seconds, as Consul's default of 0 s does, without
+/// making every lookup reach the registry.
+pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
+
+/// DNS domain served by default: `<service>.service.registry.`.
+pub const DEFAULT_DNS_DOMAIN: &str = "registry.";
+// --- end HTTP API and DNS ---
+
 /// Tunables of one registry daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -133,6 +143,20 @@ pub struct Config {
     /// How often the snapshot is rewritten (only when the catalog or the
     /// lease set changed since the last one).
     pub snapshot_interval: Duration,
+    // --- HTTP API and DNS (issue 18) ---
+    /// Address of the HTTP/JSON API, Server-Sent Events watch, Prometheus
+    /// service discovery and dashboard (see `crate::http`). `None`: off.
+    /// The binary defaults it to `127.0.0.1:7412`; the library keeps it off
+    /// so embedding a registry never binds a port nobody asked for.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Address (UDP and TCP) of the DNS interface (see `crate::dns`).
+    /// `None`: off.
+    pub dns_listen: Option<std::net::SocketAddr>,
+    /// Domain the DNS interface answers for (`<service>.service.<domain>`).
+    pub dns_domain: String,
+    /// TTL of DNS answers.
+    pub dns_ttl: Duration,
+    // --- end HTTP API and DNS ---
 }
 
 /// Certificate and private key of the server, PEM encoded.
@@ -183,6 +207,10 @@ impl Default for Config {
             rate_burst: DEFAULT_RATE_LIMIT * 2,
             data_dir: None,
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+            http_listen: None,
+            dns_listen: None,
+            dns_domain: DEFAULT_DNS_DOMAIN.to_string(),
+            dns_ttl: DEFAULT_DNS_TTL,
         }
     }
 }

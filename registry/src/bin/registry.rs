@@ -179,6 +179,36 @@ struct Args {
     /// changed); it is also written at shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     snapshot_interval: Duration,
+    // --- HTTP API and DNS (issue 18) ---
+    /// Serve the HTTP/JSON API, the Server-Sent Events watch, Prometheus
+    /// service discovery (/v1/prometheus/sd) and the web dashboard (/) on
+    /// this address; `off` disables it. Loopback by default, like --listen.
+    #[arg(long, default_value = "127.0.0.1:7412", value_parser = parse_listen, env = "REGISTRY_HTTP_LISTEN")]
+    http_listen: Listen,
+    /// Answer DNS queries (UDP and TCP) for `<service>.service.<domain>` on
+    /// this address, e.g. 127.0.0.1:8600. Off unless given.
+    #[arg(long, value_parser = parse_listen, env = "REGISTRY_DNS_LISTEN")]
+    dns_listen: Option<Listen>,
+    /// Domain of the DNS interface.
+    #[arg(long, default_value = registry::config::DEFAULT_DNS_DOMAIN, env = "REGISTRY_DNS_DOMAIN")]
+    dns_domain: String,
+    /// TTL of DNS answers.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_ttl: Duration,
+    // --- end HTTP API and DNS ---
+}
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{e}: expected host:port (e.g. 127.0.0.1:7412) or `off`"))
 }
 
 /// Where the catalog lives.
@@ -235,6 +265,10 @@ impl Args {
             rate_burst: self.rate_burst.unwrap_or(self.rate_limit.saturating_mul(2)),
             data_dir: self.data_dir.clone(),
             snapshot_interval: self.snapshot_interval,
+            http_listen: self.http_listen.0,
+            dns_listen: self.dns_listen.and_then(|l| l.0),
+            dns_domain: self.dns_domain.clone(),
+            dns_ttl: self.dns_ttl,
         }
     }
 }
