@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod hostile;
+pub mod http;
 pub mod prod;
 
 use std::{net::SocketAddr, time::Duration};
