@@ -15,6 +15,7 @@ const state = {
   instances: [],
   fetchedAt: 0,
   filter: '',
+  showEmpty: false,
   status: null,
   lastEventId: null,
   epoch: null,
@@ -103,8 +104,9 @@ async function refreshServices() {
     state.status = status;
     renderSummary();
     renderServices();
-    if (!state.selected && state.services.length > 0 && !matchMedia('(max-width: 760px)').matches) {
-      select(state.services[0].name, false);
+    const first = state.services.find((s) => s.instanceCount > 0);
+    if (!state.selected && first && !matchMedia('(max-width: 760px)').matches) {
+      select(first.name, false);
     }
   } catch (e) {
     if (!(e instanceof AuthNeeded)) console.warn('services:', e);
@@ -132,9 +134,12 @@ function matches(text) {
 
 function renderServices() {
   const list = $('services');
-  const shown = state.services.filter((s) => matches(s.name) || s.name === state.selected);
-  $('services-count').textContent = `(${state.services.length})`;
-  $('services-empty').hidden = state.services.length > 0;
+  // Known services with no instance left are hidden unless asked for:
+  // a deregistered service leaves the list.
+  const live = state.services.filter((s) => state.showEmpty || s.instanceCount > 0);
+  const shown = live.filter((s) => matches(s.name));
+  $('services-count').textContent = `(${live.length})`;
+  $('services-empty').hidden = live.length > 0;
   const focused = document.activeElement && document.activeElement.dataset.service;
   list.replaceChildren(...shown.map((s) => {
     const n = s.instanceCount;
@@ -384,6 +389,10 @@ function setupKeys() {
     }
   });
   $('log-clear').addEventListener('click', () => $('events').replaceChildren());
+  $('show-empty').addEventListener('change', (e) => {
+    state.showEmpty = e.target.checked;
+    renderServices();
+  });
 }
 
 function start() {
