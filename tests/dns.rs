@@ -91,7 +91,9 @@ fn rand_id() -> u16 {
 /// One query over UDP (no EDNS: the 512-byte limit applies).
 async fn udp(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sock.send_to(&query_bytes(name, rtype), server).await.unwrap();
+    sock.send_to(&query_bytes(name, rtype), server)
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 65_535];
     let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
         .await
@@ -143,12 +145,22 @@ async fn answers_records_codes_and_ttls() {
     let (mut client, bg) = Client::<TokioRuntimeProvider>::from_sender(stream);
     tokio::spawn(bg);
     let a = client
-        .query(Name::from_str("prod.service.registry.").unwrap(), DNSClass::IN, RecordType::A)
+        .query(
+            Name::from_str("prod.service.registry.").unwrap(),
+            DNSClass::IN,
+            RecordType::A,
+        )
         .await
         .unwrap();
     let mut got = ips(&a);
     got.sort();
-    assert_eq!(got, ["10.0.0.1".parse::<IpAddr>().unwrap(), "10.0.0.2".parse().unwrap()]);
+    assert_eq!(
+        got,
+        [
+            "10.0.0.1".parse::<IpAddr>().unwrap(),
+            "10.0.0.2".parse().unwrap()
+        ]
+    );
     assert!(a.metadata.authoritative);
     assert!(a.answers.iter().all(|r| r.ttl == 5), "default TTL 5 s");
 
@@ -171,7 +183,11 @@ async fn answers_records_codes_and_ttls() {
         [
             ("0a000001.addr.registry.".to_string(), 8080, 7),
             ("0a000002.addr.registry.".to_string(), 8081, 7),
-            ("20010db8000000000000000000000003.addr.registry.".to_string(), 8082, 7),
+            (
+                "20010db8000000000000000000000003.addr.registry.".to_string(),
+                8082,
+                7
+            ),
             ("prod4.internal.".to_string(), 8083, 7),
         ]
     );
@@ -182,7 +198,12 @@ async fn answers_records_codes_and_ttls() {
     // Selector labels: bare value = zone, or key=value; RFC 2782 form.
     let eu = udp(server.dns, "eu-1.prod.service.registry.", RecordType::A).await;
     assert_eq!(ips(&eu), ["10.0.0.1".parse::<IpAddr>().unwrap()]);
-    let us = udp(server.dns, "zone=us-1.prod.service.registry.", RecordType::A).await;
+    let us = udp(
+        server.dns,
+        "zone=us-1.prod.service.registry.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(ips(&us), ["10.0.0.2".parse::<IpAddr>().unwrap()]);
     let rfc = udp(server.dns, "_prod._tcp.service.registry.", RecordType::SRV).await;
     assert_eq!(rfc.answers.len(), 4);
@@ -219,14 +240,24 @@ async fn shuffled_and_truncated_over_udp_complete_over_tcp() {
     })
     .await;
     for i in 0..60 {
-        register(&server, "wide", &format!("w-{i}"), &format!("10.1.0.{i}:80"), "eu-1").await;
+        register(
+            &server,
+            "wide",
+            &format!("w-{i}"),
+            &format!("10.1.0.{i}:80"),
+            "eu-1",
+        )
+        .await;
     }
     let full = tcp(server.dns, "wide.service.registry.", RecordType::A).await;
     assert_eq!(full.answers.len(), 60);
     assert!(full.answers.iter().all(|r| r.ttl == 2), "configured TTL");
     assert!(!full.metadata.truncation);
     let cut = udp(server.dns, "wide.service.registry.", RecordType::A).await;
-    assert!(cut.metadata.truncation, "60 A records exceed 512 bytes: TC set");
+    assert!(
+        cut.metadata.truncation,
+        "60 A records exceed 512 bytes: TC set"
+    );
     assert!(cut.answers.len() < 60);
 
     let mut orders = HashSet::new();
@@ -241,7 +272,11 @@ async fn shuffled_and_truncated_over_udp_complete_over_tcp() {
 #[tokio::test]
 async fn dig_resolves_a_service() {
     let dig = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("dig")).any(|p| p.is_file()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("dig"))
+                .any(|p| p.is_file())
+        })
         .unwrap_or(false);
     if !dig {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -255,7 +290,13 @@ async fn dig_resolves_a_service() {
     let out = tokio::process::Command::new("dig")
         .arg(format!("@{}", server.dns.ip()))
         .args(["-p", &server.dns.port().to_string()])
-        .args(["+time=2", "+tries=1", "+short", "prod.service.registry", "SRV"])
+        .args([
+            "+time=2",
+            "+tries=1",
+            "+short",
+            "prod.service.registry",
+            "SRV",
+        ])
         .output()
         .await
         .unwrap();

@@ -51,11 +51,19 @@ async fn resolve_list_and_status_follow_the_proto_json_mapping() {
     let server = HttpServer::start().await;
     let lease = grpc_register(
         &server,
-        instance("prod", "prod-1", "10.0.0.1:8002", &[("version", "1.4.2"), ("zone", "eu-1")]),
+        instance(
+            "prod",
+            "prod-1",
+            "10.0.0.1:8002",
+            &[("version", "1.4.2"), ("zone", "eu-1")],
+        ),
     )
     .await;
-    grpc_register(&server, instance("prod", "prod-2", "10.0.0.2:8002", &[("version", "2.0")]))
-        .await;
+    grpc_register(
+        &server,
+        instance("prod", "prod-2", "10.0.0.2:8002", &[("version", "2.0")]),
+    )
+    .await;
 
     let a = get(server.http, "/v1/services/prod").await;
     assert_eq!(a.status, 200);
@@ -63,28 +71,51 @@ async fn resolve_list_and_status_follow_the_proto_json_mapping() {
     let j = a.json();
     assert_eq!(j["serviceKnown"], true);
     let revision = s(&j["revision"]).parse::<u64>().unwrap();
-    assert_eq!(a.header("x-registry-revision"), Some(revision.to_string().as_str()));
+    assert_eq!(
+        a.header("x-registry-revision"),
+        Some(revision.to_string().as_str())
+    );
     let first = &j["instances"][0];
     assert_eq!(first["service"], "prod");
     assert_eq!(first["id"], "prod-1");
     assert_eq!(first["address"], "10.0.0.1:8002");
     assert_eq!(first["weight"], 1, "32-bit integers are numbers");
-    assert_eq!(s(&first["leaseId"]), lease.to_string(), "64-bit integers are strings");
+    assert_eq!(
+        s(&first["leaseId"]),
+        lease.to_string(),
+        "64-bit integers are strings"
+    );
     assert_eq!(first["metadata"]["version"], "1.4.2");
     assert_eq!(s(&first["leaseRemainingMs"]), "0", "every field is present");
     assert!(j["server"]["epoch"].is_string() && j["server"]["warmingUp"] == false);
 
     // Selector as query parameters, lease TTLs on request, health filter.
-    let j = get(server.http, "/v1/services/prod?version=2.0&include_lease_ttl=true")
-        .await
-        .json();
-    let ids: Vec<_> = j["instances"].as_array().unwrap().iter().map(|i| s(&i["id"])).collect();
+    let j = get(
+        server.http,
+        "/v1/services/prod?version=2.0&include_lease_ttl=true",
+    )
+    .await
+    .json();
+    let ids: Vec<_> = j["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| s(&i["id"]))
+        .collect();
     assert_eq!(ids, ["prod-2"]);
     let left: u64 = s(&j["instances"][0]["leaseRemainingMs"]).parse().unwrap();
     assert!(left > 0 && left <= 10_000, "{left}");
-    let j = get(server.http, "/v1/services/prod?health=critical").await.json();
-    assert_eq!(j["instances"].as_array().unwrap().len(), 0, "nothing listed is critical");
-    let j = get(server.http, "/v1/services/prod?health=serving").await.json();
+    let j = get(server.http, "/v1/services/prod?health=critical")
+        .await
+        .json();
+    assert_eq!(
+        j["instances"].as_array().unwrap().len(),
+        0,
+        "nothing listed is critical"
+    );
+    let j = get(server.http, "/v1/services/prod?health=serving")
+        .await
+        .json();
     assert_eq!(j["instances"].as_array().unwrap().len(), 2);
 
     // Unknown service: known false, as gRPC Resolve answers.
@@ -112,7 +143,14 @@ async fn etags_change_only_with_the_answer() {
     let tag = a.header("etag").expect("ETag").to_string();
     assert!(tag.starts_with("W/\""), "{tag}");
     let cond = |tag: String| async move {
-        request(server.http, "GET", "/v1/services/prod", &[("if-none-match", &tag)], None).await
+        request(
+            server.http,
+            "GET",
+            "/v1/services/prod",
+            &[("if-none-match", &tag)],
+            None,
+        )
+        .await
     };
     let b = cond(tag.clone()).await;
     assert_eq!(b.status, 304);
@@ -134,7 +172,14 @@ async fn etags_change_only_with_the_answer() {
     // The list's tag follows the counts.
     let l = get(server.http, "/v1/services").await;
     let ltag = l.header("etag").unwrap().to_string();
-    let same = request(server.http, "GET", "/v1/services", &[("if-none-match", &ltag)], None).await;
+    let same = request(
+        server.http,
+        "GET",
+        "/v1/services",
+        &[("if-none-match", &ltag)],
+        None,
+    )
+    .await;
     assert_eq!(same.status, 304);
     server.stop().await;
 }
@@ -173,28 +218,48 @@ async fn long_poll_wakes_only_for_its_own_service() {
     // Nothing changes: the poll answers the same content after `wait`.
     let now = s(&j["revision"]).to_string();
     let t = tokio::time::Instant::now();
-    let same = get(server.http, &format!("/v1/services/prod?wait=300ms&after_revision={now}")).await;
+    let same = get(
+        server.http,
+        &format!("/v1/services/prod?wait=300ms&after_revision={now}"),
+    )
+    .await;
     assert_eq!(same.status, 200);
     assert!(t.elapsed() >= Duration::from_millis(300));
     assert_eq!(same.json()["instances"].as_array().unwrap().len(), 2);
 
     // A revision from the future (another server life) answers at once.
     let t = tokio::time::Instant::now();
-    let future = get(server.http, "/v1/services/prod?wait=20s&after_revision=999999").await;
+    let future = get(
+        server.http,
+        "/v1/services/prod?wait=20s&after_revision=999999",
+    )
+    .await;
     assert_eq!(future.status, 200);
     assert!(t.elapsed() < Duration::from_secs(2));
 
     // The list long-polls on any change.
-    let lrev = get(server.http, "/v1/services").await.header("x-registry-revision").unwrap().to_string();
+    let lrev = get(server.http, "/v1/services")
+        .await
+        .header("x-registry-revision")
+        .unwrap()
+        .to_string();
     let path = format!("/v1/services?wait=20s&after_revision={lrev}");
     let list = tokio::spawn(async move { get(addr, &path).await });
     grpc_register(&server, instance("db", "db-1", "10.0.0.5:5432", &[])).await;
-    let list = tokio::time::timeout(Duration::from_secs(5), list).await.unwrap().unwrap();
+    let list = tokio::time::timeout(Duration::from_secs(5), list)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(list.json()["services"].as_array().unwrap().len(), 3);
 
     let bad = get(server.http, "/v1/services/prod?wait=30s").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["message"].as_str().unwrap().contains("wait needs after_revision"));
+    assert!(
+        bad.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("wait needs after_revision")
+    );
     server.stop().await;
 }
 
@@ -221,7 +286,13 @@ async fn writes_validate_and_fail_exactly_as_grpc() {
     let resolved = get(server.http, "/v1/services/prod").await.json();
     assert_eq!(resolved["instances"][0]["weight"], 3);
 
-    let hb = post_json(server.http, "/v1/heartbeat", &format!(r#"{{"leaseIds": ["{lease}"]}}"#), &[]).await;
+    let hb = post_json(
+        server.http,
+        "/v1/heartbeat",
+        &format!(r#"{{"leaseIds": ["{lease}"]}}"#),
+        &[],
+    )
+    .await;
     assert_eq!(hb.status, 200);
     let j = hb.json();
     assert_eq!(j["leases"][0]["found"], true);
@@ -274,20 +345,42 @@ async fn writes_validate_and_fail_exactly_as_grpc() {
         let j = a.json();
         assert_eq!(j["code"], status.code() as i32, "{json}");
         assert_eq!(j["message"], status.message(), "{json}");
-        assert!(j["status"].as_str().unwrap().chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+        assert!(
+            j["status"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_')
+        );
     }
 
     // Body problems are named.
     let no_type = request(server.http, "POST", "/v1/register", &[], Some(body)).await;
     assert_eq!(no_type.status, 415);
     assert!(s(&no_type.json()["message"]).contains("Content-Type: application/json"));
-    let typo = post_json(server.http, "/v1/register", r#"{"instance": {}, "ttl": "5000"}"#, &[]).await;
+    let typo = post_json(
+        server.http,
+        "/v1/register",
+        r#"{"instance": {}, "ttl": "5000"}"#,
+        &[],
+    )
+    .await;
     assert_eq!(typo.status, 400);
-    assert!(s(&typo.json()["message"]).contains("unknown field `ttl`"), "{}", typo.json());
+    assert!(
+        s(&typo.json()["message"]).contains("unknown field `ttl`"),
+        "{}",
+        typo.json()
+    );
     let empty_hb = post_json(server.http, "/v1/heartbeat", r#"{"leaseIds": []}"#, &[]).await;
     assert_eq!(empty_hb.status, 400);
     assert!(s(&empty_hb.json()["message"]).contains("lease_ids is empty"));
-    let gone = post_json(server.http, "/v1/heartbeat", r#"{"leaseIds": ["777"]}"#, &[]).await;
+    let gone = post_json(
+        server.http,
+        "/v1/heartbeat",
+        r#"{"leaseIds": ["777"]}"#,
+        &[],
+    )
+    .await;
     assert_eq!(gone.status, 404);
     assert_eq!(gone.json()["status"], "NOT_FOUND");
     let no_target = post_json(server.http, "/v1/deregister", "{}", &[]).await;
@@ -303,12 +396,30 @@ async fn writes_validate_and_fail_exactly_as_grpc() {
     .await;
     assert_eq!(d.status, 200);
     assert_eq!(d.json()["removed"], 1);
-    let d = post_json(server.http, "/v1/deregister", &format!(r#"{{"leaseId": "{lease}"}}"#), &[]).await;
+    let d = post_json(
+        server.http,
+        "/v1/deregister",
+        &format!(r#"{{"leaseId": "{lease}"}}"#),
+        &[],
+    )
+    .await;
     assert_eq!(d.status, 200);
     assert_eq!(d.json()["removed"], 1);
-    let again = post_json(server.http, "/v1/deregister", &format!(r#"{{"leaseId": "{lease}"}}"#), &[]).await;
+    let again = post_json(
+        server.http,
+        "/v1/deregister",
+        &format!(r#"{{"leaseId": "{lease}"}}"#),
+        &[],
+    )
+    .await;
     assert_eq!(again.status, 404);
-    assert_eq!(get(server.http, "/v1/services/prod").await.json()["instances"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        get(server.http, "/v1/services/prod").await.json()["instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 
     let nowhere = get(server.http, "/v2/nothing").await;
     assert_eq!(nowhere.status, 404);
@@ -372,28 +483,70 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
 
     let none = get(server.http, "/v1/services").await;
     assert_eq!(none.status, 401);
-    assert_eq!(none.header("www-authenticate"), Some("Bearer realm=\"registry\""));
+    assert_eq!(
+        none.header("www-authenticate"),
+        Some("Bearer realm=\"registry\"")
+    );
     assert_eq!(none.json()["status"], "UNAUTHENTICATED");
-    let wrong = request(server.http, "GET", "/v1/status", &[("authorization", "Bearer nope")], None).await;
+    let wrong = request(
+        server.http,
+        "GET",
+        "/v1/status",
+        &[("authorization", "Bearer nope")],
+        None,
+    )
+    .await;
     assert_eq!(wrong.status, 401);
 
     let body = r#"{"instance": {"service": "prod", "id": "prod-1", "address": "10.0.0.1:8002"}, "ttlMs": "10000"}"#;
-    let a = post_json(server.http, "/v1/register", body, &[("authorization", &prod)]).await;
+    let a = post_json(
+        server.http,
+        "/v1/register",
+        body,
+        &[("authorization", &prod)],
+    )
+    .await;
     assert_eq!(a.status, 200);
     let lease = s(&a.json()["leaseId"]).to_string();
 
     // Not its service: 403 with the gRPC message naming the grants.
     let web = r#"{"instance": {"service": "web", "id": "w", "address": "10.0.0.1:80"}, "ttlMs": "10000"}"#;
-    let denied = post_json(server.http, "/v1/register", web, &[("authorization", &prod)]).await;
+    let denied = post_json(
+        server.http,
+        "/v1/register",
+        web,
+        &[("authorization", &prod)],
+    )
+    .await;
     assert_eq!(denied.status, 403);
-    assert!(s(&denied.json()["message"]).contains("\"prod-deployer\" may not register service \"web\""));
+    assert!(
+        s(&denied.json()["message"]).contains("\"prod-deployer\" may not register service \"web\"")
+    );
 
     // Another identity may not renew, revoke or replace what is not its own.
-    let hb = post_json(server.http, "/v1/heartbeat", &format!(r#"{{"leaseIds": ["{lease}"]}}"#), &[("authorization", &other)]).await;
+    let hb = post_json(
+        server.http,
+        "/v1/heartbeat",
+        &format!(r#"{{"leaseIds": ["{lease}"]}}"#),
+        &[("authorization", &other)],
+    )
+    .await;
     assert_eq!(hb.status, 403);
-    let rv = post_json(server.http, "/v1/deregister", &format!(r#"{{"leaseId": "{lease}"}}"#), &[("authorization", &other)]).await;
+    let rv = post_json(
+        server.http,
+        "/v1/deregister",
+        &format!(r#"{{"leaseId": "{lease}"}}"#),
+        &[("authorization", &other)],
+    )
+    .await;
     assert_eq!(rv.status, 403);
-    let rp = post_json(server.http, "/v1/register", body, &[("authorization", &other)]).await;
+    let rp = post_json(
+        server.http,
+        "/v1/register",
+        body,
+        &[("authorization", &other)],
+    )
+    .await;
     assert_eq!(rp.status, 403);
     // The gRPC API agrees.
     let mut grpc = server.client().await;
@@ -403,16 +556,41 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
             id: "prod-1".into(),
         })),
     });
-    req.metadata_mut().insert("authorization", other.parse().unwrap());
-    assert_eq!(grpc.deregister(req).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    req.metadata_mut()
+        .insert("authorization", other.parse().unwrap());
+    assert_eq!(
+        grpc.deregister(req).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
 
     // Reads: read grants apply, lists are filtered.
-    let r = request(server.http, "GET", "/v1/services/prod", &[("authorization", &reader)], None).await;
+    let r = request(
+        server.http,
+        "GET",
+        "/v1/services/prod",
+        &[("authorization", &reader)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, 403);
-    let l = request(server.http, "GET", "/v1/services", &[("authorization", &reader)], None).await;
+    let l = request(
+        server.http,
+        "GET",
+        "/v1/services",
+        &[("authorization", &reader)],
+        None,
+    )
+    .await;
     assert_eq!(l.status, 200);
     assert_eq!(l.json()["services"].as_array().unwrap().len(), 0);
-    let l = request(server.http, "GET", "/v1/services", &[("authorization", &prod)], None).await;
+    let l = request(
+        server.http,
+        "GET",
+        "/v1/services",
+        &[("authorization", &prod)],
+        None,
+    )
+    .await;
     assert_eq!(l.json()["services"].as_array().unwrap().len(), 1);
 
     // Open without a token: the dashboard page and the probes.
@@ -420,7 +598,13 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
     assert_eq!(get(server.http, "/healthz").await.status, 200);
     assert_eq!(get(server.http, "/metrics").await.status, 401);
 
-    let own = post_json(server.http, "/v1/deregister", &format!(r#"{{"leaseId": "{lease}"}}"#), &[("authorization", &prod)]).await;
+    let own = post_json(
+        server.http,
+        "/v1/deregister",
+        &format!(r#"{{"leaseId": "{lease}"}}"#),
+        &[("authorization", &prod)],
+    )
+    .await;
     assert_eq!(own.status, 200);
     server.stop().await;
     let _ = std::fs::remove_file(path);
@@ -429,10 +613,24 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
 #[tokio::test]
 async fn loopback_listener_answers_only_loopback_host_names() {
     let server = HttpServer::start().await;
-    let evil = request(server.http, "GET", "/v1/services", &[("host", "evil.example:7412")], None).await;
+    let evil = request(
+        server.http,
+        "GET",
+        "/v1/services",
+        &[("host", "evil.example:7412")],
+        None,
+    )
+    .await;
     assert_eq!(evil.status, 403, "{}", String::from_utf8_lossy(&evil.body));
     assert!(s(&evil.json()["message"]).contains("DNS rebinding"));
-    let ok = request(server.http, "GET", "/v1/services", &[("host", "localhost:7412")], None).await;
+    let ok = request(
+        server.http,
+        "GET",
+        "/v1/services",
+        &[("host", "localhost:7412")],
+        None,
+    )
+    .await;
     assert_eq!(ok.status, 200);
     server.stop().await;
 }

@@ -42,7 +42,7 @@ use hickory_server::{
     Server,
     net::runtime::Time,
     proto::{
-        op::{Edns, Header, HeaderCounts, LowerQuery, Metadata, MessageType, OpCode, ResponseCode},
+        op::{Edns, Header, HeaderCounts, LowerQuery, MessageType, Metadata, OpCode, ResponseCode},
         rr::{
             Name, RData, Record, RecordType,
             rdata::{A, AAAA, SOA, SRV},
@@ -299,9 +299,11 @@ impl Handler {
                         Host::Ip(ip) => {
                             let target = self.addr_name(ip);
                             if let Some(rdata) = address_rdata(host, RecordType::ANY) {
-                                answer
-                                    .additionals
-                                    .push(Record::from_rdata(target.clone(), self.ttl, rdata));
+                                answer.additionals.push(Record::from_rdata(
+                                    target.clone(),
+                                    self.ttl,
+                                    rdata,
+                                ));
                             }
                             target
                         }

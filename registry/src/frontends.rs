@@ -96,8 +96,12 @@ impl Frontends {
             }));
         }
         if listeners.dns_udp.is_some() || listeners.dns_tcp.is_some() {
-            let server =
-                crate::dns::DnsServer::new(registry.clone(), auth.is_some(), listeners.dns_udp, listeners.dns_tcp)?;
+            let server = crate::dns::DnsServer::new(
+                registry.clone(),
+                auth.is_some(),
+                listeners.dns_udp,
+                listeners.dns_tcp,
+            )?;
             tasks.push(tokio::spawn(server.run()));
         }
         Ok(Self { tasks })

@@ -320,7 +320,13 @@ pub async fn status(
         server.warming_up,
         server.stale,
         s.revision,
-        (s.services, s.instances, s.leases, s.watchers, s.watcher_resets),
+        (
+            s.services,
+            s.instances,
+            s.leases,
+            s.watchers,
+            s.watcher_resets,
+        ),
     ));
     Ok(json_answer(&headers, &tag, s.revision, server.epoch, &s))
 }
@@ -345,17 +351,16 @@ pub(crate) fn parse_body<T: DeserializeOwned>(
             "the body of {what} must be JSON: send Content-Type: application/json"
         )));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("invalid {what} JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what} JSON: {e}")))
 }
 
 fn json_ok<T: serde::Serialize>(body: &T) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => {
-            ApiError::from(Error::InvalidArgument(format!("answer does not serialize: {e}")))
-                .into_response()
-        }
+        Err(e) => ApiError::from(Error::InvalidArgument(format!(
+            "answer does not serialize: {e}"
+        )))
+        .into_response(),
     }
 }
 
@@ -435,7 +440,9 @@ mod tests {
     use super::*;
 
     fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        q.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -459,8 +466,14 @@ mod tests {
 
         for (q, needle) in [
             (vec![("wait", "30s")], "wait needs after_revision"),
-            (vec![("wait", "soon"), ("after_revision", "1")], "not a duration"),
-            (vec![("wait", "11m"), ("after_revision", "1")], "above the maximum 10m"),
+            (
+                vec![("wait", "soon"), ("after_revision", "1")],
+                "not a duration",
+            ),
+            (
+                vec![("wait", "11m"), ("after_revision", "1")],
+                "above the maximum 10m",
+            ),
             (vec![("after_revision", "-1")], "not an unsigned integer"),
             (vec![("health", "sick")], "not one of passing"),
         ] {

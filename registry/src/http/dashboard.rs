@@ -27,7 +27,10 @@ const FAVICON_SVG: &str = include_str!("dashboard/favicon.svg");
 /// The dashboard's routes (open: the page asks for a token itself).
 pub fn router() -> Router<HttpApi> {
     Router::new()
-        .route("/", get(|h: HeaderMap| async move { asset(&h, INDEX_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|h: HeaderMap| async move { asset(&h, INDEX_HTML, "text/html; charset=utf-8") }),
+        )
         .route(
             "/ui/app.js",
             get(|h: HeaderMap| async move { asset(&h, APP_JS, "text/javascript; charset=utf-8") }),
@@ -70,6 +73,9 @@ fn asset(request: &HeaderMap, body: &'static str, content_type: &'static str) ->
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     resp
 }

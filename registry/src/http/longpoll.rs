@@ -91,7 +91,11 @@ impl Waiters {
         self.hubs.lock().len()
     }
 
-    fn subscribe(self: &Arc<Self>, service: Option<Arc<str>>, after: u64) -> Result<watch::Receiver<u64>> {
+    fn subscribe(
+        self: &Arc<Self>,
+        service: Option<Arc<str>>,
+        after: u64,
+    ) -> Result<watch::Receiver<u64>> {
         let from = after.saturating_add(1);
         // Held while a hub opens, so two first waiters of a service share
         // one hub; opening takes the catalog's writer lock briefly, and
@@ -217,7 +221,9 @@ mod tests {
         let waiters = Waiters::new(r.clone());
         let w = waiters.clone();
         let waiting =
-            tokio::spawn(async move { w.wait(Some("a".into()), rev, Duration::from_secs(10)).await });
+            tokio::spawn(
+                async move { w.wait(Some("a".into()), rev, Duration::from_secs(10)).await },
+            );
         // Wait until the waiter's hub is open, then change another service.
         while waiters.hubs() == 0 {
             tokio::task::yield_now().await;
@@ -247,8 +253,10 @@ mod tests {
         let waiters = Waiters::new(r.clone());
         // An up-to-date waiter opens the shared hub of a at rev3 + 1.
         let w = waiters.clone();
-        let _current =
-            tokio::spawn(async move { w.wait(Some("a".into()), rev3, Duration::from_secs(10)).await });
+        let _current = tokio::spawn(async move {
+            w.wait(Some("a".into()), rev3, Duration::from_secs(10))
+                .await
+        });
         while waiters.hubs() == 0 {
             tokio::task::yield_now().await;
         }

@@ -51,7 +51,13 @@ const PREFIX: &str = "__meta_registry_";
 /// A metadata key as the suffix of a Prometheus label name.
 pub fn sanitize(key: &str) -> String {
     key.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -130,8 +130,13 @@ async fn open(
         // this one to catch up rather than reset.
         store.catch_up(start_revision.saturating_sub(1)).await;
     }
-    let (handle, start) =
-        registry.watch_as(filter, start_revision, epoch, Some(peer), caller.0.0.as_ref())?;
+    let (handle, start) = registry.watch_as(
+        filter,
+        start_revision,
+        epoch,
+        Some(peer),
+        caller.0.0.as_ref(),
+    )?;
     let frames = watch::stream(registry, handle, start, progress);
     let mut resp = Sse::new(sse_events(frames))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
