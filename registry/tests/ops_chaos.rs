@@ -53,6 +53,8 @@ struct Daemon {
 async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        // Tests never bind fixed ports: the HTTP API's default is 7412.
+        .args(["--http-listen", "off"])
         .args(extra)
         .args(["--log-format", "json", "--min-ttl", "100ms"])
         // Warm-up of one TTL: long enough for every instance to re-register.

@@ -128,7 +128,7 @@ struct Args {
     #[arg(long, env = "REGISTRY_NO_XDS")]
     no_xds: bool,
     /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
-    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:7412. Off unless
+    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:7413. Off unless
     /// given: exposing it is a deliberate choice, like --listen.
     #[arg(long, env = "REGISTRY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
