@@ -180,11 +180,17 @@ async fn get(sender: &mut Sender, addr: SocketAddr, path: &str) -> hyper::Respon
     sender.send_request(req).await.unwrap()
 }
 
-/// Runs `clients` loops of `call` for `d`; returns calls and latencies.
+/// One call of a closed loop.
+type BoxFut = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Makes calls on one client's connection.
+type Call = Box<dyn FnMut() -> BoxFut + Send>;
+
+/// Runs `clients` loops of the call `make` builds (one connection each) for
+/// `d`; returns calls made and their latencies.
 async fn closed_loop<F, Fut>(clients: usize, d: Duration, make: F) -> (u64, Histogram<u64>)
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>>,
+    Fut: std::future::Future<Output = Call>,
 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -226,8 +232,8 @@ async fn http_resolve(addr: SocketAddr, clients: usize, d: Duration) -> (u64, Hi
                 assert_eq!(resp.status(), 200);
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert!(body.len() > 100);
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        }) as Box<dyn FnMut() -> _ + Send>
+            }) as BoxFut
+        }) as Call
     })
     .await
 }
@@ -235,7 +241,9 @@ async fn http_resolve(addr: SocketAddr, clients: usize, d: Duration) -> (u64, Hi
 async fn grpc_resolve(addr: SocketAddr, clients: usize, d: Duration) -> (u64, Histogram<u64>) {
     closed_loop(clients, d, || async move {
         // One connection per client, like the HTTP side.
-        let client = RegistryClient::connect(format!("http://{addr}")).await.unwrap();
+        let client = RegistryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
         Box::new(move || {
             let mut client = client.clone();
             Box::pin(async move {
@@ -247,8 +255,8 @@ async fn grpc_resolve(addr: SocketAddr, clients: usize, d: Duration) -> (u64, Hi
                     .await
                     .unwrap();
                 assert_eq!(r.into_inner().instances.len(), 10);
-            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        }) as Box<dyn FnMut() -> _ + Send>
+            }) as BoxFut
+        }) as Call
     })
     .await
 }
@@ -279,8 +287,8 @@ async fn dns_queries(addr: SocketAddr, clients: usize, d: Duration) -> (u64, His
                         .expect("DNS answer")
                         .unwrap();
                     assert!(n > 100, "10 A records");
-                }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            }) as Box<dyn FnMut() -> _ + Send>
+                }) as BoxFut
+            }) as Call
         }
     })
     .await
@@ -304,7 +312,12 @@ fn register_one(registry: &Registry, round: usize) -> Instant {
 }
 
 /// `waiters` long-polls; each round a registration wakes them all.
-async fn long_poll(addr: SocketAddr, registry: &Registry, waiters: usize, rounds: usize) -> Histogram<u64> {
+async fn long_poll(
+    addr: SocketAddr,
+    registry: &Registry,
+    waiters: usize,
+    rounds: usize,
+) -> Histogram<u64> {
     let mut h = histogram();
     let mut senders = Vec::new();
     for _ in 0..waiters {
@@ -343,7 +356,8 @@ async fn long_poll(addr: SocketAddr, registry: &Registry, waiters: usize, rounds
         let t0 = register_one(registry, round);
         for t in tasks {
             let (at, s) = t.await.unwrap();
-            h.record(at.saturating_duration_since(t0).as_micros().max(1) as u64).unwrap();
+            h.record(at.saturating_duration_since(t0).as_micros().max(1) as u64)
+                .unwrap();
             senders.push(s);
         }
     }
@@ -351,7 +365,12 @@ async fn long_poll(addr: SocketAddr, registry: &Registry, waiters: usize, rounds
 }
 
 /// `watchers` SSE streams; each round a registration reaches them all.
-async fn sse(addr: SocketAddr, registry: &Registry, watchers: usize, rounds: usize) -> Histogram<u64> {
+async fn sse(
+    addr: SocketAddr,
+    registry: &Registry,
+    watchers: usize,
+    rounds: usize,
+) -> Histogram<u64> {
     let mut streams = Vec::new();
     for _ in 0..watchers {
         let mut s = connect(addr).await;
@@ -401,7 +420,8 @@ async fn sse(addr: SocketAddr, registry: &Registry, watchers: usize, rounds: usi
     for t in tasks {
         let arrivals = t.await.unwrap();
         for (at, t0) in arrivals.iter().zip(&sent) {
-            h.record(at.saturating_duration_since(*t0).as_micros().max(1) as u64).unwrap();
+            h.record(at.saturating_duration_since(*t0).as_micros().max(1) as u64)
+                .unwrap();
         }
     }
     h
