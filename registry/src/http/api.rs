@@ -16,7 +16,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     body::Bytes,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{BytesRejection, QueryRejection},
+    },
     http::{HeaderMap, header},
     response::{IntoResponse, Response},
 };
@@ -331,6 +334,24 @@ pub async fn status(
     Ok(json_answer(&headers, &tag, s.revision, server.epoch, &s))
 }
 
+/// The bytes of a request body, or why not: larger than
+/// `max_message_size` is `RESOURCE_EXHAUSTED`, as over gRPC.
+fn body_bytes(api: &HttpApi, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "request body is larger than {} bytes (max_message_size)",
+                    api.registry().config().max_message_size
+                ),
+            )
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {}", e.body_text()))
+        }
+    })
+}
+
 /// A JSON request body: needs `Content-Type: application/json` (which
 /// a cross-site form cannot send without a CORS preflight we never grant).
 pub(crate) fn parse_body<T: DeserializeOwned>(
@@ -369,8 +390,9 @@ pub async fn register(
     State(api): State<HttpApi>,
     caller: CallerExt,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body_bytes(&api, body)?;
     let req: RegisterRequest = parse_body(&headers, &body, "RegisterRequest")?;
     let resp = api
         .registry()
@@ -385,8 +407,9 @@ pub async fn heartbeat(
     State(api): State<HttpApi>,
     caller: CallerExt,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body_bytes(&api, body)?;
     let req: HeartbeatRequest = parse_body(&headers, &body, "HeartbeatRequest")?;
     let registry = api.registry();
     let leases = registry.heartbeat_as(&req.lease_ids, caller.identity())?;
@@ -411,8 +434,9 @@ pub async fn deregister(
     State(api): State<HttpApi>,
     caller: CallerExt,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body_bytes(&api, body)?;
     let req: DeregisterRequest = parse_body(&headers, &body, "DeregisterRequest")?;
     let registry = api.registry();
     let (revision, removed) = match req.target {
