@@ -634,3 +634,46 @@ async fn loopback_listener_answers_only_loopback_host_names() {
     assert_eq!(ok.status, 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = HttpServer::start_with(Config {
+        max_connections: 2,
+        warmup: Duration::ZERO,
+        ..common::TestServer::test_config()
+    })
+    .await;
+    // Two watch streams hold the two connections.
+    let mut a = common::http::Sse::open(server.http, "/v1/watch", &[]).await;
+    let mut b = common::http::Sse::open(server.http, "/v1/watch", &[]).await;
+    a.next_change(Duration::from_secs(5)).await.unwrap();
+    b.next_change(Duration::from_secs(5)).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    let _ = third
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed at once, not left hanging");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a third connection was served: {read:?}"
+    );
+    // A freed slot serves again.
+    drop(a);
+    common::wait_until(Duration::from_secs(5), "a slot to free", || async {
+        let s = tokio::net::TcpStream::connect(server.http).await;
+        let Ok(mut s) = s else { return false };
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+        out.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    drop(b);
+    server.stop().await;
+}

@@ -53,7 +53,10 @@ use axum::{
     routing::{get, post},
 };
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tonic::{Code, Status};
 use tracing::info;
 
@@ -140,14 +143,139 @@ pub async fn serve(
              this port can register instances and redirect traffic"
         );
     }
+    let max = api.registry.config().max_connections;
+    let listener = CappedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+        max,
+        rejected: 0,
+    };
     axum::serve(
         listener,
-        api.router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
+        api.router().into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await?;
     Ok(())
+}
+
+/// The accept loop with the `max_connections` cap (the gRPC port has its
+/// own): over it, a new connection is closed on accept, so a flood of
+/// connections cannot exhaust file descriptors or memory. Long-polls and
+/// SSE streams each hold a connection, so the cap bounds them too.
+struct CappedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    max: usize,
+    rejected: u64,
+}
+
+impl std::fmt::Debug for CappedListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CappedListener")
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An accepted connection holding one permit of the cap.
+#[derive(Debug)]
+pub struct CappedIo {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, retry.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        CappedIo {
+                            stream,
+                            _permit: permit,
+                        },
+                        peer,
+                    );
+                }
+                Err(_) => {
+                    self.rejected += 1;
+                    if self.rejected.is_power_of_two() {
+                        tracing::warn!(
+                            %peer,
+                            rejected_total = self.rejected,
+                            "closed a new HTTP connection: {} open, the limit is {} (max_connections)",
+                            self.max,
+                            self.max
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for CappedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The peer address of a request (axum's `ConnectInfo` for our listener).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
 }
 
 /// Who is calling: `None` when auth is off. Put in the request extensions
@@ -166,7 +294,7 @@ impl Caller {
 /// [`crate::auth::AuthLayer`].
 async fn authenticate(
     State(api): State<HttpApi>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     mut req: Request,
     next: Next,
 ) -> Response {

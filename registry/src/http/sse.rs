@@ -60,7 +60,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub async fn watch_all(
     State(api): State<HttpApi>,
     caller: CallerExt,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(super::Peer(peer)): ConnectInfo<super::Peer>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -71,7 +71,7 @@ pub async fn watch_all(
 pub async fn watch_service(
     State(api): State<HttpApi>,
     caller: CallerExt,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(super::Peer(peer)): ConnectInfo<super::Peer>,
     Path(name): Path<String>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
