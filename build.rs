@@ -16,7 +16,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("registry_descriptor.bin"), fds.encode_to_vec())?;
+    let encoded = fds.encode_to_vec();
+    fs::write(out.join("registry_descriptor.bin"), &encoded)?;
+    // The proto3 JSON mapping of registry.v1 (lowerCamelCase names, 64-bit
+    // integers as strings, enums by name, every field emitted as
+    // grpc-gateway does) for the daemon's HTTP/JSON API.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .emit_fields()
+        .build(&[".registry.v1"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

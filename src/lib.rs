@@ -13,6 +13,8 @@
 /// `registry.v1`: the registry's gRPC API.
 pub mod v1 {
     tonic::include_proto!("registry.v1");
+    // serde (proto3 JSON mapping) for every message, for the HTTP API.
+    include!(concat!(env!("OUT_DIR"), "/registry.v1.serde.rs"));
 }
 
 /// `prod.v1`: the example product-stock service.

@@ -1,5 +1,5 @@
 //! Lease ids are never granted twice, across `kill -9` restarts of the real
-//! binary on one `--data-dir` (`--snapshot-interval 1s`). Each life
+//! binary on one `--data-dir`. Each life
 //! registers `a` (a new lease), waits until the data directory has been
 //! written since, registers `b` and `c` (new leases) and is killed. The
 //! next life registers `x`, `y`, `z` with new leases: none may get an id any
@@ -22,18 +22,23 @@ const SERVICE: &str = "ids";
 
 /// Names, sizes and modification times of the files in the data dir.
 fn fingerprint(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                meta.len(),
-                meta.modified().ok()?,
-            ))
-        })
-        .collect();
+    // Recursive: the data directory keeps its store in a subdirectory.
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(e.path());
+            } else if let Ok(modified) = meta.modified() {
+                files.push((e.path().display().to_string(), meta.len(), modified));
+            }
+        }
+    }
     files.sort();
     files
 }
@@ -63,8 +68,6 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
     let mut server = BinaryServer::start(&[
         "--data-dir",
         dir.path().to_str().unwrap(),
-        "--snapshot-interval",
-        "1s",
         "--rate-limit",
         "0",
     ])

@@ -74,8 +74,6 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged() {
     let mut server = BinaryServer::start(&[
         "--data-dir",
         &data_dir,
-        "--snapshot-interval",
-        "1s",
         "--min-ttl",
         "100ms",
         "--rate-limit",

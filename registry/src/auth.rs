@@ -402,7 +402,10 @@ impl RateLimit {
         })
     }
 
-    fn check(&self, key: &Arc<str>) -> Result<(), Status> {
+    /// Takes one request from `key`'s bucket, or `RESOURCE_EXHAUSTED`
+    /// (shared by the gRPC layer and the HTTP API, so an identity has one
+    /// budget whichever it uses).
+    pub fn check(&self, key: &Arc<str>) -> Result<(), Status> {
         self.limiter.check_key(key).map_err(|_| {
             Status::resource_exhausted(format!(
                 "rate limit exceeded: {key} may make {} requests per second (rate_limit)",

@@ -67,6 +67,16 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// requests rather than hostile ones.
 pub const MIN_MESSAGE_SIZE: usize = 64 << 10;
 
+// --- HTTP API and DNS (issue 18) ---
+/// TTL of DNS answers by default: short, so a deregistered instance leaves
+/// resolvers' caches within seconds, as Consul's default of 0 s does, without
+/// making every lookup reach the registry.
+pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
+
+/// DNS domain served by default: `<service>.service.registry.`.
+pub const DEFAULT_DNS_DOMAIN: &str = "registry.";
+// --- end HTTP API and DNS ---
+
 /// Tunables of one registry daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -165,6 +175,18 @@ pub struct Config {
     /// Run as a node of a cluster over etcd (`--store etcd`; see
     /// `crate::etcd`) instead of the in-memory store.
     pub etcd: Option<EtcdOptions>,
+    /// Address of the HTTP/JSON API, Server-Sent Events watch, Prometheus
+    /// service discovery and dashboard (see `crate::http`). `None`: off.
+    /// The binary defaults it to `127.0.0.1:7412`; the library keeps it off
+    /// so embedding a registry never binds a port nobody asked for.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Address (UDP and TCP) of the DNS interface (see `crate::dns`).
+    /// `None`: off.
+    pub dns_listen: Option<std::net::SocketAddr>,
+    /// Domain the DNS interface answers for (`<service>.service.<domain>`).
+    pub dns_domain: String,
+    /// TTL of DNS answers.
+    pub dns_ttl: Duration,
 }
 
 impl Config {
@@ -298,6 +320,10 @@ impl Default for Config {
             rate_burst: DEFAULT_RATE_LIMIT * 2,
             data_dir: None,
             etcd: None,
+            http_listen: None,
+            dns_listen: None,
+            dns_domain: DEFAULT_DNS_DOMAIN.to_string(),
+            dns_ttl: DEFAULT_DNS_TTL,
         }
     }
 }

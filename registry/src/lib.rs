@@ -34,6 +34,11 @@
 //!   ClusterLoadAssignment per service, pushed from catalog watchers over
 //!   state-of-the-world or incremental (delta) ADS, so any gRPC client
 //!   (`xds:///name`) or Envoy discovers services through us.
+//! - [`http`], [`dns`], [`frontends`]: the registry beyond gRPC. The
+//!   HTTP/JSON API (reads with ETags and long-poll, writes, the watch as
+//!   Server-Sent Events, Prometheus `http_sd`, the embedded dashboard) and
+//!   DNS (`<service>.service.<domain>` A/AAAA/SRV), both thin adapters over
+//!   [`Registry`], started beside the gRPC server.
 //! - [`server`]: [`server::run`] serves the registry, health and reflection
 //!   on a bound listener until a shutdown future resolves.
 //! - [`expiry`]: the expiry task and the expiry of a lease through the
@@ -54,10 +59,13 @@ pub mod change;
 pub mod config;
 pub mod core;
 pub mod ctl;
+pub mod dns;
 pub mod error;
 pub mod etcd;
 pub mod expiry;
 pub mod frame;
+pub mod frontends;
+pub mod http;
 pub mod lease;
 pub mod limits;
 pub mod metrics;

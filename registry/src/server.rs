@@ -12,6 +12,7 @@ use crate::{
     config::Config,
     core::Registry,
     error::Result,
+    frontends::{Frontends, Listeners},
     limits::{self, ConnectionStats, LimitsLayer},
     service::{RegistryService, wire::registry_server::RegistryServer},
     telemetry::RpcLayer,
@@ -38,6 +39,20 @@ pub async fn serve(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // HTTP API and DNS (issue 18): bound from the config here, so
+    // `serve_with` can take listeners a test bound on ephemeral ports.
+    let frontends = Listeners::bind(registry.config()).await?;
+    serve_with(listener, registry, frontends, shutdown).await
+}
+
+/// Like [`serve`], with the HTTP API and DNS front ends on sockets the
+/// caller bound (the config's `http_listen` and `dns_listen` are ignored).
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    frontends: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let addr = listener.local_addr()?;
     registry.config().validate()?;
     let tls = tls_config(registry.config())?;
@@ -57,6 +72,7 @@ pub async fn serve(
         );
     }
     let background = spawn_auth_maintenance(registry.clone(), auth.clone(), rate.clone());
+    let frontends = Frontends::spawn(&registry, frontends, auth.clone(), rate.clone())?;
     let expiry = registry.spawn_expiry();
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -129,6 +145,8 @@ pub async fn serve(
     };
     registry.metrics().set_serving(false);
     registry.shutdown();
+    // Their streams and long-polls ended with the shutdown token.
+    let _ = tokio::time::timeout(grace, frontends.stopped()).await;
     let _ = expiry.await;
     registry.close().await;
     background.abort();

@@ -14,7 +14,9 @@ use tokio::{
 /// Starts the daemon on a free port; returns it and the address it logged.
 async fn start(extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
-        .args(["--listen", "127.0.0.1:0"])
+        // The HTTP API and DNS on ephemeral ports: bound and stopped with it.
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--dns-listen", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

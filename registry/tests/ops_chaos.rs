@@ -53,6 +53,8 @@ struct Daemon {
 async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        // Tests never bind fixed ports: the HTTP API's default is 7412.
+        .args(["--http-listen", "off"])
         .args(extra)
         .args(["--log-format", "json", "--min-ttl", "100ms"])
         // Warm-up of one TTL: long enough for every instance to re-register.
@@ -322,7 +324,7 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
     let dir = std::env::temp_dir().join(format!("registry-chaos-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let dir_arg = dir.to_str().unwrap().to_owned();
-    let args = ["--data-dir", &dir_arg, "--snapshot-interval", "100ms"];
+    let args = ["--data-dir", &dir_arg];
     let mut daemon = start(&listen, &args).await;
     let url = format!("http://{}", daemon.grpc);
     let mut instances = Vec::new();

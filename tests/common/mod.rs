@@ -7,6 +7,7 @@ pub mod binary;
 pub mod etcd;
 pub mod history;
 pub mod hostile;
+pub mod http;
 pub mod prod;
 
 use std::{net::SocketAddr, time::Duration};

@@ -52,12 +52,7 @@ async fn run(options: &Options, path: &Path, with_data_dir: bool) -> Result<Row,
         rand::random::<u32>()
     ));
     let extra: Vec<String> = if with_data_dir {
-        vec![
-            "--data-dir".into(),
-            dir.display().to_string(),
-            "--snapshot-interval".into(),
-            humantime::format_duration(SNAPSHOT_INTERVAL).to_string(),
-        ]
+        vec!["--data-dir".into(), dir.display().to_string()]
     } else {
         Vec::new()
     };

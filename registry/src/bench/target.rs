@@ -28,6 +28,8 @@ const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 /// 100 ms minimum TTL lets `--smoke` expire leases quickly. The per-identity
 /// rate limit is off: every workload comes from one loopback address.
 const SPAWN_FLAGS: &[&str] = &[
+    "--http-listen",
+    "off",
     "--rate-limit",
     "0",
     "--max-instances",

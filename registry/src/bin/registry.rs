@@ -128,7 +128,7 @@ struct Args {
     #[arg(long, env = "REGISTRY_NO_XDS")]
     no_xds: bool,
     /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
-    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:7412. Off unless
+    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:7413. Off unless
     /// given: exposing it is a deliberate choice, like --listen.
     #[arg(long, env = "REGISTRY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -176,6 +176,36 @@ struct Args {
     /// re-register. In-memory store only.
     #[arg(long, env = "REGISTRY_DATA_DIR")]
     data_dir: Option<std::path::PathBuf>,
+    // --- HTTP API and DNS (issue 18) ---
+    /// Serve the HTTP/JSON API, the Server-Sent Events watch, Prometheus
+    /// service discovery (/v1/prometheus/sd) and the web dashboard (/) on
+    /// this address; `off` disables it. Loopback by default, like --listen.
+    #[arg(long, default_value = "127.0.0.1:7412", value_parser = parse_listen, env = "REGISTRY_HTTP_LISTEN")]
+    http_listen: Listen,
+    /// Answer DNS queries (UDP and TCP) for `<service>.service.<domain>` on
+    /// this address, e.g. 127.0.0.1:8600. Off unless given.
+    #[arg(long, value_parser = parse_listen, env = "REGISTRY_DNS_LISTEN")]
+    dns_listen: Option<Listen>,
+    /// Domain of the DNS interface.
+    #[arg(long, default_value = registry::config::DEFAULT_DNS_DOMAIN, env = "REGISTRY_DNS_DOMAIN")]
+    dns_domain: String,
+    /// TTL of DNS answers.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_ttl: Duration,
+    // --- end HTTP API and DNS ---
+}
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{e}: expected host:port (e.g. 127.0.0.1:7412) or `off`"))
 }
 
 /// Where the catalog lives.
@@ -239,6 +269,10 @@ impl Args {
                 options.lease_ttl = self.etcd_lease_ttl;
                 options
             }),
+            http_listen: self.http_listen.0,
+            dns_listen: self.dns_listen.and_then(|l| l.0),
+            dns_domain: self.dns_domain.clone(),
+            dns_ttl: self.dns_ttl,
         }
     }
 }

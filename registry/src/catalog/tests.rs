@@ -1,4 +1,5 @@
 use super::*;
+use std::sync::atomic::AtomicBool;
 
 fn config() -> CatalogConfig {
     CatalogConfig {
