@@ -22,16 +22,16 @@ use tonic::{
 };
 
 /// Success.
-pub const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_OK: u8 = 0;
 /// Any error: unreachable registry, rejected request, unknown lease.
-pub const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_ERROR: u8 = 1;
 /// Bad command line (clap exits with this itself).
-pub const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// `resolve` of a service the registry has never seen, so scripts can branch.
-pub const EXIT_UNKNOWN_SERVICE: u8 = 3;
+pub(crate) const EXIT_UNKNOWN_SERVICE: u8 = 3;
 
 /// Where regctl looks when neither `--registry` nor `REGISTRY_ADDR` is set.
-pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
+pub(crate) const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
 
 /// Longest wait between reconnection attempts of `watch`.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -43,36 +43,36 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
     version,
     about = "Resolve, list, watch and register services in a registry"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Registry address (several, comma-separated, are tried in order).
     #[arg(long, global = true, env = "REGISTRY_ADDR", default_value = DEFAULT_REGISTRY)]
-    pub registry: String,
+    pub(crate) registry: String,
     /// Deadline for connecting and for each request (e.g. 500ms, 5s).
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
-    pub output: Format,
+    pub(crate) output: Format,
     /// Bearer token for a registry started with --auth-file.
     #[arg(long, global = true, env = "REGISTRY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// CA (PEM) the registry's certificate must chain to: connect with TLS.
     #[arg(long, global = true, env = "REGISTRY_CACERT")]
-    pub cacert: Option<String>,
+    pub(crate) cacert: Option<String>,
     /// Client certificate (PEM) for mTLS; needs --key.
     #[arg(long, global = true, env = "REGISTRY_CERT", requires = "key")]
-    pub cert: Option<String>,
+    pub(crate) cert: Option<String>,
     /// Client private key (PEM) for mTLS; needs --cert.
     #[arg(long, global = true, env = "REGISTRY_KEY", requires = "cert")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned columns for people.
     Table,
     /// One JSON object per line for scripts.
@@ -81,7 +81,7 @@ pub enum Format {
 
 /// regctl's subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Live instances of a service (exit 3 if the service is unknown).
     Resolve {
         /// Service name.
@@ -149,11 +149,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 /// A failure with its exit code; the message is printed as `regctl: {msg}`.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// Process exit code.
-    pub code: u8,
+    pub(crate) code: u8,
     /// One line for stderr.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {
@@ -269,7 +269,7 @@ impl Ctx {
 
 /// Runs one regctl command, writing results to `out`. Returns the exit code;
 /// failures are reported on stderr as one line.
-pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
+pub(crate) async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
     match dispatch(cli, out).await {
         Ok(code) => code,
         Err(f) => {

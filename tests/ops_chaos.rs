@@ -8,9 +8,13 @@
 //! crash with `--data-dir`: the restarted registry answers with all 20 at
 //! once, and no service has to register again.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../tests/common/prod.rs"]
-mod prod;
+//!
+//! The registry binary comes from the `registry` package, located with
+//! `common::built_artifact` (this file lives at the top level because its
+//! clients are `registry-client` and `registry-bench`, which the daemon
+//! package does not depend on).
+
+mod common;
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -23,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use prod::ProdInstance;
+use common::prod::ProdInstance;
 use registry_api::{
     prod::{ProductRequest, prod_service_client::ProdServiceClient},
     v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
@@ -48,10 +52,22 @@ struct Daemon {
     metrics: SocketAddr,
 }
 
+/// The `registry` daemon binary, built if needed (once per test process).
+async fn registry_binary() -> std::path::PathBuf {
+    static PATH: tokio::sync::OnceCell<std::path::PathBuf> = tokio::sync::OnceCell::const_new();
+    PATH.get_or_init(|| async {
+        tokio::task::spawn_blocking(|| common::built_artifact("registry", "bin", "registry"))
+            .await
+            .expect("build the registry binary")
+    })
+    .await
+    .clone()
+}
+
 /// Starts the daemon on `listen`; `None` if it exited first (the port was
 /// not free yet after the previous process).
 async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
+    let mut child = Command::new(registry_binary().await)
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .args(["--log-format", "json", "--min-ttl", "100ms"])
@@ -395,10 +411,10 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
 /// crash already holds every instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_workload_measures_both_modes() {
-    use registry::bench::{Options, Workload, run};
+    use registry_bench::{Options, Workload, run};
     let mut options = Options::for_url("http://127.0.0.1:1");
     options.registry = None;
-    options.spawn_registry = Some(env!("CARGO_BIN_EXE_registry").into());
+    options.spawn_registry = Some(registry_binary().await);
     options.smoke = true;
     options.duration = Duration::from_millis(300);
     options.workload = vec![Workload::Restart];
