@@ -32,7 +32,7 @@ use registry_api::{
     prod::{ProductRequest, prod_service_client::ProdServiceClient},
     v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
 };
-use registry_client::{RegistryClient, balanced_channel_from};
+use registry_client::RegistryClient;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -193,7 +193,7 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
         .await
         .expect("resolver sees all instances")
         .unwrap();
-        let channel = balanced_channel_from(resolver.clone());
+        let channel = resolver.channel().build();
         // Every list the resolver publishes from now on.
         callers.push(tokio::spawn({
             let tally = tally.clone();
