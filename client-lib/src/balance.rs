@@ -676,7 +676,9 @@ fn pick(
         .filter(|&i| endpoints[i].ejected_until.is_none())
         .collect();
     let in_panic = ready.is_empty();
-    if in_panic != *panic {
+    // Only a first attempt says whether the whole set is ejected; a retry
+    // looks at what is left after the instances it already tried.
+    if tried.is_empty() && in_panic != *panic {
         *panic = in_panic;
         if in_panic {
             tracing::warn!(%service, instances = live.len(),
@@ -688,22 +690,25 @@ fn pick(
     if in_panic {
         ready = live;
     }
-    let candidates = match &options.zone {
+    // A retry goes wherever is ready: when the local zone is what is
+    // failing, staying in it would spend the attempt on the same fault.
+    let zone = options.zone.as_ref().filter(|_| tried.is_empty());
+    let candidates = match zone {
         Some(zone) => {
             let weight = |e: &Ep| u64::from(e.weight.max(1));
             let local_total: u64 = endpoints
                 .iter()
-                .filter(|e| e.zone.as_deref() == Some(zone))
+                .filter(|e| e.zone.as_deref() == Some(zone.as_str()))
                 .map(weight)
                 .sum();
             let local_ready: Vec<usize> = ready
                 .iter()
                 .copied()
-                .filter(|&i| endpoints[i].zone.as_deref() == Some(zone))
+                .filter(|&i| endpoints[i].zone.as_deref() == Some(zone.as_str()))
                 .collect();
             let local_ready_weight: u64 = endpoints
                 .iter()
-                .filter(|e| e.zone.as_deref() == Some(zone) && e.ejected_until.is_none())
+                .filter(|e| e.zone.as_deref() == Some(zone.as_str()) && e.ejected_until.is_none())
                 .map(weight)
                 .sum();
             let enough = local_total > 0
@@ -829,8 +834,15 @@ impl Shared {
                         continue;
                     }
                     let status = Status::from_error(Box::new(error));
+                    // A broken connection is "unavailable" whatever tonic
+                    // calls it (a reset stream comes out as UNKNOWN), as
+                    // gRPC's transports report it.
+                    let code = match status.code() {
+                        Code::Unknown => Code::Unavailable,
+                        code => code,
+                    };
                     return Err(Box::new(Status::new(
-                        status.code(),
+                        code,
                         format!(
                             "service {:?}, instance {id} at {address}: {}",
                             self.service,

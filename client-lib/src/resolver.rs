@@ -183,12 +183,24 @@ pub(crate) fn spawn(client: RegistryClient, query: Query) -> Resolver {
 async fn run(mut session: Session, service: &str, tx: &watch::Sender<ResolverState>) {
     let mut cache = Cache::default();
     loop {
-        let hold_until = cache.hold_until;
+        let timer = match (cache.hold_until, cache.warm_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let batch = tokio::select! {
             batch = session.next_batch() => batch,
-            () = sleep_until_opt(hold_until) => {
-                tracing::info!(%service, "registry warm-up over; dropping instances that did not come back");
-                cache.end_hold();
+            () = sleep_until_opt(timer) => {
+                let now = Instant::now();
+                if cache.warm_until.is_some_and(|at| at <= now) {
+                    // The registry said when its warm-up ends; no need to
+                    // wait for its next progress message to believe it.
+                    cache.warm_until = None;
+                    cache.warming_up = false;
+                }
+                if cache.hold_until.is_some_and(|at| at <= now) {
+                    tracing::info!(%service, "registry warm-up over; dropping instances that did not come back");
+                    cache.end_hold();
+                }
                 cache.publish(tx);
                 continue;
             }
@@ -223,6 +235,8 @@ struct Cache {
     /// Last-known-good entries kept through a warm-up, by id.
     held: BTreeMap<String, Instance>,
     hold_until: Option<Instant>,
+    /// When the registry's warm-up window ends, as it announced.
+    warm_until: Option<Instant>,
     known: Option<bool>,
     revision: u64,
     epoch: u64,
@@ -266,7 +280,7 @@ impl Cache {
             }
             WatchEvent::Progress { revision, server } => {
                 self.revision = self.revision.max(revision);
-                self.warming_up = server.warming_up;
+                self.set_warming(server);
                 if !server.warming_up && !self.held.is_empty() {
                     self.end_hold();
                 }
@@ -286,7 +300,7 @@ impl Cache {
         self.live = instances.into_iter().map(|i| (i.id.clone(), i)).collect();
         self.held.clear();
         self.hold_until = None;
-        self.warming_up = server.warming_up;
+        self.set_warming(server);
         if server.warming_up {
             // The registry is still being repopulated: an absent instance may
             // just not have re-registered yet. Keep it until warm-up ends.
@@ -301,6 +315,13 @@ impl Cache {
         if server.epoch != 0 {
             self.epoch = server.epoch;
         }
+    }
+
+    fn set_warming(&mut self, server: ServerInfo) {
+        self.warming_up = server.warming_up;
+        self.warm_until = server
+            .warming_up
+            .then(|| Instant::now() + server.warmup_remaining);
     }
 
     fn end_hold(&mut self) {
