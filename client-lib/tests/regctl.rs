@@ -550,7 +550,11 @@ async fn register_json_reports_the_real_deregistration_when_stopped() {
     assert_eq!(stopped["deregistered"], "web/w1");
     assert_eq!(stopped["removed"], 1, "{stopped}");
     let revision = stopped["revision"].as_u64().unwrap();
-    assert!(revision > before.revision, "{stopped} after {}", before.revision);
+    assert!(
+        revision > before.revision,
+        "{stopped} after {}",
+        before.revision
+    );
     let after = c
         .resolve(ResolveRequest {
             service: "web".into(),

@@ -304,7 +304,8 @@ mod tests {
         }
         let e = address("instance.address", "http://127.0.0.1:80/x").unwrap_err();
         assert!(
-            e.to_string().contains("has a URL scheme (http://); send host:port only, e.g. \"127.0.0.1:80\""),
+            e.to_string()
+                .contains("has a URL scheme (http://); send host:port only, e.g. \"127.0.0.1:80\""),
             "{e}"
         );
         let e = address("instance.address", "0.0.0.0:9").unwrap_err();
