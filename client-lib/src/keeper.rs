@@ -758,6 +758,9 @@ impl Keeper {
             rx: opened.into_inner(),
             in_flight: VecDeque::from([deadline]),
         });
+        // The registry accepted the stream: it is reachable again, whatever
+        // its first reply says about our leases.
+        self.reachable();
         Ok(())
     }
 
