@@ -6,8 +6,8 @@
 //! cargo run --example prod_client -- --loop
 //! ```
 //!
-//! With `--loop` it keeps calling (every `--interval-ms`), so you can stop
-//! an instance and watch the calls move to the others.
+//! With `--loop` it keeps calling (every `--interval-ms`) until Ctrl-C, so
+//! you can stop an instance and watch the calls move to the others.
 
 use std::time::Duration;
 
@@ -33,8 +33,8 @@ struct Args {
     /// Stop after this many calls with --loop (0 = never).
     #[arg(long, default_value_t = 0)]
     count: u64,
-    /// Deadline of one call; with no instance registered a call waits for
-    /// one this long.
+    /// Deadline of one call. A call to a service the registry does not know
+    /// (or that has no live instance) fails at once instead, naming it.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
 }
@@ -56,6 +56,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut calls = 0u64;
     let mut failures = 0u64;
+    // Ctrl-C / SIGTERM ends the loop between two calls.
+    let stop = registry_client::shutdown_signal();
+    tokio::pin!(stop);
     loop {
         calls += 1;
         let mut request = tonic::Request::new(ProductRequest {
@@ -85,7 +88,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if args.count != 0 && calls >= args.count {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(args.interval_ms)) => {}
+            () = &mut stop => break,
+        }
     }
     if !args.keep_going && failures > 0 {
         std::process::exit(1);

@@ -6,8 +6,9 @@
 //!
 //! Serves `GetProductStock` on the given (or a free) port, registers
 //! `prod` with its address and a `version` label, keeps the registration
-//! alive in the background, and deregisters on Ctrl-C / SIGTERM before
-//! exiting, so callers stop using it at once.
+//! alive in the background, and on Ctrl-C / SIGTERM deregisters, drains and
+//! only then stops serving (`registry_client::Shutdown`), so callers stop
+//! using it before its port closes.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -16,7 +17,7 @@ use registry_api::prod::{
     ProductRequest, ProductResponse,
     prod_service_server::{ProdService, ProdServiceServer},
 };
-use registry_client::{Instance, RegistryClient};
+use registry_client::{Instance, RegistryClient, Shutdown, shutdown_signal};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -101,15 +102,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let instance_id = instance.id.clone();
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Leave the registry first, then stop serving: callers drop us from
+    // their balancers before our port closes (registry_client::Shutdown).
+    let shutdown = Shutdown::new();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ProdServiceServer::new(Stock {
                 instance_id: instance_id.clone(),
             }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.serving_stopped(),
+            ),
     );
 
     // Serving before registering: nobody is sent here before we can answer.
@@ -119,47 +123,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("prod_service id={instance_id} addr={addr}");
 
     let mut state = registration.state();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            changed = state.changed() => {
-                if changed.is_err() { break; }
-                tracing::info!(state = ?*state.borrow_and_update(), "registration state");
-            }
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            tracing::info!(state = ?*state.borrow_and_update(), "registration state");
+        }
+    });
+
+    // Ctrl-C / SIGTERM: deregister, drain, then stop serving.
+    for outcome in shutdown.run(shutdown_signal(), [registration]).await {
+        match outcome {
+            Ok(_) => println!("prod_service id={instance_id} deregistered"),
+            Err(e) => eprintln!("deregister failed ({e}); the lease will expire"),
         }
     }
-
-    // Leave the registry first, then stop serving: callers drop us from
-    // their balancers before our port closes.
-    match registration.deregister().await {
-        Ok(()) => println!("prod_service id={instance_id} deregistered"),
-        Err(e) => eprintln!("deregister failed ({e}); the lease will expire"),
-    }
-    let _ = stop_tx.send(());
     server.await??;
     Ok(())
-}
-
-/// Ctrl-C, or SIGTERM on Unix (what process managers send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

@@ -748,7 +748,7 @@ async fn mtls_requires_a_trusted_client_certificate() {
 
 #[tokio::test]
 async fn client_lib_authenticates_with_token_and_tls() {
-    use registry_client::{ClientOptions, Instance as ClientInstance, RegistryClient as Rc};
+    use registry_client::{Instance as ClientInstance, RegistryClient as Rc};
     let pki = pki();
     let server = tls_server(&pki, true, true).await;
     let ca = write_tmp("ca.pem", &pki.ca_pem);
@@ -762,14 +762,13 @@ async fn client_lib_authenticates_with_token_and_tls() {
     )
     .unwrap();
     // Certificate identity (prod role) plus an admin token: the token wins.
-    let client = Rc::connect_with(
-        server.addr.to_string(),
-        ClientOptions::default()
-            .with_tls(tls.clone())
-            .with_token(ADMIN),
-    )
-    .await
-    .unwrap();
+    let client = Rc::builder()
+        .address(server.addr.to_string())
+        .tls(tls.clone())
+        .token(ADMIN)
+        .connect()
+        .await
+        .unwrap();
     let reg = client
         .register(ClientInstance::new("web", "10.0.0.9:80").with_id("w1"))
         .ttl(Duration::from_secs(5))
@@ -780,12 +779,12 @@ async fn client_lib_authenticates_with_token_and_tls() {
     reg.deregister().await.unwrap();
 
     // The certificate alone: the prod role, which may not register web.
-    let cert_only = Rc::connect_with(
-        server.addr.to_string(),
-        ClientOptions::default().with_tls(tls),
-    )
-    .await
-    .unwrap();
+    let cert_only = Rc::builder()
+        .address(server.addr.to_string())
+        .tls(tls)
+        .connect()
+        .await
+        .unwrap();
     let err = cert_only
         .register(ClientInstance::new("web", "10.0.0.9:80"))
         .await
@@ -805,7 +804,7 @@ async fn client_lib_authenticates_with_token_and_tls() {
 
 #[tokio::test]
 async fn client_lib_without_token_is_rejected() {
-    use registry_client::{ClientOptions, Instance as ClientInstance, RegistryClient as Rc};
+    use registry_client::{Instance as ClientInstance, RegistryClient as Rc};
     let server = auth_server().await;
     let anon = Rc::connect(&server.url).await.unwrap();
     let err = anon
@@ -817,7 +816,10 @@ async fn client_lib_without_token_is_rejected() {
         Some(Code::Unauthenticated),
         "{err}"
     );
-    let with = Rc::connect_with(&server.url, ClientOptions::default().with_token(PROD))
+    let with = Rc::builder()
+        .address(&server.url)
+        .token(PROD)
+        .connect()
         .await
         .unwrap();
     let reg = with

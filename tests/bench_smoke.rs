@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use registry::bench::{Options, Workload, run};
+use registry_bench::{Options, Workload, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_workload_runs_in_smoke_mode() {

@@ -10,14 +10,13 @@ use common::{
     TestServer,
     prod::{ProdInstance, call_many},
 };
-use registry_client::{RegistryClient, balanced_channel};
+use registry_client::{BalancedChannel, RegistryClient, balanced_channel};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 /// Calls in batches until `done` holds for one whole batch; panics after
 /// `limit`. Returns how long it took.
 async fn calls_until(
-    channel: &Channel,
+    channel: &BalancedChannel,
     limit: Duration,
     what: &str,
     done: impl Fn(&HashMap<String, usize>) -> bool,
@@ -42,7 +41,7 @@ fn only(ids: &'static [&'static str]) -> impl Fn(&HashMap<String, usize>) -> boo
 async fn two_instances(
     server: &TestServer,
     ttl: Duration,
-) -> (ProdInstance, ProdInstance, Channel) {
+) -> (ProdInstance, ProdInstance, BalancedChannel) {
     let a = ProdInstance::start(&server.url, "prod-a", ttl).await;
     let b = ProdInstance::start(&server.url, "prod-b", ttl).await;
     let client = RegistryClient::connect(&server.url).await.unwrap();

@@ -227,15 +227,27 @@ async fn registration_errors_are_returned_and_leave_nothing_running() {
     .await;
     server.stop().await;
 
-    // Nothing listens on port 1: the first attempt's failure is reported as
-    // transient.
-    let nowhere = RegistryClient::connect_lazy("127.0.0.1:1").unwrap();
-    let err = nowhere
+    // Nothing listens on port 1: an eager connect fails with a one-line
+    // error naming the address...
+    let err = RegistryClient::connect("127.0.0.1:1").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "cannot reach registry at http://127.0.0.1:1: connection refused"
+    );
+    // ...while a registration on a lazy client is accepted and waits in the
+    // background, saying so (tests/client_start_order.rs shows it complete).
+    let nowhere = RegistryClient::builder()
+        .address("127.0.0.1:1")
+        .build()
+        .unwrap();
+    let pending = nowhere
         .register(Instance::new("prod", "127.0.0.1:5001"))
         .await
-        .unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
-    assert!(RegistryClient::connect("127.0.0.1:1").await.is_err());
+        .expect("accepted while the registry is unreachable");
+    assert_eq!(pending.current_state(), RegistrationState::Unreachable);
+    assert!(nowhere.keepalive_running());
+    drop(pending);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,14 @@
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use common::{TestServer, wait_until};
 use futures::StreamExt;
 use registry_api::v1::StatusRequest;
-use registry_client::{Instance, RegistryClient, ResolverState, ServiceStatus, balanced_channel};
+use registry_client::{
+    Instance, Query, RegistryClient, ResolverState, ServiceStatus, balanced_channel,
+};
 use tokio::{sync::watch, time::timeout};
 
 async fn wait_view(
@@ -123,12 +125,12 @@ async fn resolver_follows_registrations_and_notifies_changes() {
     assert_eq!(streamed.status, ServiceStatus::Known);
 
     // A selector only sees matching instances.
-    let v2 = client.resolver_matching("prod", HashMap::from([("version".into(), "2".into())]));
+    let v2 = client.resolver(Query::new("prod").with_selector("version", "2"));
     let s = v2.ready().await.unwrap();
     assert_eq!(s.instances.len(), 1);
     assert_eq!(s.instances[0].id, "b");
     let resolved = client
-        .resolve_matching("prod", HashMap::from([("version".into(), "3".into())]))
+        .resolve(Query::new("prod").with_selector("version", "3"))
         .await
         .unwrap();
     assert!(resolved.instances.is_empty());

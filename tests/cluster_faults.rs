@@ -72,7 +72,7 @@ mod faults {
         },
         v1::{EventType, Instance, WatchRequest, watch_response::Kind},
     };
-    use registry_client::{Registration, RegistryClient, Resolver, balanced_channel_from};
+    use registry_client::{Registration, RegistryClient, Resolver};
     use tokio::{net::TcpListener, runtime::Runtime, time::Instant};
     use tokio_stream::wrappers::TcpListenerStream;
 
@@ -427,7 +427,7 @@ keeps them always.";
                     .await
                     .expect("caller connects");
                 let resolver = client.resolver(SERVICE);
-                let channel = balanced_channel_from(resolver.clone());
+                let channel = resolver.channel().build();
                 resolvers.push(resolver);
                 let tally = tally.clone();
                 tasks.push(tokio::spawn(async move {
@@ -818,7 +818,7 @@ keeps them always.";
             let views = views.await.expect("caller view sampler");
             let end = Instant::now();
             let deregistered = match deregister.await {
-                Ok(Ok(Ok(()))) => "ok".to_owned(),
+                Ok(Ok(Ok(_))) => "ok".to_owned(),
                 Ok(Ok(Err(e))) => match e.status() {
                     Some(s) => format!("{:?}", s.code()),
                     None => e.to_string(),

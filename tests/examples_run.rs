@@ -3,14 +3,8 @@
 //! client's calls reach both, one service gets SIGTERM, deregisters, and the
 //! client carries on with the other.
 //!
-//! Locating the examples: `env!("CARGO_BIN_EXE_*")` only exists for `[[bin]]`
-//! targets, and `cargo test --test examples_run` does not build examples at
-//! all. So the test asks cargo itself: it runs `cargo build --examples
-//! --message-format=json` (the same cargo, via `env!("CARGO")`, and the same
-//! target directory, so it is a no-op when they are fresh) and takes each
-//! example's path from the `executable` field cargo reports. That is exact
-//! whatever `CARGO_TARGET_DIR`, profile or target triple is in use, unlike
-//! guessing paths from the test binary's location.
+//! The examples are located with `common::built_artifact`, which asks cargo
+//! to build them and report their paths.
 
 #![cfg(unix)]
 
@@ -27,35 +21,7 @@ use tokio::{
 
 /// Builds the examples (if needed) and returns the path of `name`.
 fn example_path(name: &str) -> PathBuf {
-    let output = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--package",
-            env!("CARGO_PKG_NAME"),
-            "--examples",
-            "--message-format=json",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build --examples");
-    assert!(output.status.success(), "cargo build --examples failed");
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let name_field = format!("\"name\":\"{name}\"");
-    for line in stdout.lines() {
-        if line.contains("\"reason\":\"compiler-artifact\"")
-            && line.contains("\"kind\":[\"example\"]")
-            && line.contains(&name_field)
-            && let Some(start) = line.find("\"executable\":\"")
-        {
-            let rest = &line[start + "\"executable\":\"".len()..];
-            let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
-            assert!(path.exists(), "{path:?}");
-            return path;
-        }
-    }
-    panic!("cargo reported no executable for example {name}");
+    common::built_artifact(env!("CARGO_PKG_NAME"), "example", name)
 }
 
 struct Proc {

@@ -142,6 +142,16 @@ async fn addresses() {
         ("bad_host:80", "DNS"),
         ("-x.example:80", "DNS"),
         (":80", "empty host"),
+        (
+            "http://127.0.0.1:80",
+            "has a URL scheme (http://); send host:port only, e.g. \"127.0.0.1:80\"",
+        ),
+        ("https://prod.example:443/", "send host:port only"),
+        (
+            "0.0.0.0:9",
+            "unspecified host 0.0.0.0, which callers cannot dial",
+        ),
+        ("[::]:9", "unspecified host [::]"),
     ] {
         expect_code(
             &mut c,

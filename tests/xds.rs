@@ -354,6 +354,64 @@ async fn proxyless_flow_listener_route_cluster_assignment() {
     server.stop().await;
 }
 
+/// The cluster tells gRPC clients in other languages and Envoy to treat a
+/// dead instance the way registry-client's balanced channels do: eject
+/// after the same number of failures, for the same times, at most the same
+/// share, and weigh zones by their instances' weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_carries_the_clients_outlier_and_locality_rules() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
+    let server = TestServer::start_with(config()).await;
+    let mut reg = server.client().await;
+    register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, Some("z1")).await;
+    let mut ads = Ads::open(&server.url, "outlier").await;
+    ads.subscribe(CDS, &["prod"]).await;
+    let cds = ads.recv_type(CDS).await;
+    let clusters: Vec<Cluster> = decode_all(&cds);
+    let cluster = &clusters[0];
+
+    let client = registry_client::OutlierDetection::default();
+    let od = cluster
+        .outlier_detection
+        .as_ref()
+        .expect("outlier detection");
+    let value = |v: Option<envoy_types::pb::google::protobuf::UInt32Value>| v.map(|v| v.value);
+    let secs = |d: Option<envoy_types::pb::google::protobuf::Duration>| {
+        d.map(|d| Duration::new(d.seconds as u64, d.nanos as u32))
+    };
+    // Envoy: N consecutive failures (5xx, or gateway: refused connections
+    // and gRPC UNAVAILABLE), enforced.
+    assert_eq!(value(od.consecutive_5xx), Some(client.consecutive_failures));
+    assert_eq!(
+        value(od.consecutive_gateway_failure),
+        Some(client.consecutive_failures)
+    );
+    assert_eq!(value(od.enforcing_consecutive_5xx), Some(100));
+    assert_eq!(value(od.enforcing_consecutive_gateway_failure), Some(100));
+    assert_eq!(secs(od.base_ejection_time), Some(client.base_ejection));
+    assert_eq!(secs(od.max_ejection_time), Some(client.max_ejection));
+    assert_eq!(
+        value(od.max_ejection_percent),
+        Some((client.max_ejected_share * 100.0).round() as u32)
+    );
+    // gRPC (gRFC A50): failure-percentage ejection over as many calls, and
+    // no success-rate statistics (enforcing 0 = off).
+    assert_eq!(value(od.enforcing_failure_percentage), Some(100));
+    assert_eq!(
+        value(od.failure_percentage_request_volume),
+        Some(client.consecutive_failures)
+    );
+    assert_eq!(value(od.enforcing_success_rate), Some(0));
+
+    let lb = cluster.common_lb_config.as_ref().expect("common lb config");
+    assert!(matches!(
+        lb.locality_config_specifier,
+        Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+    ));
+    assert_eq!(lb.healthy_panic_threshold.map(|p| p.value), Some(50.0));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_pushes_a_new_assignment_at_the_new_revision() {
     let server = TestServer::start_with(config()).await;

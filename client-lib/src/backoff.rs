@@ -6,9 +6,12 @@ use rand::Rng;
 
 /// First retry delay: short enough that a registry restart is noticed fast.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest retry delay: an outage costs at most this much extra recovery
-/// time, and a fleet of clients polls a dead registry at most this often.
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest retry delay: a registry that starts (or comes back) is found
+/// within this long, so a service started before its registry is
+/// registered within a second of the registry starting. Polling a dead
+/// registry this often is cheap: a refused connection is one SYN and one
+/// RST, and the jitter below spreads a fleet's attempts.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(800);
 
 /// Doubling delays between [`BACKOFF_MIN`] and [`BACKOFF_MAX`]; each delay
 /// is drawn uniformly from its upper half so that clients that lost the

@@ -32,46 +32,28 @@ pub const REGISTRY_KEY_ENV: &str = "REGISTRY_KEY";
 /// certificate (default: the host of the address).
 pub const REGISTRY_TLS_DOMAIN_ENV: &str = "REGISTRY_TLS_DOMAIN";
 
-/// How a client connects and authenticates to the registry: a bearer token
-/// (with `--auth-file` on the server) and TLS, with an optional client
-/// certificate (mTLS).
-#[derive(Debug, Clone, Default)]
-pub struct ClientOptions {
+/// How the client reaches the registry, as set on
+/// [`crate::ClientBuilder`]: credentials, TLS and timeouts.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
     /// Sent as `authorization: Bearer <token>` on every call.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// TLS settings; `None` is plaintext.
-    pub tls: Option<ClientTlsConfig>,
+    pub(crate) tls: Option<ClientTlsConfig>,
+    /// Bound on establishing one connection.
+    pub(crate) connect_timeout: Duration,
+    /// Bound on one unary call.
+    pub(crate) request_timeout: Duration,
 }
 
-impl ClientOptions {
-    /// Options from `REGISTRY_TOKEN`, `REGISTRY_CACERT`, `REGISTRY_CERT`,
-    /// `REGISTRY_KEY` and `REGISTRY_TLS_DOMAIN`, so deployments configure
-    /// credentials without code changes.
-    pub fn from_env() -> Result<Self, Error> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let token = var(REGISTRY_TOKEN_ENV);
-        let tls = match var(REGISTRY_CACERT_ENV) {
-            None => None,
-            Some(ca) => Some(tls_from_files(
-                &ca,
-                var(REGISTRY_CERT_ENV).as_deref(),
-                var(REGISTRY_KEY_ENV).as_deref(),
-                var(REGISTRY_TLS_DOMAIN_ENV).as_deref(),
-            )?),
-        };
-        Ok(Self { token, tls })
-    }
-
-    /// Sets the bearer token.
-    pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// Sets TLS.
-    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            tls: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        }
     }
 }
 
@@ -85,9 +67,9 @@ pub fn tls_from_files(
     domain: Option<&str>,
 ) -> Result<ClientTlsConfig, Error> {
     let read = |path: &str| {
-        std::fs::read(path).map_err(|e| Error::InvalidAddress {
-            address: path.to_owned(),
-            reason: format!("cannot read TLS file: {e}"),
+        std::fs::read(path).map_err(|e| Error::InvalidConfig {
+            what: format!("TLS file {path}"),
+            reason: format!("cannot read it: {e}"),
         })
     };
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
@@ -97,8 +79,8 @@ pub fn tls_from_files(
         }
         (None, None) => {}
         _ => {
-            return Err(Error::InvalidAddress {
-                address: cert.or(key).unwrap_or_default().to_owned(),
+            return Err(Error::InvalidConfig {
+                what: format!("TLS file {}", cert.or(key).unwrap_or_default()),
                 reason: "a client certificate needs its key and vice versa".into(),
             });
         }
@@ -110,24 +92,23 @@ pub fn tls_from_files(
 }
 
 /// Adds `authorization: Bearer <token>` to every call (nothing without a
-/// token). Public so other tools on raw generated clients (regctl) send the
-/// token exactly as this crate does.
+/// token).
 #[derive(Debug, Clone, Default)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     header: Option<MetadataValue<Ascii>>,
 }
 
 impl Credentials {
     /// Credentials for an optional bearer token; the token must be
     /// printable ASCII.
-    pub fn bearer(token: Option<&str>) -> Result<Self, Error> {
+    pub(crate) fn bearer(token: Option<&str>) -> Result<Self, Error> {
         let header = match token {
             None => None,
             Some(t) => Some(
                 format!("Bearer {t}")
                     .parse()
-                    .map_err(|_| Error::InvalidAddress {
-                        address: "(token)".into(),
+                    .map_err(|_| Error::InvalidConfig {
+                        what: "token".into(),
                         reason: "the token must be printable ASCII".into(),
                     })?,
             ),
@@ -153,7 +134,10 @@ pub const DEFAULT_REGISTRY_ADDR: &str = "http://127.0.0.1:7411";
 
 /// Refusing to connect is instant on a live host; a second covers a host
 /// that drops packets without stalling a keepalive past a short TTL.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on one unary call, so a registry that accepts connections but never
+/// answers cannot stall the keepalive task or a caller forever.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 pings detect a registry that vanished without closing the socket
 /// (power loss, partition) even while a Watch stream is idle.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -174,7 +158,7 @@ pub(crate) struct Endpoints {
     nodes: Vec<Node>,
     current: AtomicUsize,
     credentials: Credentials,
-    tls: Option<ClientTlsConfig>,
+    settings: Settings,
 }
 
 impl Endpoints {
@@ -182,11 +166,11 @@ impl Endpoints {
     /// and prepares a lazy channel to each; no I/O happens here.
     #[cfg(test)]
     pub(crate) fn parse(addrs: &str) -> Result<Self, Error> {
-        Self::parse_with(addrs, &ClientOptions::default())
+        Self::parse_with(addrs, &Settings::default())
     }
 
-    /// [`Endpoints::parse`] with credentials and TLS.
-    pub(crate) fn parse_with(addrs: &str, options: &ClientOptions) -> Result<Self, Error> {
+    /// [`Endpoints::parse`] with credentials, TLS and timeouts.
+    pub(crate) fn parse_with(addrs: &str, options: &Settings) -> Result<Self, Error> {
         let credentials = Credentials::bearer(options.token.as_deref())?;
         let mut nodes = Vec::new();
         for raw in addrs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -202,7 +186,7 @@ impl Endpoints {
                     address: raw.to_owned(),
                     reason: e.to_string(),
                 })?,
-                options.tls.as_ref(),
+                options,
             )?;
             nodes.push(Node {
                 uri,
@@ -219,7 +203,7 @@ impl Endpoints {
             nodes,
             current: AtomicUsize::new(0),
             credentials,
-            tls: options.tls.clone(),
+            settings: options.clone(),
         })
     }
 
@@ -230,7 +214,7 @@ impl Endpoints {
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let endpoint = configure(
                 Endpoint::from_shared(node.uri.clone()).expect("uri was validated by parse"),
-                self.tls.as_ref(),
+                &self.settings,
             )?;
             match endpoint.connect().await {
                 Ok(channel) => {
@@ -240,14 +224,14 @@ impl Endpoints {
                 }
                 Err(e) => {
                     tracing::debug!(node = %node.uri, error = %e, "registry node unreachable");
-                    last = Some(format!("{}: {e}", node.uri));
+                    last = Some(Error::Connect {
+                        address: node.uri.clone(),
+                        source: e,
+                    });
                 }
             }
         }
-        Err(Error::Unavailable(tonic::Status::unavailable(format!(
-            "no registry node reachable ({})",
-            last.unwrap_or_default()
-        ))))
+        Err(last.expect("parse keeps at least one node"))
     }
 
     /// The node to use now: its index (to pass back to [`Endpoints::failed`])
@@ -258,6 +242,25 @@ impl Endpoints {
             i,
             InterceptedService::new(self.nodes[i].channel.clone(), self.credentials.clone()),
         )
+    }
+
+    /// The URI of node `index`, for errors and logs.
+    pub(crate) fn uri(&self, index: usize) -> &str {
+        &self.nodes[index % self.nodes.len()].uri
+    }
+
+    /// The configured timeouts and credentials.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Every node's URI, comma-separated, as given.
+    pub(crate) fn describe(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.uri.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Number of configured nodes.
@@ -281,9 +284,9 @@ impl Endpoints {
     }
 }
 
-fn configure(endpoint: Endpoint, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, Error> {
+fn configure(endpoint: Endpoint, settings: &Settings) -> Result<Endpoint, Error> {
     let uri = endpoint.uri().to_string();
-    let endpoint = match tls {
+    let endpoint = match &settings.tls {
         Some(tls) => endpoint
             .tls_config(tls.clone())
             .map_err(|e| Error::InvalidAddress {
@@ -293,7 +296,7 @@ fn configure(endpoint: Endpoint, tls: Option<&ClientTlsConfig>) -> Result<Endpoi
         None => endpoint,
     };
     Ok(endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)

@@ -6,6 +6,12 @@ use std::collections::BTreeMap;
 use registry_api::v1 as pb;
 use std::time::Duration;
 
+/// Metadata label holding an instance's zone (as Kubernetes'
+/// `topology.kubernetes.io/zone`, shortened): balanced channels prefer
+/// instances whose zone is the caller's, and the xDS server makes one
+/// locality per value.
+pub const ZONE_LABEL: &str = "zone";
+
 /// One addressable copy of a service: what a service registers about itself
 /// and what resolvers hand to callers.
 ///
@@ -28,6 +34,9 @@ pub struct Instance {
     pub lease_id: u64,
     /// Output only: the catalog revision at which it was last put.
     pub revision: u64,
+    /// Output only: time left on its lease, when asked for
+    /// ([`crate::ResolveBuilder::with_lease_ttl`]).
+    pub lease_remaining: Option<Duration>,
 }
 
 impl Instance {
@@ -42,6 +51,7 @@ impl Instance {
             weight: 1,
             lease_id: 0,
             revision: 0,
+            lease_remaining: None,
         }
     }
 
@@ -57,10 +67,23 @@ impl Instance {
         self
     }
 
-    /// Sets the load-balancing weight.
+    /// Sets the load-balancing weight: an instance of weight 3 gets three
+    /// times the calls of one of weight 1 from balanced channels (0 is
+    /// stored as 1). Registering again with another weight changes it live.
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
         self
+    }
+
+    /// Sets the `zone` label, which balanced channels match against the
+    /// caller's zone and the xDS server turns into a locality.
+    pub fn with_zone(self, zone: impl Into<String>) -> Self {
+        self.with_metadata(ZONE_LABEL, zone)
+    }
+
+    /// The `zone` label, if any.
+    pub fn zone(&self) -> Option<&str> {
+        self.metadata.get(ZONE_LABEL).map(String::as_str)
     }
 
     pub(crate) fn to_pb(&self) -> pb::Instance {
@@ -91,6 +114,8 @@ impl From<pb::Instance> for Instance {
             weight: p.weight,
             lease_id: p.lease_id,
             revision: p.revision,
+            lease_remaining: (p.lease_remaining_ms > 0)
+                .then(|| Duration::from_millis(p.lease_remaining_ms)),
         }
     }
 }

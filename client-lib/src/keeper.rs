@@ -15,8 +15,30 @@
 //!   A registry that restored its leases from disk keeps its lease epoch, and
 //!   the leases go on being renewed as if nothing happened;
 //! - when the registry is unreachable, retries with exponential backoff and
-//!   jitter, forever, failing over between nodes if several are configured;
+//!   jitter, forever, failing over between nodes if several are configured.
+//!   A registration made while the registry is unreachable (or before it
+//!   has started) is accepted at once in state `Unreachable` and completed
+//!   by the same retries: start order does not matter;
+//! - watches each service it registers instances of (one Watch per
+//!   service, the session of [`crate::Watch`]) to learn when another lease
+//!   takes over one of its keys — another process registering the same
+//!   service and id — see "Identity conflicts" below;
 //! - ends when the last handle is gone, after deregistering it.
+//!
+//! **Identity conflicts.** The registry lets the last registration of a
+//! `service` + `id` win. When the watch shows our key under another lease
+//! (a PUT newer than our own registration), the entry goes to
+//! [`RegistrationState::Replaced`], a WARN names the other lease and
+//! address, and the keeper stands back: it never re-registers the key while
+//! the other lease holds it (two processes fighting over one id would flap
+//! callers between them). When the key is free again — the other
+//! deregistered, or its lease expired — the watch shows the DELETE and the
+//! keeper registers the key again at once. So one of two processes sharing
+//! an id always serves, and the displaced one takes over within a watch
+//! round trip when the other goes away. The same rule heals a key removed
+//! behind a live registration's back (an operator's `regctl deregister`):
+//! while its `Registration` lives, the process keeps its key registered;
+//! stop the process (or deregister the `Registration`) to remove it.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet, VecDeque},
@@ -27,20 +49,31 @@ use std::{
     time::Duration,
 };
 
-use registry_api::v1::{self as pb, registry_client::RegistryClient as Grpc};
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use registry_api::v1 as pb;
 use tokio::{
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamMap, wrappers::ReceiverStream};
 use tonic::Code;
 
 use crate::{
-    Error, Instance, ServerInfo,
+    Deregistered, Error, Instance, Query, ServerInfo, WatchEvent, WatchOptions,
     backoff::{Backoff, jitter},
-    client::{RPC_TIMEOUT, call},
+    client::{call, grpc},
     endpoints::Endpoints,
+    watch::Session,
 };
+
+/// A registration dropped sooner than this after it was made is most
+/// likely an accident (`let _ = client.register(..)`): say so at WARN.
+const EARLY_DROP: Duration = Duration::from_secs(1);
+
+/// One ownership watch's batches.
+type OwnWatch = Pin<Box<dyn Stream<Item = Result<Vec<WatchEvent>, Error>> + Send>>;
 
 /// Heartbeats queued towards the stream; a handful is plenty since one
 /// request carries every due lease, and a full queue means the registry stopped
@@ -67,25 +100,44 @@ pub enum RegistrationState {
     Reregistering,
     /// The registry cannot be reached; the task keeps retrying with backoff.
     /// The instance may still be registered if the outage is shorter than
-    /// its TTL.
+    /// its TTL; a registration made before the registry could be reached
+    /// starts here and becomes `Registered` once it answers.
     Unreachable,
+    /// Another lease holds this instance's service and id: another process
+    /// registered the same id. This registration stands back (it does not
+    /// re-register while the other holds the key) and takes the key back
+    /// as soon as it is free. See the module docs of the keeper for the
+    /// rule; a WARN log names the other lease and address.
+    Replaced {
+        /// The lease that holds the key now.
+        lease_id: u64,
+    },
 }
 
 /// A live registration. While it exists, the client's background task keeps
 /// the instance registered, re-registering it whenever the registry forgets
 /// it.
 ///
-/// [`Registration::deregister`] removes it at once (graceful shutdown);
-/// dropping it stops the keepalive and deregisters best-effort in the
-/// background (without waiting; if the registry is unreachable at that
-/// moment the instance simply expires after its TTL).
+/// **Keep it alive for as long as the service should be found**, e.g. in a
+/// variable of `main` (`let _registration = ...`, not `let _ = ...`, which
+/// drops it at once).
+///
+/// - [`Registration::deregister`] removes the instance now and reports the
+///   registry's revision and count (graceful shutdown; see also
+///   [`crate::Shutdown`]).
+/// - **Dropping** it stops the keepalive and deregisters best-effort in the
+///   background, without waiting; if the registry is unreachable at that
+///   moment the instance simply expires after its TTL. A drop within a
+///   second of registering is logged at WARN, since it is almost always a
+///   mistake.
 #[derive(Debug)]
-#[must_use = "dropping a Registration deregisters the instance"]
+#[must_use = "dropping a Registration deregisters the instance: keep it (e.g. `let _registration = ...`) for as long as the service runs"]
 pub struct Registration {
     instance: Instance,
     token: u64,
     handle: Option<Arc<KeeperHandle>>,
     state: watch::Receiver<RegistrationState>,
+    created: Instant,
 }
 
 impl Registration {
@@ -107,10 +159,13 @@ impl Registration {
         *self.state.borrow()
     }
 
-    /// Removes the instance from the registry now and stops renewing it.
-    /// Returns the registry's error if it could not be told (the instance then
-    /// expires after its TTL, since nothing renews it any more).
-    pub async fn deregister(mut self) -> Result<(), Error> {
+    /// Removes the instance from the registry now and stops renewing it,
+    /// returning the revision of the removal and how many instances it
+    /// removed (`removed: 0` when there was nothing left to remove, e.g.
+    /// while another lease held the key). Returns the registry's error if it
+    /// could not be told (the instance then expires after its TTL, since
+    /// nothing renews it any more).
+    pub async fn deregister(mut self) -> Result<Deregistered, Error> {
         let handle = self.handle.take().expect("handle present until drop");
         let (reply, answer) = oneshot::channel();
         handle
@@ -131,6 +186,15 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
+            let age = self.created.elapsed();
+            if age < EARLY_DROP {
+                tracing::warn!(service = %self.instance.service, id = %self.instance.id, ?age,
+                    "Registration dropped right after registering, which deregisters the instance; \
+                     keep it for as long as the service runs (`let _registration = ...`, not `let _ = ...`)");
+            } else {
+                tracing::debug!(service = %self.instance.service, id = %self.instance.id,
+                    "Registration dropped; deregistering in the background");
+            }
             let _ = handle.tx.send(Command::Remove {
                 token: self.token,
                 key: key_of(&self.instance),
@@ -164,7 +228,7 @@ enum Command {
         token: u64,
         key: Key,
         /// `None` from `Drop`: best effort, nobody waits.
-        reply: Option<oneshot::Sender<Result<(), Error>>>,
+        reply: Option<oneshot::Sender<Result<Deregistered, Error>>>,
     },
 }
 
@@ -186,6 +250,8 @@ pub(crate) fn spawn(endpoints: Arc<Endpoints>) -> (Arc<KeeperHandle>, Weak<()>) 
         rx,
         entries: HashMap::new(),
         groups: HashMap::new(),
+        watches: StreamMap::new(),
+        watch_epochs: HashMap::new(),
         stream: None,
         connected: true,
         retry_at: None,
@@ -224,6 +290,7 @@ pub(crate) async fn register(
         token,
         handle: Some(handle.clone()),
         state: state_rx,
+        created: Instant::now(),
     };
     handle
         .tx
@@ -245,7 +312,21 @@ struct Entry {
     ttl: Duration,
     /// The registry has it under its group's current lease.
     registered: bool,
+    /// Revision (and the registry life it belongs to) of our last accepted
+    /// registration: what the ownership watch's news is compared against.
+    revision: u64,
+    epoch: u64,
+    /// Another lease holds the key: stand back until it is free.
+    replaced_by: Option<u64>,
     state: watch::Sender<RegistrationState>,
+}
+
+impl Entry {
+    /// Not in the registry under our lease, and not standing back for
+    /// another lease: the reconcile loop should register it.
+    fn wants_registering(&self) -> bool {
+        !self.registered && self.replaced_by.is_none()
+    }
 }
 
 /// Instances sharing a requested TTL, and the lease they share.
@@ -283,6 +364,11 @@ struct Keeper {
     rx: mpsc::UnboundedReceiver<Command>,
     entries: HashMap<Key, Entry>,
     groups: HashMap<Duration, Group>,
+    /// One watch per service we register instances of, for conflicts.
+    watches: StreamMap<String, OwnWatch>,
+    /// Registry life each ownership watch is in (from its last snapshot or
+    /// progress), to compare event revisions with our registrations'.
+    watch_epochs: HashMap<String, u64>,
     stream: Option<KeepAliveStream>,
     /// False between a transport failure and the next answer.
     connected: bool,
@@ -306,6 +392,9 @@ impl Keeper {
                     None => break,
                 },
                 msg = next_message(&mut self.stream) => self.on_message(msg).await,
+                Some((service, batch)) = self.watches.next(), if !self.watches.is_empty() => {
+                    self.on_watch(service, batch).await;
+                }
                 () = tokio::time::sleep_until(wake) => self.on_timer().await,
             }
             self.publish();
@@ -352,6 +441,9 @@ impl Keeper {
                         instance,
                         ttl,
                         registered: false,
+                        revision: 0,
+                        epoch: 0,
+                        replaced_by: None,
                         state,
                     },
                 );
@@ -364,9 +456,23 @@ impl Keeper {
                     })
                     .members
                     .insert(key.clone());
-                let result = self.register_entry(&key).await;
-                if result.is_err() {
-                    self.forget(&key);
+                let result = match self.register_entry(&key).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_unavailable() => {
+                        // Accepted all the same: registered in the
+                        // background as soon as the registry answers.
+                        tracing::info!(service = %key.0, id = %key.1, error = %e,
+                            "registry unreachable; will register when it answers");
+                        self.connection_lost(&e.to_string(), None);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.forget(&key);
+                        Err(e)
+                    }
+                };
+                if result.is_ok() {
+                    self.ensure_watch(&key.0);
                 }
                 self.publish();
                 let _ = reply.send(result);
@@ -380,6 +486,20 @@ impl Keeper {
         }
     }
 
+    /// Starts the ownership watch of `service` unless it runs.
+    fn ensure_watch(&mut self, service: &str) {
+        if self.watches.contains_key(service) {
+            return;
+        }
+        let session = Session::new(
+            self.endpoints.clone(),
+            Query::new(service),
+            WatchOptions::default(),
+        );
+        self.watches
+            .insert(service.to_owned(), Box::pin(session.into_stream()));
+    }
+
     /// Drops `key` from the local tables, without telling the registry.
     fn forget(&mut self, key: &Key) -> Option<Entry> {
         let entry = self.entries.remove(key)?;
@@ -389,27 +509,41 @@ impl Keeper {
                 self.groups.remove(&entry.ttl);
             }
         }
+        if !self.entries.keys().any(|(service, _)| *service == key.0) {
+            self.watches.remove(&key.0);
+            self.watch_epochs.remove(&key.0);
+        }
         Some(entry)
     }
 
-    async fn remove(&mut self, token: u64, key: &Key, waited_on: bool) -> Result<(), Error> {
+    async fn remove(
+        &mut self,
+        token: u64,
+        key: &Key,
+        waited_on: bool,
+    ) -> Result<Deregistered, Error> {
         if self.entries.get(key).is_none_or(|e| e.token != token) {
             // Already replaced by a newer registration, or never accepted.
-            return Ok(());
+            return Ok(Deregistered::default());
         }
         let ttl = self.entries[key].ttl;
+        let replaced = self.entries[key].replaced_by.is_some();
         let lease = self.groups.get(&ttl).and_then(|g| g.lease);
         let last_of_lease = self.groups.get(&ttl).is_some_and(|g| g.members.len() == 1);
         self.forget(key);
         if !self.connected && !waited_on {
             // Best effort only: don't stall the other registrations on a
             // registry we know is down; the lease expires on its own.
-            return Ok(());
+            return Ok(Deregistered::default());
         }
         let target = match lease {
             // Revoking the lease removes the instance and frees the lease in
-            // one call, instead of leaving an empty lease to expire.
+            // one call, instead of leaving an empty lease to expire. It only
+            // ever removes what is under our own lease.
             Some(lease) if last_of_lease => pb::deregister_request::Target::LeaseId(lease.id),
+            // The key belongs to another lease now: removing it by key
+            // would take the other process's instance down.
+            _ if replaced => return Ok(Deregistered::default()),
             _ => pb::deregister_request::Target::Instance(pb::InstanceKey {
                 service: key.0.clone(),
                 id: key.1.clone(),
@@ -424,8 +558,11 @@ impl Keeper {
         })
         .await
         {
-            Ok(_) => Ok(()),
-            Err(Error::Rejected(s)) if s.code() == Code::NotFound => Ok(()),
+            Ok(resp) => Ok(Deregistered {
+                revision: resp.revision,
+                removed: resp.removed,
+            }),
+            Err(Error::Rejected(s)) if s.code() == Code::NotFound => Ok(Deregistered::default()),
             Err(e) => {
                 tracing::warn!(service = %key.0, id = %key.1, error = %e, "deregister failed");
                 Err(e)
@@ -472,10 +609,11 @@ impl Keeper {
                         group.next_renew = Instant::now() + granted.renew_interval();
                     }
                     group.lease = Some(granted);
-                    self.entries
-                        .get_mut(key)
-                        .expect("entry being registered")
-                        .registered = true;
+                    let entry = self.entries.get_mut(key).expect("entry being registered");
+                    entry.registered = true;
+                    entry.replaced_by = None;
+                    entry.revision = resp.revision;
+                    entry.epoch = server.epoch;
                     return Ok(());
                 }
                 Err(Error::Rejected(s))
@@ -488,9 +626,12 @@ impl Keeper {
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Unavailable(tonic::Status::unavailable(
-            "the registry kept invalidating the lease while registering",
-        )))
+        Err(Error::Unavailable {
+            registry: String::new(),
+            status: tonic::Status::unavailable(
+                "the registry kept invalidating the lease while registering",
+            ),
+        })
     }
 
     /// Re-registers every entry the registry does not have.
@@ -502,7 +643,7 @@ impl Keeper {
             let next = self
                 .entries
                 .iter()
-                .filter(|(k, e)| !e.registered && !refused.contains(*k))
+                .filter(|(k, e)| e.wants_registering() && !refused.contains(*k))
                 .map(|(k, _)| k.clone())
                 .min();
             let Some(key) = next else { break };
@@ -551,7 +692,7 @@ impl Keeper {
     /// and register whatever has no lease.
     async fn recover(&mut self) {
         self.renew(Instant::now(), true).await;
-        if self.retry_at.is_none() && self.entries.values().any(|e| !e.registered) {
+        if self.retry_at.is_none() && self.entries.values().any(Entry::wants_registering) {
             self.reconcile().await;
         }
     }
@@ -599,8 +740,9 @@ impl Keeper {
         // Queue the first request before opening: a server may wait for it
         // before sending response headers.
         tx.try_send(request).expect("fresh channel has room");
-        let mut grpc = Grpc::new(channel);
-        let opened = tokio::time::timeout(RPC_TIMEOUT, grpc.keep_alive(ReceiverStream::new(rx)))
+        let mut grpc = grpc(channel);
+        let timeout = self.endpoints.settings().request_timeout;
+        let opened = tokio::time::timeout(timeout, grpc.keep_alive(ReceiverStream::new(rx)))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("opening the keepalive stream"))?;
         let opened = match opened {
@@ -616,6 +758,9 @@ impl Keeper {
             rx: opened.into_inner(),
             in_flight: VecDeque::from([deadline]),
         });
+        // The registry accepted the stream: it is reachable again, whatever
+        // its first reply says about our leases.
+        self.reachable();
         Ok(())
     }
 
@@ -642,8 +787,164 @@ impl Keeper {
                 self.lease_lost(status.lease_id);
             }
         }
-        if self.entries.values().any(|e| !e.registered) {
+        if self.entries.values().any(Entry::wants_registering) {
             self.reconcile().await;
+        }
+    }
+
+    /// News from the watch of one of our services: is each of our keys
+    /// still ours, taken by another lease, or free again?
+    async fn on_watch(&mut self, service: String, batch: Result<Vec<WatchEvent>, Error>) {
+        let events = match batch {
+            Ok(events) => events,
+            Err(e) => {
+                // E.g. an identity allowed to register but not to read its
+                // own service: registration works, conflicts go unseen.
+                tracing::warn!(%service, error = %e,
+                    "cannot watch own service; identity conflicts will not be detected");
+                self.watches.remove(&service);
+                return;
+            }
+        };
+        for event in events {
+            match event {
+                WatchEvent::Snapshot(snapshot) => {
+                    let epoch = snapshot.server.epoch;
+                    self.watch_epochs.insert(service.clone(), epoch);
+                    let present: HashMap<&str, &Instance> = snapshot
+                        .instances
+                        .iter()
+                        .map(|i| (i.id.as_str(), i))
+                        .collect();
+                    let ours: Vec<Key> = self
+                        .entries
+                        .keys()
+                        .filter(|(s, _)| *s == service)
+                        .cloned()
+                        .collect();
+                    for key in ours {
+                        match present.get(key.1.as_str()) {
+                            Some(i) => self.seen_put(&key, i, epoch, snapshot.revision, true),
+                            None => self.seen_absent(&key, epoch, snapshot.revision, None),
+                        }
+                    }
+                }
+                WatchEvent::Put { revision, instance } => {
+                    let key = (service.clone(), instance.id.clone());
+                    let epoch = self.watch_epochs.get(&service).copied().unwrap_or(0);
+                    self.seen_put(&key, &instance, epoch, revision, false);
+                }
+                WatchEvent::Delete {
+                    revision,
+                    instance,
+                    reason,
+                } => {
+                    let key = (service.clone(), instance.id.clone());
+                    let epoch = self.watch_epochs.get(&service).copied().unwrap_or(0);
+                    self.seen_absent(&key, epoch, revision, Some((&instance, reason)));
+                }
+                WatchEvent::Progress { server, .. } => {
+                    self.watch_epochs.insert(service.clone(), server.epoch);
+                }
+                WatchEvent::Interrupted { .. } => {}
+            }
+        }
+        self.publish();
+        if self.connected && self.entries.values().any(Entry::wants_registering) {
+            self.reconcile().await;
+        }
+    }
+
+    /// The lease id our key is (or would be) registered under.
+    fn lease_of(&self, key: &Key) -> Option<u64> {
+        let ttl = self.entries.get(key)?.ttl;
+        self.groups.get(&ttl)?.lease.map(|l| l.id)
+    }
+
+    /// The watch shows `key` held by `instance`: by us, or by another lease.
+    fn seen_put(
+        &mut self,
+        key: &Key,
+        instance: &Instance,
+        epoch: u64,
+        revision: u64,
+        snapshot: bool,
+    ) {
+        let ours = self.lease_of(key);
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        if ours == Some(instance.lease_id) {
+            if entry.replaced_by.take().is_some() {
+                entry.registered = true;
+            }
+            return;
+        }
+        // Only news newer than our own registration counts: the watch may
+        // still be showing the state just before it.
+        let newer = entry.epoch != epoch
+            || if snapshot {
+                revision >= entry.revision
+            } else {
+                revision > entry.revision
+            };
+        if !newer || entry.replaced_by == Some(instance.lease_id) {
+            return;
+        }
+        tracing::warn!(service = %key.0, id = %key.1, other_lease = instance.lease_id,
+            other_address = %instance.address, our_lease = ?ours,
+            "instance id taken over by another lease (another process registered the same service and id); \
+             standing back until that registration is gone");
+        entry.replaced_by = Some(instance.lease_id);
+        entry.registered = false;
+    }
+
+    /// The watch shows `key` absent: free for us if another lease had it,
+    /// missing if we had it (then registered again).
+    fn seen_absent(
+        &mut self,
+        key: &Key,
+        epoch: u64,
+        revision: u64,
+        deleted: Option<(&Instance, crate::DeleteReason)>,
+    ) {
+        let ours = self.lease_of(key);
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        if let Some(other) = entry.replaced_by {
+            if deleted.is_none_or(|(i, _)| i.lease_id == other) {
+                tracing::info!(service = %key.0, id = %key.1, other_lease = other,
+                    "instance id free again; registering it");
+                entry.replaced_by = None;
+                entry.registered = false;
+            }
+            return;
+        }
+        if !entry.registered {
+            return;
+        }
+        let newer = entry.epoch != epoch || revision > entry.revision;
+        match deleted {
+            // Our lease expired: the keepalive learns it too; treat the
+            // whole lease as lost so every member registers again.
+            Some((i, crate::DeleteReason::Expired)) if Some(i.lease_id) == ours => {
+                if let Some(lease) = ours {
+                    self.lease_lost(lease);
+                }
+            }
+            Some((i, _)) if Some(i.lease_id) == ours => {
+                tracing::warn!(service = %key.0, id = %key.1,
+                    "instance removed behind this registration's back; registering it again");
+                entry.registered = false;
+            }
+            Some(_) => {}
+            None if newer => {
+                tracing::info!(service = %key.0, id = %key.1,
+                    "instance missing from the registry; registering it again");
+                entry.registered = false;
+            }
+            None => {}
         }
     }
 
@@ -711,6 +1012,8 @@ impl Keeper {
         for entry in self.entries.values() {
             let state = if !self.connected {
                 RegistrationState::Unreachable
+            } else if let Some(lease_id) = entry.replaced_by {
+                RegistrationState::Replaced { lease_id }
             } else if entry.registered {
                 RegistrationState::Registered
             } else {

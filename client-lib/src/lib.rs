@@ -20,18 +20,30 @@
 //! ```
 //!
 //! Map of the modules:
-//! - [`RegistryClient`] (`client`): the cheap-clone handle; connection to one
-//!   or several registry nodes (`endpoints`, with failover), one-shot
-//!   [`RegistryClient::resolve`], and the entry points below.
+//! - [`RegistryClient`] (`client`): the cheap-clone handle and its
+//!   [`ClientBuilder`] (addresses, TLS, token, timeouts, zone); connection
+//!   to one or several registry nodes (`endpoints`, with failover);
+//!   one-shot [`RegistryClient::resolve`], [`RegistryClient::list_services`],
+//!   [`RegistryClient::status`], [`RegistryClient::deregister`].
+//! - [`Watch`] (`watch`): a service's changes as a typed stream (snapshot,
+//!   put, delete) that resumes by itself across outages and restarts; the
+//!   resolver and the keepalive task run on the same session.
 //! - [`Registration`] (`keeper`): self-registration. One background task per
 //!   client renews every lease over one KeepAlive stream, re-registers after
-//!   the registry forgets, and backs off while it is unreachable
-//!   (`backoff`). State is observable as a [`RegistrationState`] watch.
-//! - [`Resolver`] (`resolver`): a Watch-fed cache of a service's instances
+//!   the registry forgets, backs off while it is unreachable (`backoff`),
+//!   and notices when another process takes over an instance id
+//!   ([`RegistrationState::Replaced`]). State is observable as a watch.
+//! - [`Resolver`] (`resolver`): a watch-fed cache of a service's instances
 //!   that survives outages and registry restarts without emptying itself.
-//! - [`balanced_channel`] (`balance`): a tonic `Channel` balanced over a
-//!   resolver's instances.
-//! - [`Error`] (`error`): the crate's one error type.
+//! - [`BalancedChannel`] (`balance`): a tonic-compatible channel over a
+//!   resolver's instances: weighted, zone-aware, with outlier ejection and
+//!   retries.
+//! - [`Shutdown`] (`shutdown`): deregister, drain, then stop serving.
+//! - [`Error`] (`error`): the crate's one error type, printed on one line.
+//!
+//! The `regctl` command line is a binary of this crate (feature `cli`, on
+//! by default), built on this public API only; services that link the
+//! library alone can drop its dependencies with `default-features = false`.
 
 mod backoff;
 mod balance;
@@ -41,16 +53,27 @@ mod error;
 mod instance;
 mod keeper;
 mod resolver;
+mod shutdown;
+mod watch;
 
-pub use balance::{balanced_channel, balanced_channel_from, balanced_channel_with};
-pub use client::{DEFAULT_TTL, REGISTRY_ADDR_ENV, RegisterBuilder, RegistryClient};
+pub use balance::{
+    BalancedChannel, ChannelBuilder, ChannelStats, EndpointStats, OutlierDetection, RetryPolicy,
+    balanced_channel,
+};
+pub use client::{
+    ClientBuilder, DEFAULT_TTL, DeregisterTarget, Deregistered, Health, REGISTRY_ADDR_ENV,
+    REGISTRY_ZONE_ENV, RegisterBuilder, RegistryClient, RegistryStatus, ResolveBuilder,
+    ServiceList, ServiceSummary,
+};
 pub use endpoints::{
-    ClientOptions, Credentials, DEFAULT_REGISTRY_ADDR, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV,
-    REGISTRY_KEY_ENV, REGISTRY_TLS_DOMAIN_ENV, REGISTRY_TOKEN_ENV, tls_from_files,
+    DEFAULT_REGISTRY_ADDR, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV, REGISTRY_KEY_ENV,
+    REGISTRY_TLS_DOMAIN_ENV, REGISTRY_TOKEN_ENV, tls_from_files,
 };
 pub use error::Error;
-pub use instance::{Instance, Resolution, ServerInfo};
+pub use instance::{Instance, Resolution, ServerInfo, ZONE_LABEL};
 pub use keeper::{Registration, RegistrationState};
 pub use resolver::{Resolver, ResolverState, ServiceStatus};
-/// TLS settings for [`ClientOptions::tls`], re-exported from tonic.
+pub use shutdown::{DEFAULT_DRAIN, Shutdown, shutdown_signal};
+/// TLS settings for [`ClientBuilder::tls`], re-exported from tonic.
 pub use tonic::transport::ClientTlsConfig;
+pub use watch::{DeleteReason, Query, ResetReason, Snapshot, Watch, WatchEvent, WatchOptions};

@@ -1,11 +1,12 @@
-//! [`Resolver`]: a live cache of one service's instances, fed by Watch.
+//! [`Resolver`]: a live cache of one service's instances, fed by a
+//! [`crate::Watch`] session.
 //!
-//! The task behind it lists once (Resolve, which also says whether the name
-//! is known), then watches from the next revision. When the stream breaks it
-//! resumes with `start_revision = last seen + 1` and the epoch it belongs to,
-//! so a short outage costs no snapshot; when the registry cannot replay (it
-//! restarted, or compacted its history) it sends a reset snapshot and the
-//! cache is replaced rather than merged.
+//! The task behind it consumes the same watch session as
+//! [`crate::RegistryClient::watch`]: a snapshot first, then events, resumed
+//! with `start_revision = last seen + 1` after a break so a short outage
+//! costs no snapshot; when the registry cannot replay (it restarted, or
+//! compacted its history) it sends a reset snapshot and the cache is
+//! replaced rather than merged.
 //!
 //! Two rules protect callers from a misbehaving or restarting registry:
 //!
@@ -17,25 +18,15 @@
 //!   (beside whatever the registry already reports) until warm-up ends or the
 //!   registry explicitly deletes them.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
-use registry_api::v1::{self as pb, registry_client::RegistryClient as Grpc};
 use tokio::{sync::watch, time::Instant};
 use tokio_stream::wrappers::WatchStream;
 
 use crate::{
-    Error, Instance, ServerInfo, backoff::Backoff, client::RPC_TIMEOUT, endpoints::Endpoints,
+    Error, Instance, Query, RegistryClient, ServerInfo, WatchEvent, WatchOptions,
+    balance::ChannelBuilder, watch::Session,
 };
-
-/// Progress interval we ask for on idle watch streams.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
-/// A stream silent for this long (several missed Progress messages, or the
-/// server default of 10 s twice over) is treated as dead and reopened.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// What the registry has said about the name so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +51,18 @@ pub struct ResolverState {
     /// False while the registry is unreachable: `instances` is then the last
     /// known good list.
     pub connected: bool,
+    /// True while the registry that answered last is still warming up after
+    /// a start: an empty or unknown answer may not be final yet.
+    pub warming_up: bool,
     /// True while `instances` includes entries kept from before a registry
     /// restart that have not re-registered yet (see the module docs).
     pub holding_stale: bool,
+    /// Why the watch is not connected (last failure), or why it stopped for
+    /// good (a refused name or permission).
+    pub error: Option<String>,
+    /// True when the registry refused the watch itself (invalid name, no
+    /// permission): it will not be retried.
+    pub failed: bool,
     /// Catalog revision of this view (within `epoch`).
     pub revision: u64,
     /// Registry life the revision belongs to.
@@ -75,7 +75,10 @@ impl ResolverState {
             instances: Arc::from(Vec::new()),
             status: ServiceStatus::Pending,
             connected: false,
+            warming_up: false,
             holding_stale: false,
+            error: None,
+            failed: false,
             revision: 0,
             epoch: 0,
         }
@@ -83,21 +86,27 @@ impl ResolverState {
 }
 
 /// A live cache of one service's instances, kept current by a background
-/// Watch. Cloning is cheap; clones share the task.
+/// watch. Cloning is cheap; clones share the task.
 ///
 /// The task runs while any clone of this resolver, or any receiver obtained
 /// from [`Resolver::subscribe`] / [`Resolver::updates`], is alive, and stops
 /// when the last one is dropped.
 #[derive(Debug, Clone)]
 pub struct Resolver {
-    service: Arc<str>,
+    query: Arc<Query>,
+    zone: Option<String>,
     rx: watch::Receiver<ResolverState>,
 }
 
 impl Resolver {
     /// The watched service name.
     pub fn service(&self) -> &str {
-        &self.service
+        &self.query.service
+    }
+
+    /// The watched service and selector.
+    pub fn query(&self) -> &Query {
+        &self.query
     }
 
     /// Current instances (the last known good list during an outage).
@@ -132,54 +141,109 @@ impl Resolver {
     pub async fn ready(&self) -> Result<ResolverState, Error> {
         let mut rx = self.rx.clone();
         let state = rx
-            .wait_for(|s| s.status != ServiceStatus::Pending)
+            .wait_for(|s| s.status != ServiceStatus::Pending || s.failed)
             .await
             .map_err(|_| Error::Closed)?;
         Ok(state.clone())
     }
+
+    /// A balanced channel over this resolver's instances (shared with its
+    /// other users), with the zone of the client that made it. See
+    /// [`ChannelBuilder`].
+    pub fn channel(&self) -> ChannelBuilder {
+        ChannelBuilder::new(self.clone(), self.zone.clone())
+    }
 }
 
 /// Starts the watch task of a new resolver.
-pub(crate) fn spawn(
-    endpoints: Arc<Endpoints>,
-    service: &str,
-    selector: HashMap<String, String>,
-) -> Resolver {
+pub(crate) fn spawn(client: RegistryClient, query: Query) -> Resolver {
     let (tx, rx) = watch::channel(ResolverState::pending());
-    let mut task = WatchTask {
-        endpoints,
-        service: service.to_owned(),
-        selector,
-        cache: Cache::default(),
-        backoff: Backoff::default(),
-    };
+    let session = Session::new(
+        client.endpoints().clone(),
+        query.clone(),
+        WatchOptions::default(),
+    );
+    let service = query.service.clone();
     tokio::spawn(async move {
         tokio::select! {
             () = tx.closed() => {}
-            () = task.run(&tx) => {}
+            () = run(session, &service, &tx) => {}
         }
-        tracing::debug!(service = %task.service, "resolver dropped, watch task finished");
+        tracing::debug!(%service, "resolver dropped, watch task finished");
     });
     Resolver {
-        service: Arc::from(service),
+        query: Arc::new(query),
+        zone: client.zone().map(str::to_owned),
         rx,
+    }
+}
+
+/// Feeds the cache from the watch until the session fails for good (then
+/// keeps the last view published until the resolver is dropped).
+async fn run(mut session: Session, service: &str, tx: &watch::Sender<ResolverState>) {
+    let mut cache = Cache::default();
+    loop {
+        let timer = match (cache.hold_until, cache.warm_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let batch = tokio::select! {
+            batch = session.next_batch() => batch,
+            () = sleep_until_opt(timer) => {
+                let now = Instant::now();
+                if cache.warm_until.is_some_and(|at| at <= now) {
+                    // The registry said when its warm-up ends; no need to
+                    // wait for its next progress message to believe it.
+                    cache.warm_until = None;
+                    cache.warming_up = false;
+                }
+                if cache.hold_until.is_some_and(|at| at <= now) {
+                    tracing::info!(%service, "registry warm-up over; dropping instances that did not come back");
+                    cache.end_hold();
+                }
+                cache.publish(tx);
+                continue;
+            }
+        };
+        match batch {
+            Some(Ok(events)) => {
+                cache.connected = true;
+                cache.error = None;
+                for event in events {
+                    cache.apply(event);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(%service, error = %e, "resolver watch refused; not retrying");
+                cache.connected = false;
+                cache.failed = true;
+                cache.error = Some(e.to_string());
+                cache.publish(tx);
+                return std::future::pending().await;
+            }
+            None => return std::future::pending().await,
+        }
+        cache.publish(tx);
     }
 }
 
 /// The resolver's model of the service.
 #[derive(Debug, Default)]
 struct Cache {
-    /// A full view has been loaded once; from then on we resume.
-    synced: bool,
     /// The registry's view, by id.
     live: BTreeMap<String, Instance>,
     /// Last-known-good entries kept through a warm-up, by id.
     held: BTreeMap<String, Instance>,
     hold_until: Option<Instant>,
+    /// When the registry's warm-up window ends, as it announced.
+    warm_until: Option<Instant>,
     known: Option<bool>,
     revision: u64,
     epoch: u64,
     connected: bool,
+    warming_up: bool,
+    error: Option<String>,
+    failed: bool,
 }
 
 impl Cache {
@@ -189,15 +253,54 @@ impl Cache {
         all
     }
 
-    /// Replaces the view with a full answer (Resolve or a snapshot).
-    fn replace(&mut self, instances: Vec<pb::Instance>, server: ServerInfo) {
+    fn apply(&mut self, event: WatchEvent) {
+        match event {
+            WatchEvent::Snapshot(snapshot) => {
+                if let Some(reason) = snapshot.reset {
+                    tracing::info!(reason = reason.as_str(), "watch reset; replacing cache");
+                }
+                self.replace(snapshot.instances, snapshot.server);
+                self.revision = snapshot.revision;
+                self.known = Some(snapshot.service_known || !self.live.is_empty());
+            }
+            WatchEvent::Put { revision, instance } => {
+                self.revision = self.revision.max(revision);
+                // Whatever happens to an id in the new life supersedes the
+                // old copy.
+                self.held.remove(&instance.id);
+                self.known = Some(true);
+                self.live.insert(instance.id.clone(), instance);
+            }
+            WatchEvent::Delete {
+                revision, instance, ..
+            } => {
+                self.revision = self.revision.max(revision);
+                self.held.remove(&instance.id);
+                self.live.remove(&instance.id);
+            }
+            WatchEvent::Progress { revision, server } => {
+                self.revision = self.revision.max(revision);
+                self.set_warming(server);
+                if !server.warming_up && !self.held.is_empty() {
+                    self.end_hold();
+                }
+            }
+            WatchEvent::Interrupted { error, retry_in } => {
+                tracing::warn!(error = %error, ?retry_in,
+                    "watch interrupted; serving last known instances");
+                self.connected = false;
+                self.error = Some(error.to_string());
+            }
+        }
+    }
+
+    /// Replaces the view with a full answer (a snapshot).
+    fn replace(&mut self, instances: Vec<Instance>, server: ServerInfo) {
         let previous = self.view();
-        self.live = instances
-            .into_iter()
-            .map(|i| (i.id.clone(), Instance::from(i)))
-            .collect();
+        self.live = instances.into_iter().map(|i| (i.id.clone(), i)).collect();
         self.held.clear();
         self.hold_until = None;
+        self.set_warming(server);
         if server.warming_up {
             // The registry is still being repopulated: an absent instance may
             // just not have re-registered yet. Keep it until warm-up ends.
@@ -209,32 +312,16 @@ impl Cache {
                 self.hold_until = Some(Instant::now() + server.warmup_remaining);
             }
         }
-        if !self.live.is_empty() {
-            self.known = Some(true);
-        }
         if server.epoch != 0 {
             self.epoch = server.epoch;
         }
     }
 
-    fn apply(&mut self, event: pb::Event) {
-        self.revision = self.revision.max(event.revision);
-        let Some(instance) = event.instance else {
-            return;
-        };
-        // Whatever happens to an id in the new life supersedes the old copy.
-        self.held.remove(&instance.id);
-        match pb::EventType::try_from(event.r#type) {
-            Ok(pb::EventType::Put) => {
-                self.known = Some(true);
-                self.live
-                    .insert(instance.id.clone(), Instance::from(instance));
-            }
-            Ok(pb::EventType::Delete) => {
-                self.live.remove(&instance.id);
-            }
-            _ => tracing::warn!(r#type = event.r#type, "unknown watch event type ignored"),
-        }
+    fn set_warming(&mut self, server: ServerInfo) {
+        self.warming_up = server.warming_up;
+        self.warm_until = server
+            .warming_up
+            .then(|| Instant::now() + server.warmup_remaining);
     }
 
     fn end_hold(&mut self) {
@@ -255,143 +342,23 @@ impl Cache {
             let changed = state.instances != instances
                 || state.status != status
                 || state.connected != self.connected
-                || state.holding_stale == self.held.is_empty();
+                || state.warming_up != self.warming_up
+                || state.holding_stale == self.held.is_empty()
+                || state.error != self.error
+                || state.failed != self.failed;
             state.revision = self.revision;
             state.epoch = self.epoch;
             if changed {
                 state.instances = instances;
                 state.status = status;
                 state.connected = self.connected;
+                state.warming_up = self.warming_up;
                 state.holding_stale = !self.held.is_empty();
+                state.error = self.error.clone();
+                state.failed = self.failed;
             }
             changed
         });
-    }
-}
-
-struct WatchTask {
-    endpoints: Arc<Endpoints>,
-    service: String,
-    selector: HashMap<String, String>,
-    cache: Cache,
-    backoff: Backoff,
-}
-
-impl WatchTask {
-    async fn run(&mut self, tx: &watch::Sender<ResolverState>) {
-        loop {
-            let (node, channel) = self.endpoints.current();
-            let err = self.session(Grpc::new(channel), tx).await;
-            if err.is_unavailable() {
-                self.endpoints.failed(node);
-            }
-            self.cache.connected = false;
-            self.cache.publish(tx);
-            let delay = self.backoff.next_delay();
-            tracing::warn!(service = %self.service, error = %err, retry_in = ?delay,
-                "watch interrupted; serving last known instances");
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// One connection's worth of watching; returns why it ended.
-    async fn session(
-        &mut self,
-        mut grpc: Grpc<crate::endpoints::Transport>,
-        tx: &watch::Sender<ResolverState>,
-    ) -> Error {
-        if !self.cache.synced {
-            let request = pb::ResolveRequest {
-                service: self.service.clone(),
-                selector: self.selector.clone(),
-                include_lease_ttl: false,
-            };
-            let resp = match with_timeout(grpc.resolve(request)).await {
-                Ok(resp) => resp.into_inner(),
-                Err(e) => return e,
-            };
-            self.cache
-                .replace(resp.instances, ServerInfo::from(resp.server));
-            self.cache.known = Some(resp.service_known || !self.cache.live.is_empty());
-            self.cache.revision = resp.revision;
-            self.cache.synced = true;
-        }
-        let request = pb::WatchRequest {
-            service: self.service.clone(),
-            start_revision: self.cache.revision + 1,
-            selector: self.selector.clone(),
-            epoch: self.cache.epoch,
-            progress_interval_ms: PROGRESS_INTERVAL.as_millis() as u64,
-        };
-        let mut stream = match with_timeout(grpc.watch(request)).await {
-            Ok(resp) => resp.into_inner(),
-            Err(e) => return e,
-        };
-        self.cache.connected = true;
-        self.cache.publish(tx);
-        let mut snapshot: Vec<pb::Instance> = Vec::new();
-        loop {
-            let hold_until = self.cache.hold_until;
-            let msg = tokio::select! {
-                msg = tokio::time::timeout(IDLE_TIMEOUT, stream.message()) => msg,
-                () = sleep_until_opt(hold_until) => {
-                    tracing::info!(service = %self.service, "registry warm-up over; dropping instances that did not come back");
-                    self.cache.end_hold();
-                    self.cache.publish(tx);
-                    continue;
-                }
-            };
-            let msg = match msg {
-                Err(_) => {
-                    return Error::Unavailable(tonic::Status::deadline_exceeded(
-                        "watch stream silent for too long",
-                    ));
-                }
-                Ok(Err(status)) => return Error::from(status),
-                Ok(Ok(None)) => {
-                    return Error::Unavailable(tonic::Status::unavailable("watch stream ended"));
-                }
-                Ok(Ok(Some(msg))) => msg,
-            };
-            self.backoff.reset();
-            match msg.kind {
-                Some(pb::watch_response::Kind::Snapshot(mut s)) => {
-                    snapshot.append(&mut s.instances);
-                    if s.more {
-                        continue;
-                    }
-                    if s.reset {
-                        tracing::info!(service = %self.service, reason = ?s.reason(), "watch reset; replacing cache");
-                    }
-                    self.cache
-                        .replace(std::mem::take(&mut snapshot), ServerInfo::from(s.server));
-                    self.cache.revision = s.revision;
-                }
-                Some(pb::watch_response::Kind::Events(batch)) => {
-                    for event in batch.events {
-                        self.cache.apply(event);
-                    }
-                }
-                Some(pb::watch_response::Kind::Progress(p)) => {
-                    self.cache.revision = self.cache.revision.max(p.revision);
-                    let server = ServerInfo::from(p.server);
-                    if !server.warming_up && !self.cache.held.is_empty() {
-                        self.cache.end_hold();
-                    }
-                }
-                None => {}
-            }
-            self.cache.publish(tx);
-        }
-    }
-}
-
-async fn with_timeout<T>(fut: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, Error> {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
-        Ok(r) => r.map_err(Error::from),
-        Err(_) => Err(Error::Unavailable(tonic::Status::deadline_exceeded(
-            "no answer from the registry in time",
-        ))),
     }
 }
 
@@ -406,30 +373,26 @@ async fn sleep_until_opt(at: Option<Instant>) {
 mod tests {
     use super::*;
 
-    fn inst(id: &str) -> pb::Instance {
-        pb::Instance {
-            service: "prod".into(),
-            id: id.into(),
-            address: format!("127.0.0.1:{}", 1000 + id.len()),
-            ..Default::default()
+    use std::time::Duration;
+
+    use crate::DeleteReason;
+
+    fn inst(id: &str) -> Instance {
+        Instance::new("prod", format!("127.0.0.1:{}", 1000 + id.len())).with_id(id)
+    }
+
+    fn put(id: &str, revision: u64) -> WatchEvent {
+        WatchEvent::Put {
+            revision,
+            instance: inst(id),
         }
     }
 
-    fn put(id: &str, revision: u64) -> pb::Event {
-        pb::Event {
-            r#type: pb::EventType::Put as i32,
+    fn delete(id: &str, revision: u64) -> WatchEvent {
+        WatchEvent::Delete {
             revision,
-            instance: Some(inst(id)),
-            reason: 0,
-        }
-    }
-
-    fn delete(id: &str, revision: u64) -> pb::Event {
-        pb::Event {
-            r#type: pb::EventType::Delete as i32,
-            revision,
-            instance: Some(inst(id)),
-            reason: pb::DeleteReason::Deregistered as i32,
+            instance: inst(id),
+            reason: DeleteReason::Deregistered,
         }
     }
 
@@ -496,12 +459,24 @@ mod tests {
 
     #[tokio::test]
     async fn empty_snapshot_after_warmup_empties_the_cache() {
+        let snapshot = |instances: Vec<Instance>, known: bool, epoch: u64| {
+            WatchEvent::Snapshot(crate::Snapshot {
+                revision: 1,
+                instances,
+                reset: None,
+                service_known: known,
+                server: cold(epoch),
+            })
+        };
         let mut c = Cache::default();
-        c.replace(vec![inst("a")], cold(1));
-        c.replace(vec![], cold(2));
-        assert!(ids(&c).is_empty());
-        // Still known: the name had instances.
+        c.apply(snapshot(vec![inst("a")], true, 1));
         assert_eq!(c.known, Some(true));
+        c.apply(snapshot(vec![], true, 2));
+        assert!(ids(&c).is_empty());
+        assert_eq!(c.known, Some(true), "known, with zero instances");
+        // A registry life that never saw the name says so.
+        c.apply(snapshot(vec![], false, 3));
+        assert_eq!(c.known, Some(false));
     }
 
     #[tokio::test]

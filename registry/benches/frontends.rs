@@ -24,7 +24,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use registry::{Config, Registry, frontends::Listeners};
@@ -158,8 +157,42 @@ fn latency(what: &str, h: &Histogram<u64>) {
     );
 }
 
+/// Recorded latencies in microseconds: exact quantiles from the sorted
+/// samples (a few hundred thousand at most), so the daemon crate needs no
+/// histogram dependency.
+#[derive(Debug, Clone, Default)]
+struct Histogram<T = u64>(Vec<T>);
+
+impl Histogram<u64> {
+    fn record(&mut self, v: u64) -> Result<(), std::convert::Infallible> {
+        self.0.push(v);
+        Ok(())
+    }
+
+    fn add(&mut self, other: Histogram<u64>) -> Result<(), std::convert::Infallible> {
+        self.0.extend(other.0);
+        Ok(())
+    }
+
+    fn value_at_quantile(&self, q: f64) -> u64 {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        v.get(((v.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn max(&self) -> u64 {
+        self.0.iter().copied().max().unwrap_or(0)
+    }
+
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+    Histogram::default()
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;

@@ -1,5 +1,7 @@
-//! The registry daemon as a library: everything the `registry` and `regctl`
-//! binaries do lives here, so tests run it in-process.
+//! The registry daemon as a library: everything the `registry` binary does
+//! lives here, so tests run it in-process. The command line (`regctl`) and
+//! the load generator (`registry-bench`) are clients and live in
+//! `registry-client` and `registry-bench`; this crate depends on neither.
 //!
 //! Map of the modules:
 //! - [`lease`]: liveness. The lease table (TTL, deadline, attached
@@ -48,17 +50,14 @@
 //!   Prometheus exposition, the per-RPC tower layer (metrics and tracing
 //!   spans) and log set-up, and the `/metrics`, `/healthz`, `/readyz`
 //!   HTTP endpoints.
-//! - [`ctl`]: `regctl`, the command line, built on `registry-client`.
 //! - [`validate`], [`error`], [`config`]: request rules, the error enum and
 //!   its status codes, and the tunables.
 
 pub mod auth;
-pub mod bench;
 pub mod catalog;
 pub mod change;
 pub mod config;
 pub mod core;
-pub mod ctl;
 pub mod dns;
 pub mod error;
 pub mod etcd;

@@ -90,6 +90,10 @@ pub fn instance_id(field: &str, id: &str) -> Result<()> {
 }
 
 /// Checks `host:port` where host is IPv4, `[IPv6]` or a DNS hostname.
+/// Refuses, with a message saying what to send instead, the two mistakes
+/// that look valid to a parser but leave callers nothing to dial: a URL
+/// with a scheme (`http://10.0.0.7:80`) and an unspecified host (`0.0.0.0`,
+/// `[::]`, the bind-to-everything address a server listens on).
 pub fn address(field: &str, addr: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::InvalidArgument(format!(
@@ -99,6 +103,14 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
     };
     if addr.is_empty() {
         return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if let Some((scheme, rest)) = addr.split_once("://") {
+        let host_port = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        return Err(Error::InvalidArgument(format!(
+            "invalid address {}: {field} has a URL scheme ({scheme}://); send host:port only, e.g. {}",
+            quote(addr),
+            quote(host_port)
+        )));
     }
     if addr.len() > MAX_ADDRESS {
         return bad(&format!(
@@ -110,8 +122,10 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
         let Some((v6, port)) = rest.split_once("]:") else {
             return bad("has an unterminated [IPv6] host or no port");
         };
-        if v6.parse::<Ipv6Addr>().is_err() {
-            return bad("has an invalid IPv6 host");
+        match v6.parse::<Ipv6Addr>() {
+            Err(_) => return bad("has an invalid IPv6 host"),
+            Ok(ip) if ip.is_unspecified() => return unspecified(field, addr, "[::]"),
+            Ok(_) => {}
         }
         (None, port)
     } else {
@@ -133,8 +147,10 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
         }
         let all_numeric = host.chars().all(|c| c.is_ascii_digit() || c == '.');
         if all_numeric {
-            if host.parse::<Ipv4Addr>().is_err() {
-                return bad("has an invalid IPv4 host");
+            match host.parse::<Ipv4Addr>() {
+                Err(_) => return bad("has an invalid IPv4 host"),
+                Ok(ip) if ip.is_unspecified() => return unspecified(field, addr, host),
+                Ok(_) => {}
             }
         } else if !is_dns_name(host) {
             return bad(
@@ -143,6 +159,15 @@ pub fn address(field: &str, addr: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `0.0.0.0` / `[::]` mean "every interface" to a listener and nothing to a
+/// caller: the registered address is what callers dial.
+fn unspecified(field: &str, addr: &str, host: &str) -> Result<()> {
+    Err(Error::InvalidArgument(format!(
+        "invalid address {}: {field} has the unspecified host {host}, which callers cannot dial; register the address they should use (this host's IP or DNS name, or 127.0.0.1 on one machine), not the one the server binds",
+        quote(addr)
+    )))
 }
 
 fn is_dns_name(host: &str) -> bool {
@@ -269,9 +294,22 @@ mod tests {
             "bad_host:80",
             ":80",
             "host:port",
+            "0.0.0.0:9",
+            "[::]:80",
+            "[0:0:0:0:0:0:0:0]:80",
+            "http://127.0.0.1:80",
+            "grpc://prod:1",
         ] {
             assert!(address("address", bad).is_err(), "{bad:?} accepted");
         }
+        let e = address("instance.address", "http://127.0.0.1:80/x").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has a URL scheme (http://); send host:port only, e.g. \"127.0.0.1:80\""),
+            "{e}"
+        );
+        let e = address("instance.address", "0.0.0.0:9").unwrap_err();
+        assert!(e.to_string().contains("unspecified host 0.0.0.0"), "{e}");
     }
 
     #[test]

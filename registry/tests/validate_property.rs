@@ -79,10 +79,16 @@ fn instance_id() -> impl Strategy<Value = Field<String>> {
 fn address() -> impl Strategy<Value = Field<String>> {
     let port = 1u16..=65535;
     prop_oneof![
-        2 => (any::<[u8; 4]>(), port.clone())
-            .prop_map(|(ip, p)| field(format!("{}:{p}", std::net::Ipv4Addr::from(ip)), true)),
-        2 => (any::<[u16; 8]>(), port.clone())
-            .prop_map(|(ip, p)| field(format!("[{}]:{p}", std::net::Ipv6Addr::from(ip)), true)),
+        // The unspecified hosts (0.0.0.0, [::]) are refused: nothing can
+        // dial them.
+        2 => (any::<[u8; 4]>(), port.clone()).prop_map(|(ip, p)| {
+            let ip = std::net::Ipv4Addr::from(ip);
+            field(format!("{ip}:{p}"), !ip.is_unspecified())
+        }),
+        2 => (any::<[u16; 8]>(), port.clone()).prop_map(|(ip, p)| {
+            let ip = std::net::Ipv6Addr::from(ip);
+            field(format!("[{ip}]:{p}"), !ip.is_unspecified())
+        }),
         2 => ("[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z0-9]{1,10}){0,3}", port.clone())
             .prop_map(|(h, p)| field(format!("{h}:{p}"), true)),
         1 => any::<[u8; 4]>()

@@ -10,7 +10,7 @@ pub mod hostile;
 pub mod http;
 pub mod prod;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
 use registry::Config;
 use registry_api::v1::registry_client::RegistryClient;
@@ -159,3 +159,50 @@ where
 // Real-process clusters and a TCP proxy for the fault tests (issue 15).
 pub mod cluster;
 pub mod proxy;
+/// Builds (if needed) and returns the path of a binary or example of the
+/// workspace that is not part of the test's own package, e.g.
+/// `built_artifact("registry", "bin", "registry")`.
+///
+/// `env!("CARGO_BIN_EXE_*")` exists only for the `[[bin]]` targets of the
+/// test's own package, and `cargo test --test x` does not build examples at
+/// all. So this asks cargo itself: `cargo build --message-format=json`
+/// (the same cargo, via `env!("CARGO")`, and the same target directory, so
+/// it is a no-op when the artifact is fresh) and takes the path from the
+/// `executable` field cargo reports. That is exact whatever
+/// `CARGO_TARGET_DIR`, profile or target triple is in use, unlike guessing
+/// paths from the test binary's location. Blocking: call it from
+/// `spawn_blocking` in async tests.
+pub fn built_artifact(package: &str, kind: &str, name: &str) -> PathBuf {
+    let target = match kind {
+        "example" => "--examples".to_owned(),
+        "bin" => format!("--bin={name}"),
+        other => panic!("unsupported artifact kind {other}"),
+    };
+    let output = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--package", package, &target])
+        .arg("--message-format=json")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(
+        output.status.success(),
+        "cargo build {package} {target} failed"
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let name_field = format!("\"name\":\"{name}\"");
+    let kind_field = format!("\"kind\":[\"{kind}\"]");
+    for line in stdout.lines() {
+        if line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains(&kind_field)
+            && line.contains(&name_field)
+            && let Some(start) = line.find("\"executable\":\"")
+        {
+            let rest = &line[start + "\"executable\":\"".len()..];
+            let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
+            assert!(path.exists(), "{path:?}");
+            return path;
+        }
+    }
+    panic!("cargo reported no executable for {kind} {name} of {package}");
+}

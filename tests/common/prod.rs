@@ -18,10 +18,9 @@ use registry_api::prod::{
     prod_service_client::ProdServiceClient,
     prod_service_server::{ProdService, ProdServiceServer},
 };
-use registry_client::{Instance, Registration, RegistryClient};
+use registry_client::{BalancedChannel, Instance, Registration, RegistryClient};
 use tokio::{net::TcpListener, runtime::Runtime};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Channel;
 
 /// Answers GetProductStock with a stock figure derived from the id, plus
 /// who answered.
@@ -46,6 +45,39 @@ impl ProdService for StockService {
     }
 }
 
+/// How to start a [`ProdInstance`].
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub id: String,
+    pub ttl: Duration,
+    pub zone: Option<String>,
+    pub weight: u32,
+    /// Serve on this address (e.g. where a killed instance was).
+    pub addr: Option<SocketAddr>,
+}
+
+impl Spec {
+    pub fn new(id: &str, ttl: Duration) -> Self {
+        Self {
+            id: id.to_owned(),
+            ttl,
+            zone: None,
+            weight: 1,
+            addr: None,
+        }
+    }
+
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.zone = Some(zone.to_owned());
+        self
+    }
+
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
 /// One running ProdService instance, registered in the registry.
 pub struct ProdInstance {
     pub id: String,
@@ -60,36 +92,35 @@ impl ProdInstance {
     /// the given id and TTL, through its own `RegistryClient` living in the
     /// instance's runtime.
     pub async fn start(registry_url: &str, id: &str, ttl: Duration) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("instance runtime");
+        Self::start_with(registry_url, Spec::new(id, ttl)).await
+    }
+
+    /// [`ProdInstance::start`] with a zone, a weight or a fixed address.
+    pub async fn start_with(registry_url: &str, spec: Spec) -> Self {
+        let runtime = instance_runtime();
         let calls = Arc::new(AtomicUsize::new(0));
         let service = StockService {
-            instance_id: id.to_owned(),
+            instance_id: spec.id.clone(),
             calls: calls.clone(),
         };
-        let (url, id_owned) = (registry_url.to_owned(), id.to_owned());
+        let url = registry_url.to_owned();
+        let id = spec.id.clone();
         let (addr, registration) = runtime
             .spawn(async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = listener.local_addr().unwrap();
-                tokio::spawn(
-                    tonic::transport::Server::builder()
-                        .add_service(ProdServiceServer::new(service))
-                        .serve_with_incoming(TcpListenerStream::new(listener)),
-                );
+                let addr = serve(service, spec.addr).await;
                 let client = RegistryClient::connect(&url)
                     .await
                     .expect("connect registry");
+                let mut instance = Instance::new("prod", addr.to_string())
+                    .with_id(spec.id)
+                    .with_metadata("version", "test")
+                    .with_weight(spec.weight);
+                if let Some(zone) = spec.zone {
+                    instance = instance.with_zone(zone);
+                }
                 let registration = client
-                    .register(
-                        Instance::new("prod", addr.to_string())
-                            .with_id(id_owned)
-                            .with_metadata("version", "test"),
-                    )
-                    .ttl(ttl)
+                    .register(instance)
+                    .ttl(spec.ttl)
                     .await
                     .expect("register prod instance");
                 (addr, registration)
@@ -97,7 +128,7 @@ impl ProdInstance {
             .await
             .expect("instance start task");
         Self {
-            id: id.to_owned(),
+            id,
             addr,
             calls,
             registration: Some(registration),
@@ -142,9 +173,77 @@ impl Drop for ProdInstance {
     }
 }
 
+fn instance_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("instance runtime")
+}
+
+/// Serves `service` on `addr` (or a free port); returns the address.
+async fn serve(service: StockService, addr: Option<SocketAddr>) -> SocketAddr {
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    let mut tries = 0;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            // The port of a just-killed instance may take a moment.
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
+    };
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ProdServiceServer::new(service))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// A ProdService answering as `id` on `addr`, not registered anywhere:
+/// "the address answers again" after a crash, while the registry still
+/// holds the old instance under its unexpired lease.
+pub struct BareServer {
+    pub calls: Arc<AtomicUsize>,
+    runtime: Option<Runtime>,
+}
+
+impl BareServer {
+    pub async fn start(addr: SocketAddr, id: &str) -> Self {
+        let runtime = instance_runtime();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = StockService {
+            instance_id: id.to_owned(),
+            calls: calls.clone(),
+        };
+        runtime
+            .spawn(async move { serve(service, Some(addr)).await })
+            .await
+            .expect("bare server start");
+        Self {
+            calls,
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Drop for BareServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Makes `n` GetProductStock(233) calls (one second deadline each) and
 /// counts the answers per instance id; failed calls count under `"<error>"`.
-pub async fn call_many(channel: &Channel, n: usize) -> HashMap<String, usize> {
+pub async fn call_many(channel: &BalancedChannel, n: usize) -> HashMap<String, usize> {
     let mut client = ProdServiceClient::new(channel.clone());
     let mut seen = HashMap::new();
     for _ in 0..n {

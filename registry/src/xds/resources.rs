@@ -8,7 +8,12 @@
 //! - **RouteConfiguration `S`**: one virtual host for the authority `S`
 //!   (and `S:<port>`) routing every path to cluster `S`.
 //! - **Cluster `S`**: EDS over ADS, round robin, HTTP/2 upstream (the
-//!   instances serve gRPC; Envoy would otherwise speak HTTP/1.1 to them).
+//!   instances serve gRPC; Envoy would otherwise speak HTTP/1.1 to them),
+//!   locality-weighted, with outlier detection: the same rules as
+//!   `registry-client`'s balanced channels (3 consecutive failures eject an
+//!   endpoint for 1 s, doubling up to 30 s, at most half of them ejected,
+//!   routing over all below half healthy), so gRPC clients in other
+//!   languages and Envoy treat a dead instance as Rust callers do.
 //! - **ClusterLoadAssignment `S`**: the live instances, one locality per
 //!   `zone` metadata value, `weight` as the endpoint's load-balancing weight.
 //!
@@ -26,8 +31,12 @@ use envoy_types::pb::{
     envoy::{
         config::{
             cluster::v3::{
-                Cluster,
-                cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+                Cluster, OutlierDetection,
+                cluster::{
+                    ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig,
+                    LbPolicy,
+                    common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
+                },
             },
             core::v3::{
                 Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
@@ -60,6 +69,7 @@ use envoy_types::pb::{
                 },
             },
         },
+        r#type::v3::Percent,
     },
     google::protobuf::{Any, Duration as PbDuration, UInt32Value},
 };
@@ -74,6 +84,31 @@ pub const ZONE_KEY: &str = "zone";
 /// the same network, so a connection that takes longer than this is to a
 /// dead host and the next one should be tried.
 const CONNECT_TIMEOUT_SECS: i64 = 5;
+
+/// Failed calls in a row that eject an endpoint (Envoy's consecutive 5xx
+/// and gateway failures, which include refused connections and gRPC
+/// `UNAVAILABLE`). Same as `registry-client`'s
+/// `OutlierDetection::default().consecutive_failures`.
+pub const OUTLIER_CONSECUTIVE_FAILURES: u32 = 3;
+/// First ejection time; Envoy multiplies it by the number of ejections.
+/// Same as the client's `base_ejection`.
+pub const OUTLIER_BASE_EJECTION_SECS: i64 = 1;
+/// Longest ejection time. Same as the client's `max_ejection`.
+pub const OUTLIER_MAX_EJECTION_SECS: i64 = 30;
+/// At most this share of a cluster's endpoints ejected at once (Envoy and
+/// gRPC always allow one). Same as the client's `max_ejected_share`.
+pub const OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
+/// How often ejections are evaluated (gRPC evaluates failure percentages
+/// per interval; Envoy's consecutive counters act at once).
+const OUTLIER_INTERVAL_SECS: i64 = 1;
+/// gRPC's proxyless clients implement failure-percentage ejection, not
+/// consecutive counters (gRFC A50): an endpoint failing at least this share
+/// of at least [`OUTLIER_CONSECUTIVE_FAILURES`] calls in an interval is
+/// ejected, the closest equivalent of "N failures in a row".
+const OUTLIER_FAILURE_PERCENT: u32 = 50;
+/// Below this share of healthy endpoints, route over all of them (Envoy's
+/// panic mode; the client's panic mode when every candidate is ejected).
+pub const HEALTHY_PANIC_PERCENT: f64 = 50.0;
 
 /// Name of the terminal HTTP filter both gRPC and Envoy expect.
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
@@ -164,10 +199,46 @@ pub fn cluster(service: &str) -> Cluster {
             seconds: CONNECT_TIMEOUT_SECS,
             nanos: 0,
         }),
+        outlier_detection: Some(outlier_detection()),
+        common_lb_config: Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent {
+                value: HEALTHY_PANIC_PERCENT,
+            }),
+            // Traffic across zones follows the locality weights of the load
+            // assignment (the sum of each zone's instance weights).
+            locality_config_specifier: Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                LocalityWeightedLbConfig {},
+            )),
+            ..Default::default()
+        }),
         typed_extension_protocol_options: HashMap::from([(
             HTTP_PROTOCOL_OPTIONS_KEY.to_owned(),
             pack_any(http2),
         )]),
+        ..Default::default()
+    }
+}
+
+/// The ejection rules of the module docs, in Envoy's and gRPC's terms.
+fn outlier_detection() -> OutlierDetection {
+    let u32v = |value| Some(UInt32Value { value });
+    let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
+    OutlierDetection {
+        consecutive_5xx: u32v(OUTLIER_CONSECUTIVE_FAILURES),
+        enforcing_consecutive_5xx: u32v(100),
+        consecutive_gateway_failure: u32v(OUTLIER_CONSECUTIVE_FAILURES),
+        enforcing_consecutive_gateway_failure: u32v(100),
+        interval: secs(OUTLIER_INTERVAL_SECS),
+        base_ejection_time: secs(OUTLIER_BASE_EJECTION_SECS),
+        max_ejection_time: secs(OUTLIER_MAX_EJECTION_SECS),
+        max_ejection_percent: u32v(OUTLIER_MAX_EJECTION_PERCENT),
+        // Success-rate ejection (statistics over many calls) is not what the
+        // client does: off (0 also tells gRPC to leave it out).
+        enforcing_success_rate: u32v(0),
+        failure_percentage_threshold: u32v(OUTLIER_FAILURE_PERCENT),
+        enforcing_failure_percentage: u32v(100),
+        failure_percentage_minimum_hosts: u32v(2),
+        failure_percentage_request_volume: u32v(OUTLIER_CONSECUTIVE_FAILURES),
         ..Default::default()
     }
 }

@@ -1,4 +1,4 @@
-//! The load generator behind `registry-bench`: drives a running registry over
+//! `registry-bench`, the load generator: it drives a running registry over
 //! real gRPC on loopback and reports throughput and latency per workload.
 //!
 //! Every figure is also given relative to a *ceiling*: a no-op tonic echo

@@ -496,3 +496,74 @@ async fn token_flag_and_env_authenticate() {
     assert_eq!(env.status.code(), Some(0));
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn register_json_reports_the_real_deregistration_when_stopped() {
+    let s = server().await;
+    let mut c = client(&s).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args([
+            "--registry",
+            &s.url,
+            "register",
+            "web",
+            "10.0.0.5:80",
+            "--id",
+            "w1",
+            "--ttl",
+            "5s",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .unwrap()
+            .expect("output ended");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
+    };
+    let registered = next().await;
+    assert_eq!(registered["registered"], true);
+    assert_eq!(registered["id"], "w1");
+    // Other changes move the revision on, so the deregistration's own
+    // revision is distinguishable from any constant.
+    register(&mut c, "other", "o1", &[]).await;
+    let before = c
+        .resolve(ResolveRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.instances.len(), 1);
+
+    sigint(child.id().unwrap());
+    let stopped = next().await;
+    assert_eq!(stopped["deregistered"], "web/w1");
+    assert_eq!(stopped["removed"], 1, "{stopped}");
+    let revision = stopped["revision"].as_u64().unwrap();
+    assert!(
+        revision > before.revision,
+        "{stopped} after {}",
+        before.revision
+    );
+    let after = c
+        .resolve(ResolveRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.instances.is_empty());
+    assert_eq!(after.revision, revision, "the removal is the latest change");
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+}

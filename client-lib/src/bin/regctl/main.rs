@@ -1,10 +1,12 @@
 //! `regctl`: parses flags, sends logs to stderr, and hands over to
-//! [`registry::ctl::run`].
+//! `cli::run`.
 
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::Parser;
-use registry::ctl::{Cli, run};
+use cli::{Cli, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

@@ -8,9 +8,13 @@
 //! crash with `--data-dir`: the restarted registry answers with all 20 at
 //! once, and no service has to register again.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../tests/common/prod.rs"]
-mod prod;
+//!
+//! The registry binary comes from the `registry` package, located with
+//! `common::built_artifact` (this file lives at the top level because its
+//! clients are `registry-client` and `registry-bench`, which the daemon
+//! package does not depend on).
+
+mod common;
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -23,12 +27,12 @@ use std::{
     time::Duration,
 };
 
-use prod::ProdInstance;
+use common::prod::ProdInstance;
 use registry_api::{
     prod::{ProductRequest, prod_service_client::ProdServiceClient},
     v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
 };
-use registry_client::{RegistryClient, balanced_channel_from};
+use registry_client::RegistryClient;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -48,10 +52,22 @@ struct Daemon {
     metrics: SocketAddr,
 }
 
+/// The `registry` daemon binary, built if needed (once per test process).
+async fn registry_binary() -> std::path::PathBuf {
+    static PATH: tokio::sync::OnceCell<std::path::PathBuf> = tokio::sync::OnceCell::const_new();
+    PATH.get_or_init(|| async {
+        tokio::task::spawn_blocking(|| common::built_artifact("registry", "bin", "registry"))
+            .await
+            .expect("build the registry binary")
+    })
+    .await
+    .clone()
+}
+
 /// Starts the daemon on `listen`; `None` if it exited first (the port was
 /// not free yet after the previous process).
 async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_registry"))
+    let mut child = Command::new(registry_binary().await)
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
         // Tests never bind fixed ports: the HTTP API's default is 7412.
         .args(["--http-listen", "off"])
@@ -179,7 +195,7 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
         .await
         .expect("resolver sees all instances")
         .unwrap();
-        let channel = balanced_channel_from(resolver.clone());
+        let channel = resolver.channel().build();
         // Every list the resolver publishes from now on.
         callers.push(tokio::spawn({
             let tally = tally.clone();
@@ -332,19 +348,33 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
         instances.push(ProdInstance::start(&url, &format!("prod-{i:02}"), TTL).await);
     }
     let expected: BTreeSet<String> = instances.iter().map(|i| i.id.clone()).collect();
-    // A snapshot taken after the last registration.
-    let written = metric(
-        &scrape(daemon.metrics).await,
-        "registry_snapshots_written_total",
-    );
+    // A snapshot taken after the last registration. The first one to
+    // finish from now may have begun before the last registrations (a slow
+    // fsync); the registry then writes another at the next interval, since
+    // the catalog changed after it began. So: wait for a write, then until
+    // no further write comes for a few intervals.
+    let written = || async {
+        metric(
+            &scrape(daemon.metrics).await,
+            "registry_snapshots_written_total",
+        )
+    };
+    let before = written().await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(
-        &scrape(daemon.metrics).await,
-        "registry_snapshots_written_total",
-    ) <= written
-    {
+    let mut last = written().await;
+    while last <= before {
         assert!(Instant::now() < deadline, "no snapshot written");
         tokio::time::sleep(Duration::from_millis(20)).await;
+        last = written().await;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = written().await;
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "snapshots keep being written");
+        last = now;
     }
 
     daemon.child.start_kill().expect("SIGKILL");
@@ -397,10 +427,10 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
 /// crash already holds every instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_workload_measures_both_modes() {
-    use registry::bench::{Options, Workload, run};
+    use registry_bench::{Options, Workload, run};
     let mut options = Options::for_url("http://127.0.0.1:1");
     options.registry = None;
-    options.spawn_registry = Some(env!("CARGO_BIN_EXE_registry").into());
+    options.spawn_registry = Some(registry_binary().await);
     options.smoke = true;
     options.duration = Duration::from_millis(300);
     options.workload = vec![Workload::Restart];

@@ -1,6 +1,8 @@
 //! `regctl`, the command line for operators and scripts, in the manner of
-//! etcdctl and `consul catalog`. The binary only parses [`Cli`] and calls
-//! [`run`]; everything here is testable in-process.
+//! etcdctl and `consul catalog`. Like etcdctl on clientv3, it is built on
+//! `registry-client`'s public API only: connecting, resolve, list, status,
+//! deregister, watch (with its resume) and register all go through the
+//! library a service links; this module only parses and prints.
 //!
 //! Output contract: tables go to stdout, aligned; `-o json` prints one JSON
 //! object per line (stable field names, see the `Json*` types); diagnostics
@@ -10,31 +12,24 @@
 use std::{collections::BTreeMap, fmt::Write as _, io::Write, time::Duration};
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use registry_api::v1::{
-    DeregisterRequest, EventType, Instance, InstanceKey, ListServicesRequest, ResolveRequest,
-    Snapshot, StatusRequest, WatchRequest, deregister_request::Target,
-    registry_client::RegistryClient, watch_response::Kind,
+use futures::StreamExt;
+use registry_client::{
+    DeregisterTarget, Error, Instance, Query, RegistrationState, RegistryClient, Snapshot,
+    WatchEvent, WatchOptions, shutdown_signal,
 };
 use serde::Serialize;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, ClientTlsConfig, Endpoint},
-};
 
 /// Success.
-pub const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_OK: u8 = 0;
 /// Any error: unreachable registry, rejected request, unknown lease.
-pub const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_ERROR: u8 = 1;
 /// Bad command line (clap exits with this itself).
-pub const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// `resolve` of a service the registry has never seen, so scripts can branch.
-pub const EXIT_UNKNOWN_SERVICE: u8 = 3;
+pub(crate) const EXIT_UNKNOWN_SERVICE: u8 = 3;
 
 /// Where regctl looks when neither `--registry` nor `REGISTRY_ADDR` is set.
-pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
-
-/// Longest wait between reconnection attempts of `watch`.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
 
 /// Command line of `regctl`.
 #[derive(Debug, Parser)]
@@ -43,36 +38,36 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
     version,
     about = "Resolve, list, watch and register services in a registry"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Registry address (several, comma-separated, are tried in order).
     #[arg(long, global = true, env = "REGISTRY_ADDR", default_value = DEFAULT_REGISTRY)]
-    pub registry: String,
+    pub(crate) registry: String,
     /// Deadline for connecting and for each request (e.g. 500ms, 5s).
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
-    pub output: Format,
+    pub(crate) output: Format,
     /// Bearer token for a registry started with --auth-file.
     #[arg(long, global = true, env = "REGISTRY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// CA (PEM) the registry's certificate must chain to: connect with TLS.
     #[arg(long, global = true, env = "REGISTRY_CACERT")]
-    pub cacert: Option<String>,
+    pub(crate) cacert: Option<String>,
     /// Client certificate (PEM) for mTLS; needs --key.
     #[arg(long, global = true, env = "REGISTRY_CERT", requires = "key")]
-    pub cert: Option<String>,
+    pub(crate) cert: Option<String>,
     /// Client private key (PEM) for mTLS; needs --cert.
     #[arg(long, global = true, env = "REGISTRY_KEY", requires = "cert")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned columns for people.
     Table,
     /// One JSON object per line for scripts.
@@ -81,7 +76,7 @@ pub enum Format {
 
 /// regctl's subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Live instances of a service (exit 3 if the service is unknown).
     Resolve {
         /// Service name.
@@ -149,11 +144,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 /// A failure with its exit code; the message is printed as `regctl: {msg}`.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// Process exit code.
-    pub code: u8,
+    pub(crate) code: u8,
     /// One line for stderr.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {
@@ -165,111 +160,59 @@ impl Failure {
     }
 }
 
-/// Describes a status from the registry the way a person wants to read it:
-/// transport failures become "cannot reach registry at ADDR: cause", server
-/// refusals pass the server's own message through.
-fn status_failure(addr: &str, status: tonic::Status) -> Failure {
-    use std::error::Error as _;
-    if matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown
-    ) && status.source().is_some()
-    {
-        return Failure::error(format!(
-            "cannot reach registry at {addr}: {}",
-            root_cause(&status)
-        ));
-    }
-    if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled {
-        return Failure::error(format!(
-            "registry at {addr} did not answer in time: {}",
-            status.message()
-        ));
-    }
-    Failure::error(status.message().to_string())
+fn io(e: std::io::Error) -> Failure {
+    Failure::error(format!("cannot write output: {e}"))
 }
-
-/// The innermost error in a chain, lower-cased and without "(os error N)",
-/// e.g. "connection refused".
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = err;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    let mut msg = cur.to_string();
-    if let Some(i) = msg.find(" (os error") {
-        msg.truncate(i);
-    }
-    let mut chars = msg.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => msg,
-    }
-}
-
-type Transport = InterceptedService<Channel, registry_client::Credentials>;
 
 struct Ctx {
     addr: String,
-    timeout: Duration,
     format: Format,
-    bearer: registry_client::Credentials,
-    tls: Option<ClientTlsConfig>,
-    client_options: registry_client::ClientOptions,
+    client: RegistryClient,
+}
+
+/// Describes a client error the way a person wants to read it: transport
+/// failures become "cannot reach registry at ADDR: cause", server refusals
+/// pass the server's own message through, bad settings are usage errors.
+fn failure(addr: &str, e: Error) -> Failure {
+    match e {
+        Error::Rejected(status) => Failure::error(status.message().to_string()),
+        Error::Unavailable { registry, status } => {
+            let at = if registry.is_empty() { addr } else { &registry };
+            let e = Error::Unavailable {
+                registry: at.to_owned(),
+                status,
+            };
+            let status = e.status().expect("unavailable has a status");
+            let detail = e.to_string();
+            let detail = detail
+                .split_once(" unavailable: ")
+                .map_or(detail.clone(), |(_, d)| d.to_owned());
+            if matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) {
+                Failure::error(format!("registry at {at} did not answer in time: {detail}"))
+            } else {
+                Failure::error(format!("cannot reach registry at {at}: {detail}"))
+            }
+        }
+        e @ (Error::InvalidAddress { .. } | Error::InvalidConfig { .. }) => Failure {
+            code: EXIT_USAGE,
+            message: e.to_string(),
+        },
+        e => Failure::error(e.to_string()),
+    }
 }
 
 impl Ctx {
-    /// Connects to the first reachable of the configured addresses.
-    async fn connect(&self) -> Result<RegistryClient<Transport>, Failure> {
-        Ok(RegistryClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
-    }
-
-    /// A channel (with credentials) to the first reachable address.
-    async fn channel(&self) -> Result<Transport, Failure> {
-        let mut last = None;
-        for addr in self
-            .addr
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-        {
-            let mut endpoint = Endpoint::from_shared(addr.to_string())
-                .map_err(|e| Failure {
-                    code: EXIT_USAGE,
-                    message: format!("invalid registry address {addr:?}: {e}"),
-                })?
-                .connect_timeout(self.timeout)
-                .timeout(self.timeout);
-            if let Some(tls) = &self.tls {
-                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Failure {
-                    code: EXIT_USAGE,
-                    message: format!("TLS configuration: {e}"),
-                })?;
-            }
-            match endpoint.connect().await {
-                Ok(channel) => return Ok(InterceptedService::new(channel, self.bearer.clone())),
-                Err(e) => {
-                    last = Some(Failure::error(format!(
-                        "cannot reach registry at {addr}: {}",
-                        root_cause(&e)
-                    )))
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| Failure {
-            code: EXIT_USAGE,
-            message: "no registry address given".into(),
-        }))
-    }
-
-    fn status(&self, s: tonic::Status) -> Failure {
-        status_failure(&self.addr, s)
+    fn fail(&self, e: Error) -> Failure {
+        failure(&self.addr, e)
     }
 }
 
 /// Runs one regctl command, writing results to `out`. Returns the exit code;
 /// failures are reported on stderr as one line.
-pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
+pub(crate) async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
     match dispatch(cli, out).await {
         Ok(code) => code,
         Err(f) => {
@@ -280,76 +223,44 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> u8 {
 }
 
 async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "regctl", out);
+        return Ok(EXIT_OK);
+    }
     let usage = |message: String| Failure {
         code: EXIT_USAGE,
         message,
     };
-    let bearer = registry_client::Credentials::bearer(cli.token.as_deref())
-        .map_err(|_| usage("--token must be printable ASCII".into()))?;
-    let tls = match &cli.cacert {
-        None => None,
-        Some(ca) => Some(
+    let mut builder = RegistryClient::builder()
+        .address(cli.registry.clone())
+        .connect_timeout(cli.timeout)
+        .request_timeout(cli.timeout);
+    if let Some(token) = &cli.token {
+        builder = builder.token(token.clone());
+    }
+    if let Some(ca) = &cli.cacert {
+        builder = builder.tls(
             registry_client::tls_from_files(ca, cli.cert.as_deref(), cli.key.as_deref(), None)
                 .map_err(|e| usage(e.to_string()))?,
-        ),
-    };
-    let mut client_options = registry_client::ClientOptions::default();
-    if let Some(t) = &cli.token {
-        client_options = client_options.with_token(t.clone());
+        );
     }
-    if let Some(tls) = &tls {
-        client_options = client_options.with_tls(tls.clone());
-    }
+    let client = builder
+        .connect()
+        .await
+        .map_err(|e| failure(&cli.registry, e))?;
     let ctx = Ctx {
         addr: cli.registry,
-        timeout: cli.timeout,
         format: cli.output,
-        bearer,
-        tls,
-        client_options,
+        client,
     };
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
     match cli.command {
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "regctl", out);
-            Ok(EXIT_OK)
-        }
+        Command::Completions { .. } => unreachable!("handled above"),
         Command::Resolve { service, selector } => resolve(&ctx, service, selector, out).await,
-        Command::List => {
-            let mut c = ctx.connect().await?;
-            let list = c
-                .list_services(ListServicesRequest {})
-                .await
-                .map_err(|s| ctx.status(s))?
-                .into_inner();
-            match ctx.format {
-                Format::Json => {
-                    for s in &list.services {
-                        json_line(
-                            out,
-                            &JsonService {
-                                service: &s.name,
-                                instances: s.instance_count,
-                            },
-                        )
-                        .map_err(io)?;
-                    }
-                }
-                Format::Table => {
-                    let rows = list
-                        .services
-                        .iter()
-                        .map(|s| vec![s.name.clone(), s.instance_count.to_string()])
-                        .collect();
-                    write!(out, "{}", table(&["SERVICE", "INSTANCES"], rows)).map_err(io)?;
-                }
-            }
-            Ok(EXIT_OK)
-        }
+        Command::List => list(&ctx, out).await,
         Command::Deregister { service, id, lease } => {
             let target = match (service, id, lease) {
-                (_, _, Some(lease)) => Target::LeaseId(lease),
-                (Some(service), Some(id), None) => Target::Instance(InstanceKey { service, id }),
+                (_, _, Some(lease)) => DeregisterTarget::Lease(lease),
+                (Some(service), Some(id), None) => DeregisterTarget::Instance { service, id },
                 _ => {
                     return Err(Failure {
                         code: EXIT_USAGE,
@@ -357,32 +268,29 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
                     });
                 }
             };
-            let mut c = ctx.connect().await?;
-            let resp = c
-                .deregister(DeregisterRequest {
-                    target: Some(target.clone()),
-                })
-                .await
-                .map_err(|s| ctx.status(s))?
-                .into_inner();
             let what = match &target {
-                Target::LeaseId(id) => format!("lease {id}"),
-                Target::Instance(k) => format!("{}/{}", k.service, k.id),
+                DeregisterTarget::Lease(id) => format!("lease {id}"),
+                DeregisterTarget::Instance { service, id } => format!("{service}/{id}"),
             };
+            let done = ctx
+                .client
+                .deregister(target)
+                .await
+                .map_err(|e| ctx.fail(e))?;
             match ctx.format {
                 Format::Json => json_line(
                     out,
                     &JsonDeregistered {
                         deregistered: &what,
-                        removed: resp.removed,
-                        revision: resp.revision,
+                        removed: done.removed,
+                        revision: done.revision,
                     },
                 )
                 .map_err(io)?,
                 Format::Table => writeln!(
                     out,
                     "deregistered {what}: {} instance(s) removed at revision {}",
-                    resp.removed, resp.revision
+                    done.removed, done.revision
                 )
                 .map_err(io)?,
             }
@@ -401,23 +309,24 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
     }
 }
 
+fn query(service: String, selector: Vec<(String, String)>) -> Query {
+    selector
+        .into_iter()
+        .fold(Query::new(service), |q, (k, v)| q.with_selector(k, v))
+}
+
 async fn resolve(
     ctx: &Ctx,
     service: String,
     selector: Vec<(String, String)>,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
-    let mut c = ctx.connect().await?;
-    let resp = c
-        .resolve(ResolveRequest {
-            service: service.clone(),
-            selector: selector.into_iter().collect(),
-            include_lease_ttl: true,
-        })
+    let resp = ctx
+        .client
+        .resolve(query(service.clone(), selector))
+        .with_lease_ttl()
         .await
-        .map_err(|s| ctx.status(s))?
-        .into_inner();
+        .map_err(|e| ctx.fail(e))?;
     match ctx.format {
         Format::Json => json_line(
             out,
@@ -425,7 +334,7 @@ async fn resolve(
                 service: &service,
                 known: resp.service_known,
                 revision: resp.revision,
-                warming_up: resp.server.is_some_and(|s| s.warming_up),
+                warming_up: resp.server.warming_up,
                 instances: resp.instances.iter().map(JsonInstance::from).collect(),
             },
         )
@@ -439,7 +348,7 @@ async fn resolve(
                         i.id.clone(),
                         i.address.clone(),
                         i.weight.to_string(),
-                        format_ttl(i.lease_remaining_ms),
+                        format_ttl(i.lease_remaining),
                         format_metadata(&i.metadata),
                     ]
                 })
@@ -463,27 +372,37 @@ async fn resolve(
     }
 }
 
+async fn list(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> {
+    let list = ctx.client.list_services().await.map_err(|e| ctx.fail(e))?;
+    match ctx.format {
+        Format::Json => {
+            for s in &list.services {
+                json_line(
+                    out,
+                    &JsonService {
+                        service: &s.name,
+                        instances: s.instances,
+                    },
+                )
+                .map_err(io)?;
+            }
+        }
+        Format::Table => {
+            let rows = list
+                .services
+                .iter()
+                .map(|s| vec![s.name.clone(), s.instances.to_string()])
+                .collect();
+            write!(out, "{}", table(&["SERVICE", "INSTANCES"], rows)).map_err(io)?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
 async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
-    let mut c = ctx.connect().await?;
-    let st = c
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| ctx.status(s))?
-        .into_inner();
-    let channel = ctx.channel().await?;
-    let health = match HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().status().as_str_name().to_string(),
-        Err(s) => format!("UNKNOWN ({})", s.message()),
-    };
-    let server = st.server.unwrap_or_default();
-    let uptime = humantime::format_duration(Duration::from_secs(st.uptime_ms / 1000)).to_string();
+    let st = ctx.client.status().await.map_err(|e| ctx.fail(e))?;
+    let health = st.health.to_string();
+    let uptime = humantime::format_duration(Duration::from_secs(st.uptime.as_secs())).to_string();
     match ctx.format {
         Format::Json => json_line(
             out,
@@ -491,10 +410,10 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
                 registry: &ctx.addr,
                 health: &health,
                 version: &st.version,
-                uptime_ms: st.uptime_ms,
-                epoch: server.epoch,
-                lease_epoch: registry_client::ServerInfo::from(Some(server)).lease_epoch,
-                warming_up: server.warming_up,
+                uptime_ms: st.uptime.as_millis() as u64,
+                epoch: st.server.epoch,
+                lease_epoch: st.server.lease_epoch,
+                warming_up: st.server.warming_up,
                 revision: st.revision,
                 services: st.services,
                 instances: st.instances,
@@ -505,8 +424,11 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
         )
         .map_err(io)?,
         Format::Table => {
-            let warm = if server.warming_up {
-                format!(" (warming up, {}ms left)", server.warmup_remaining_ms)
+            let warm = if st.server.warming_up {
+                format!(
+                    " (warming up, {}ms left)",
+                    st.server.warmup_remaining.as_millis()
+                )
             } else {
                 String::new()
             };
@@ -527,100 +449,68 @@ async fn status(ctx: &Ctx, out: &mut (dyn Write + Send)) -> Result<u8, Failure> 
     Ok(EXIT_OK)
 }
 
-/// Watches until Ctrl-C; on a broken stream (registry restart) reconnects
-/// with backoff and resumes from the last revision seen, so nothing is lost
-/// and nothing repeats (a restarted registry answers with a reset snapshot).
+/// Watches until Ctrl-C. The client's watch reconnects with backoff and
+/// resumes from the last revision seen by itself, so nothing is lost and
+/// nothing repeats (a restarted registry answers with a reset snapshot);
+/// regctl only reports the interruptions.
 async fn watch(
     ctx: &Ctx,
     service: Option<String>,
     selector: Vec<(String, String)>,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    let selector: BTreeMap<_, _> = selector.into_iter().collect();
-    let mut last_revision = 0u64;
-    let mut epoch = 0u64;
-    let mut backoff = Duration::from_millis(100);
-    let mut connected_once = false;
+    let mut stream = ctx.client.watch(
+        query(service.unwrap_or_default(), selector),
+        WatchOptions::default(),
+    );
+    let mut seen_anything = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        let attempt = async {
-            let mut c = ctx.connect().await?;
-            let mut stream = c
-                .watch(WatchRequest {
-                    service: service.clone().unwrap_or_default(),
-                    start_revision: if last_revision == 0 {
-                        0
-                    } else {
-                        last_revision + 1
-                    },
-                    selector: selector.clone().into_iter().collect(),
-                    epoch,
-                    progress_interval_ms: 0,
-                })
-                .await
-                .map_err(|s| ctx.status(s))?
-                .into_inner();
-            let mut pending: Option<Snapshot> = None;
-            loop {
-                let msg = match stream.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return Err(Failure::error("watch stream ended")),
-                    Err(s) => return Err(ctx.status(s)),
-                };
-                match msg.kind {
-                    Some(Kind::Snapshot(s)) => {
-                        let more = s.more;
-                        match &mut pending {
-                            Some(p) => p.instances.extend(s.instances),
-                            None => pending = Some(s),
-                        }
-                        if !more {
-                            let snap = pending.take().expect("set above");
-                            last_revision = snap.revision;
-                            if let Some(server) = snap.server {
-                                epoch = server.epoch;
-                            }
-                            print_snapshot(ctx.format, &snap, out)?;
-                        }
-                    }
-                    Some(Kind::Events(batch)) => {
-                        for e in &batch.events {
-                            print_event(ctx.format, e, out)?;
-                            last_revision = last_revision.max(e.revision);
-                        }
-                    }
-                    Some(Kind::Progress(p)) => {
-                        last_revision = last_revision.max(p.revision);
-                        if let Some(server) = p.server {
-                            epoch = server.epoch;
-                        }
-                    }
-                    None => {}
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = &mut ctrl_c => return Ok(EXIT_OK),
+        };
+        match event {
+            None => return Err(Failure::error("watch stream ended")),
+            Some(Err(e)) => return Err(ctx.fail(e)),
+            Some(Ok(WatchEvent::Interrupted { error, .. })) => {
+                if !seen_anything {
+                    // Never got anywhere: a wrong address or a refusal is
+                    // an error, not something to wait out.
+                    return Err(ctx.fail(error));
                 }
-                out.flush().ok();
+                eprintln!(
+                    "regctl: watch interrupted ({}); reconnecting",
+                    ctx.fail(error).message
+                );
             }
-            #[allow(unreachable_code)]
-            Ok::<(), Failure>(())
-        };
-        let result = tokio::select! {
-            r = attempt => r,
-            _ = &mut ctrl_c => return Ok(EXIT_OK),
-        };
-        if let Err(f) = result {
-            if !connected_once && last_revision == 0 && epoch == 0 {
-                // Never got anywhere: a wrong address or a refusal is an
-                // error, not something to wait out.
-                return Err(f);
+            Some(Ok(WatchEvent::Snapshot(snapshot))) => {
+                seen_anything = true;
+                print_snapshot(ctx.format, &snapshot, out)?;
             }
-            eprintln!("regctl: watch interrupted ({}); reconnecting", f.message);
+            Some(Ok(WatchEvent::Put { revision, instance })) => {
+                seen_anything = true;
+                print_event(ctx.format, "put", revision, None, &instance, out)?;
+            }
+            Some(Ok(WatchEvent::Delete {
+                revision,
+                instance,
+                reason,
+            })) => {
+                seen_anything = true;
+                print_event(
+                    ctx.format,
+                    "delete",
+                    revision,
+                    Some(reason.as_str()),
+                    &instance,
+                    out,
+                )?;
+            }
+            Some(Ok(_)) => seen_anything = true,
         }
-        connected_once = true;
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = &mut ctrl_c => return Ok(EXIT_OK),
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        out.flush().ok();
     }
 }
 
@@ -629,25 +519,21 @@ fn print_snapshot(
     snap: &Snapshot,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
+    let reason = snap.reset.map(|r| r.as_str());
     match format {
         Format::Json => json_line(
             out,
             &JsonSnapshot {
                 kind: "snapshot",
                 revision: snap.revision,
-                reset: snap.reset,
-                reason: reset_reason(snap),
+                reset: snap.reset.is_some(),
+                reason,
                 instances: snap.instances.iter().map(JsonInstance::from).collect(),
             },
         )
         .map_err(io),
         Format::Table => {
-            let reset = if snap.reset {
-                format!(" reset ({})", reset_reason(snap).unwrap_or("unspecified"))
-            } else {
-                String::new()
-            };
+            let reset = reason.map(|r| format!(" reset ({r})")).unwrap_or_default();
             writeln!(
                 out,
                 "SNAPSHOT rev {} {} instance(s){reset}",
@@ -663,44 +549,22 @@ fn print_snapshot(
     }
 }
 
-fn reset_reason(snap: &Snapshot) -> Option<&'static str> {
-    snap.reset.then(|| match snap.reason() {
-        registry_api::v1::ResetReason::Compacted => "compacted",
-        registry_api::v1::ResetReason::SlowConsumer => "slow_consumer",
-        registry_api::v1::ResetReason::EpochChanged => "epoch_changed",
-        registry_api::v1::ResetReason::Unspecified => "unspecified",
-    })
-}
-
 fn print_event(
     format: Format,
-    e: &registry_api::v1::Event,
+    kind: &'static str,
+    revision: u64,
+    reason: Option<&'static str>,
+    instance: &Instance,
     out: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
-    let default = Instance::default();
-    let inst = e.instance.as_ref().unwrap_or(&default);
-    let (kind, reason) = match e.r#type() {
-        EventType::Put => ("put", None),
-        EventType::Delete => (
-            "delete",
-            Some(match e.reason() {
-                registry_api::v1::DeleteReason::Deregistered => "deregistered",
-                registry_api::v1::DeleteReason::Expired => "expired",
-                registry_api::v1::DeleteReason::Replaced => "replaced",
-                registry_api::v1::DeleteReason::Unspecified => "unspecified",
-            }),
-        ),
-        EventType::Unspecified => ("unspecified", None),
-    };
     match format {
         Format::Json => json_line(
             out,
             &JsonEvent {
                 kind,
-                revision: e.revision,
+                revision,
                 reason,
-                instance: JsonInstance::from(inst),
+                instance: JsonInstance::from(instance),
             },
         )
         .map_err(io),
@@ -708,10 +572,9 @@ fn print_event(
             let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
             writeln!(
                 out,
-                "{:<6} rev {} {}{reason}",
+                "{:<6} rev {revision} {}{reason}",
                 kind.to_uppercase(),
-                e.revision,
-                describe(inst)
+                describe(instance)
             )
             .map_err(io)
         }
@@ -739,28 +602,19 @@ async fn register(
     weight: u32,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    use registry_client::{
-        Instance as ClientInstance, RegistrationState, RegistryClient as Client,
-    };
-    let io = |e: std::io::Error| Failure::error(format!("cannot write output: {e}"));
-    let mut instance = ClientInstance::new(service, address).with_weight(weight);
+    let mut instance = Instance::new(service, address).with_weight(weight);
     if let Some(id) = id {
         instance = instance.with_id(id);
     }
     for (k, v) in meta {
         instance = instance.with_metadata(k, v);
     }
-    let client = tokio::time::timeout(
-        ctx.timeout,
-        Client::connect_with(&ctx.addr, ctx.client_options.clone()),
-    )
-    .await
-    .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?
-    .map_err(|e| client_failure(ctx, e))?;
-    let registration = tokio::time::timeout(ctx.timeout, client.register(instance).ttl(ttl))
+    let registration = ctx
+        .client
+        .register(instance)
+        .ttl(ttl)
         .await
-        .map_err(|_| Failure::error(format!("cannot reach registry at {}: timed out", ctx.addr)))?
-        .map_err(|e| client_failure(ctx, e))?;
+        .map_err(|e| ctx.fail(e))?;
     let inst = registration.instance().clone();
     let ttl_text = humantime::format_duration(ttl).to_string();
     match ctx.format {
@@ -796,26 +650,26 @@ async fn register(
                 }
                 let now = *state.borrow_and_update();
                 let text = match now {
-                    RegistrationState::Registered => "registered",
-                    RegistrationState::Reregistering => "re-registering",
-                    RegistrationState::Unreachable => "registry unreachable, retrying",
-                    _ => "unknown state",
+                    RegistrationState::Registered => "registered".to_owned(),
+                    RegistrationState::Reregistering => "re-registering".to_owned(),
+                    RegistrationState::Unreachable => "registry unreachable, retrying".to_owned(),
+                    RegistrationState::Replaced { lease_id } => format!(
+                        "replaced by lease {lease_id} (another process registered the same id); waiting for it to go"
+                    ),
+                    _ => "unknown state".to_owned(),
                 };
                 eprintln!("regctl: {}/{}: {text}", inst.service, inst.id);
             }
         }
     }
-    registration
-        .deregister()
-        .await
-        .map_err(|e| client_failure(ctx, e))?;
+    let done = registration.deregister().await.map_err(|e| ctx.fail(e))?;
     match ctx.format {
         Format::Json => json_line(
             out,
             &JsonDeregistered {
                 deregistered: &format!("{}/{}", inst.service, inst.id),
-                removed: 1,
-                revision: 0,
+                removed: done.removed,
+                revision: done.revision,
             },
         )
         .map_err(io)?,
@@ -824,35 +678,8 @@ async fn register(
     Ok(EXIT_OK)
 }
 
-fn client_failure(ctx: &Ctx, e: registry_client::Error) -> Failure {
-    match e.status() {
-        Some(s) => ctx.status(s.clone()),
-        None => Failure::error(format!(
-            "cannot reach registry at {}: {}",
-            ctx.addr,
-            root_cause(&e)
-        )),
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-fn format_ttl(ms: u64) -> String {
+fn format_ttl(left: Option<Duration>) -> String {
+    let ms = left.map_or(0, |d| d.as_millis() as u64);
     if ms == 0 {
         "-".into()
     } else if ms < 60_000 {
@@ -862,7 +689,7 @@ fn format_ttl(ms: u64) -> String {
     }
 }
 
-fn format_metadata(m: &std::collections::HashMap<String, String>) -> String {
+fn format_metadata(m: &BTreeMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = m.iter().collect();
     let mut s = String::new();
     for (k, v) in sorted {
@@ -941,7 +768,7 @@ impl<'a> From<&'a Instance> for JsonInstance<'a> {
                 .collect(),
             lease_id: i.lease_id,
             revision: i.revision,
-            lease_ttl_ms: (i.lease_remaining_ms > 0).then_some(i.lease_remaining_ms),
+            lease_ttl_ms: i.lease_remaining.map(|d| d.as_millis() as u64),
         }
     }
 }
@@ -1043,9 +870,10 @@ mod tests {
 
     #[test]
     fn ttl_format() {
-        assert_eq!(format_ttl(0), "-");
-        assert_eq!(format_ttl(9_840), "9.8s");
-        assert_eq!(format_ttl(3_600_000), "1h");
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(format_ttl(None), "-");
+        assert_eq!(format_ttl(ms(9_840)), "9.8s");
+        assert_eq!(format_ttl(ms(3_600_000)), "1h");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `registry-bench`: the load generator of issue 7. Parses flags, sets up
-//! logging and hands over to [`registry::bench::run`]; prints the table of
+//! logging and hands over to [`registry_bench::run`]; prints the table of
 //! figures on stdout (progress goes to stderr).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use registry::bench::{Options, run};
+use registry_bench::{Options, run};
 use tracing_subscriber::EnvFilter;
 
 /// Load generator for the registry: drives it over real gRPC on loopback
