@@ -244,6 +244,20 @@ impl Endpoints {
         )
     }
 
+    /// Node `index`'s channel.
+    pub(crate) fn node(&self, index: usize) -> Transport {
+        InterceptedService::new(
+            self.nodes[index % self.nodes.len()].channel.clone(),
+            self.credentials.clone(),
+        )
+    }
+
+    /// Makes node `index` the current one (a better node was found).
+    pub(crate) fn set_current(&self, index: usize) {
+        self.current
+            .store(index % self.nodes.len(), Ordering::Relaxed);
+    }
+
     /// The URI of node `index`, for errors and logs.
     pub(crate) fn uri(&self, index: usize) -> &str {
         &self.nodes[index % self.nodes.len()].uri

@@ -88,6 +88,13 @@ const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(10);
 /// How far the task sleeps when it has nothing scheduled.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
+/// How long a probe of another node for a non-stale one may take: short,
+/// since the keeper waits for it, and a node that cannot answer this fast
+/// is no better a home than the stale one.
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Least time between two searches for a node that is not stale, so a
+/// cluster whose nodes are all cut off from etcd is not probed per beat.
+const STALE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Health of one registration, as seen by the keepalive task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +265,7 @@ pub(crate) fn spawn(endpoints: Arc<Endpoints>) -> (Arc<KeeperHandle>, Weak<()>) 
         reconcile_at: None,
         backoff: Backoff::default(),
         epoch: 0,
+        last_stale_probe: None,
     };
     tokio::spawn(async move {
         let _alive = alive;
@@ -343,6 +351,9 @@ struct Lease {
     /// nothing (or someone else's lease).
     epoch: u64,
     ttl: Duration,
+    /// The node (index in the endpoint list) that granted it: leases are
+    /// local to a cluster node, so it is renewed there and nowhere else.
+    node: usize,
 }
 
 impl Lease {
@@ -379,6 +390,8 @@ struct Keeper {
     backoff: Backoff,
     /// Lease epoch of the registry life we last heard from (0 = none yet).
     epoch: u64,
+    /// When the keeper last looked for a node that is not stale.
+    last_stale_probe: Option<Instant>,
 }
 
 impl Keeper {
@@ -599,11 +612,16 @@ impl Keeper {
                     if stale {
                         continue;
                     }
+                    // `call` moves on only when a node fails: the node that
+                    // answered is the current one.
+                    let node = self.endpoints.current().0;
                     let granted = Lease {
                         id: resp.lease_id,
                         epoch: server.lease_epoch,
                         ttl: Duration::from_millis(resp.ttl_ms),
+                        node,
                     };
+                    self.settle_on(node, ttl);
                     let group = self.groups.get_mut(&ttl).expect("group of a live entry");
                     if group.lease.is_none_or(|l| l.id != granted.id) {
                         group.next_renew = Instant::now() + granted.renew_interval();
@@ -678,7 +696,10 @@ impl Keeper {
         if let Some(stream) = &self.stream
             && stream.in_flight.front().is_some_and(|d| *d <= now)
         {
-            self.connection_lost("no keepalive reply in time", None);
+            // A frozen node answers nothing but keeps the connection: count
+            // it as failed, so the next attempt goes to another node.
+            let node = stream.node;
+            self.connection_lost("no keepalive reply in time", Some(node));
             return;
         }
         if self.reconcile_at.is_some_and(|at| at <= now) {
@@ -742,9 +763,14 @@ impl Keeper {
         tx.try_send(request).expect("fresh channel has room");
         let mut grpc = grpc(channel);
         let timeout = self.endpoints.settings().request_timeout;
-        let opened = tokio::time::timeout(timeout, grpc.keep_alive(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("opening the keepalive stream"))?;
+        let Ok(opened) =
+            tokio::time::timeout(timeout, grpc.keep_alive(ReceiverStream::new(rx))).await
+        else {
+            self.endpoints.failed(node);
+            return Err(tonic::Status::deadline_exceeded(
+                "opening the keepalive stream",
+            ));
+        };
         let opened = match opened {
             Ok(resp) => resp,
             Err(status) => {
@@ -776,11 +802,18 @@ impl Keeper {
                 return self.connection_lost("keepalive stream ended", node);
             }
         };
-        if let Some(stream) = &mut self.stream {
+        let node = self.stream.as_mut().map(|stream| {
             stream.in_flight.pop_front();
-        }
+            stream.node
+        });
         self.reachable();
-        self.observe_epoch(ServerInfo::from(resp.server).lease_epoch);
+        let server = ServerInfo::from(resp.server);
+        self.observe_epoch(server.lease_epoch);
+        if server.stale
+            && let Some(node) = node
+        {
+            self.leave_stale(node).await;
+        }
         for status in resp.leases {
             if !status.found {
                 tracing::info!(lease = status.lease_id, "registry forgot our lease");
@@ -968,6 +1001,90 @@ impl Keeper {
         let delay = self.backoff.next_delay();
         tracing::warn!(reason, retry_in = ?delay, "registry unreachable");
         self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// A lease was just granted by `node` (for the group of `ttl`): leases
+    /// live on the node that granted them, so heartbeats go there from now
+    /// on, and leases other groups hold on other nodes are given up (their
+    /// instances register again on `node`), so that one stream renews them
+    /// all. Without this, a registration that failed over left the
+    /// keepalive stream on the old node, which answered NOT_FOUND for the
+    /// new lease at every beat.
+    fn settle_on(&mut self, node: usize, ttl: Duration) {
+        if self.stream.as_ref().is_some_and(|s| s.node != node) {
+            tracing::info!(
+                node = %self.endpoints.uri(node),
+                "leases now live on another registry node; moving the keepalive stream there"
+            );
+            self.stream = None;
+        }
+        let elsewhere: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(t, _)| **t != ttl)
+            .filter_map(|(_, g)| g.lease)
+            .filter(|l| l.node != node)
+            .map(|l| l.id)
+            .collect();
+        for id in elsewhere {
+            self.lease_lost(id);
+        }
+    }
+
+    /// The node answering our heartbeats has lost its etcd session: what it
+    /// says may be missing changes made elsewhere, and what it is asked to
+    /// write cannot reach the rest of the cluster, so the instances it keeps
+    /// alive vanish elsewhere once its etcd lease runs out. Look (at most
+    /// every [`STALE_PROBE_INTERVAL`]) for a node that is not stale; if one
+    /// answers, move there and register again. If all are stale (etcd is
+    /// down for everyone), stay: renewing locally is the best there is.
+    async fn leave_stale(&mut self, stale_node: usize) {
+        if self.endpoints.len() < 2
+            || self
+                .last_stale_probe
+                .is_some_and(|at| at.elapsed() < STALE_PROBE_INTERVAL)
+        {
+            return;
+        }
+        self.last_stale_probe = Some(Instant::now());
+        let probes = (0..self.endpoints.len())
+            .filter(|i| *i != stale_node)
+            .map(|i| {
+                let mut grpc = grpc(self.endpoints.node(i));
+                async move {
+                    let answer =
+                        tokio::time::timeout(STALE_PROBE_TIMEOUT, grpc.status(pb::StatusRequest {}))
+                            .await;
+                    match answer {
+                        Ok(Ok(resp)) => {
+                            let server = ServerInfo::from(resp.into_inner().server);
+                            (!server.stale).then_some(i)
+                        }
+                        _ => None,
+                    }
+                }
+            });
+        let healthy = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .next();
+        let Some(node) = healthy else {
+            tracing::debug!("every registry node is stale; staying");
+            return;
+        };
+        tracing::warn!(
+            from = %self.endpoints.uri(stale_node),
+            to = %self.endpoints.uri(node),
+            "registry node lost its etcd connection; registering through another node"
+        );
+        self.endpoints.set_current(node);
+        self.stream = None;
+        let leases: Vec<u64> = self.groups.values().filter_map(|g| g.lease).map(|l| l.id).collect();
+        for id in leases {
+            self.lease_lost(id);
+        }
+        self.reconcile().await;
     }
 
     /// Every lease of another registry life is gone.

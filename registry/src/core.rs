@@ -315,7 +315,7 @@ impl Registry {
         let warmup = self.shared.config.warmup;
         let remaining = warmup.saturating_sub(elapsed);
         ServerInfo {
-            epoch: self.shared.epoch,
+            epoch: self.epoch(),
             lease_epoch: self.shared.lease_epoch,
             warming_up: !remaining.is_zero(),
             warmup_remaining_ms: remaining.as_millis() as u64,
@@ -323,9 +323,10 @@ impl Registry {
         }
     }
 
-    /// This server life's epoch.
+    /// The epoch revisions belong to: this server life's, or a cluster's
+    /// (the same on every node).
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch
+        self.shared.store.epoch().unwrap_or(self.shared.epoch)
     }
 
     /// The server life this registry's lease ids belong to (see
@@ -815,7 +816,7 @@ impl Registry {
                 None => {}
             }
         }
-        let epoch_matches = epoch == 0 || epoch == self.shared.epoch;
+        let epoch_matches = epoch == 0 || epoch == self.epoch();
         if epoch_matches {
             self.shared
                 .store

@@ -139,6 +139,15 @@ impl Store {
         }
     }
 
+    /// The epoch revisions belong to when the store decides it (a cluster
+    /// node: the cluster's, which changes if etcd's history does).
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Etcd(e) => Some(e.epoch()),
+        }
+    }
+
     /// Waits (briefly) until the catalog has applied `revision`: a cluster
     /// node may be a little behind a revision a client saw on another node.
     /// Nothing to wait for in memory.

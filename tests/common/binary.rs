@@ -210,6 +210,7 @@ impl BinaryServer {
     async fn try_spawn(&self) -> Option<(Child, SocketAddr)> {
         let mut child = Command::new(registry_binary())
             .args(["--listen", &self.addr.to_string()])
+            .args(["--http-listen", "off"])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

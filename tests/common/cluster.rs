@@ -525,6 +525,7 @@ impl Node {
             .open(&self.log)
             .expect("open node log");
         let child = Command::new(registry_binary())
+            .args(["--http-listen", "off"])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

@@ -187,6 +187,9 @@ pub struct EtcdStore {
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
     /// The etcd revision the catalog has applied.
     applied: watch::Sender<u64>,
+    /// The cluster's epoch (`{prefix}/epoch` in etcd); 0 before the first
+    /// session.
+    epoch: AtomicU64,
     /// Asks the sync task to start a new session (a write found the node's
     /// lease gone, or failed in a way that may have left strays).
     resync: Notify,
@@ -220,6 +223,7 @@ impl EtcdStore {
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
             applied: watch::channel(0).0,
+            epoch: AtomicU64::new(0),
             resync: Notify::new(),
             finished: CancellationToken::new(),
             catalog,
@@ -237,6 +241,12 @@ impl EtcdStore {
     /// the last catalog it had.
     pub fn is_stale(&self) -> bool {
         self.stale.load(Ordering::Acquire)
+    }
+
+    /// The cluster's epoch: what `ServerInfo.epoch` reports on every node,
+    /// so a watch may resume on any of them.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// The etcd revision this node's catalog has applied.

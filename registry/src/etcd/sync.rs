@@ -53,6 +53,25 @@ fn reason_prefix(prefix: &str) -> Vec<u8> {
     format!("{}/r/", prefix.trim_end_matches('/')).into_bytes()
 }
 
+/// `{prefix}/epoch`: the cluster's epoch, a random number every node
+/// reports as `ServerInfo.epoch`. Created by the first node; replaced when a
+/// node finds etcd's revisions went back (etcd restored from an older
+/// backup), so no client resumes a watch across two histories.
+pub(super) fn epoch_key(prefix: &str) -> Vec<u8> {
+    format!("{}/epoch", prefix.trim_end_matches('/')).into_bytes()
+}
+
+/// A new random epoch: in [1, 2^53), exact in JSON doubles.
+fn new_epoch() -> u64 {
+    (rand::random::<u64>() >> 11).max(1)
+}
+
+fn epoch_value(kv: &KeyValue) -> Option<u64> {
+    <[u8; 8]>::try_from(kv.value.as_slice())
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
 /// `{prefix}/`: everything the node watches.
 fn root_prefix(prefix: &str) -> Vec<u8> {
     format!("{}/", prefix.trim_end_matches('/')).into_bytes()
@@ -203,22 +222,40 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     store.node_lease.store(lease, Ordering::Release);
     let renew_every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(300));
 
-    // (2) List and diff at one revision.
+    // A resync asked for by a write that failed while we were stale has
+    // been served by this very session: forget it, or it would end the
+    // session as soon as it is up.
+    let _ = futures::FutureExt::now_or_never(store.resync.notified());
+
+    // (2) The epoch and the instances, at one revision.
+    let (revision, epoch, listed) = list(store).await?;
     let ipfx = instance_prefix(&options.prefix);
-    let list = call(super::kv(&store.channel).range(RangeRequest {
-        key: ipfx.clone(),
-        range_end: prefix_end(&ipfx),
-        ..Default::default()
-    }))
-    .await?;
-    let revision = list.header.as_ref().map_or(0, |h| h.revision);
-    let mut listed: HashMap<InstanceKey, KeyValue> = HashMap::with_capacity(list.kvs.len());
-    for kv in list.kvs {
-        if let Some(key) = parse_key(&kv.key[ipfx.len()..]) {
-            listed.insert(key, kv);
+    let known = store.epoch.load(Ordering::Acquire);
+    let current = store.catalog.revision();
+    if known != 0 && epoch != known {
+        // Another history (etcd restored and a node noticed, or wiped and
+        // recreated): start over from it, resetting every watcher.
+        tracing::warn!(
+            old_epoch = known,
+            epoch,
+            revision,
+            "etcd's history changed; the catalog restarts from it under a new epoch"
+        );
+        reset_to_listing(store, &listed, revision as u64);
+    } else {
+        let diff = diff_listing(store, &listed);
+        if (revision as u64) < current || (revision as u64 == current && !diff.is_empty()) {
+            // etcd went back in time under the same epoch: a new epoch for
+            // every node, then relist.
+            rewind_epoch(store, known, epoch).await?;
+            return Err(Status::unavailable(format!(
+                "etcd's revision {revision} is behind this node's {current}: etcd was restored; \
+                 starting a new epoch"
+            )));
         }
+        apply_listing(store, diff, revision as u64);
     }
-    apply_listing(store, &listed, revision as u64);
+    store.epoch.store(epoch, Ordering::Release);
 
     // (3) Reconcile what we own with what etcd has.
     reconcile(store, &listed, lease, lease_lost, revision);
@@ -232,6 +269,7 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
             range_end: prefix_end(&root),
             start_revision: revision + 1,
             prev_kv: true,
+            progress_notify: true,
             ..Default::default()
         })),
     })
@@ -245,6 +283,7 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     .await?;
     store.applied.send_replace(revision as u64);
     store.stale.store(false, Ordering::Release);
+    let mut pending_renewal: Option<tokio::time::Instant> = None;
     tracing::info!(revision, lease, "etcd session up");
 
     let mut tick = tokio::time::interval(renew_every);
@@ -253,14 +292,19 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                // A paused etcd answers nothing but keeps the socket open:
-                // two missed renewals end the session.
-                if last_answer.elapsed() > renew_every * 2 + ETCD_CALL_TIMEOUT {
+                // A paused etcd answers nothing but keeps the socket open: a
+                // renewal unanswered for a call timeout ends the session, so
+                // the node turns stale (and its clients move) before its
+                // etcd lease can run out unnoticed.
+                if pending_renewal.is_some_and(|at| at.elapsed() > ETCD_CALL_TIMEOUT)
+                    || last_answer.elapsed() > renew_every * 2 + ETCD_CALL_TIMEOUT
+                {
                     return Err(Status::unavailable("etcd stopped answering lease renewals"));
                 }
                 if ka_tx.try_send(LeaseKeepAliveRequest { id: lease }).is_err() {
                     return Err(Status::unavailable("keepalive stream stuck"));
                 }
+                pending_renewal.get_or_insert_with(tokio::time::Instant::now);
             }
             msg = keepalive.message() => {
                 let resp = msg?.ok_or_else(|| Status::unavailable("keepalive stream ended"))?;
@@ -269,6 +313,7 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
                     return Err(Status::unavailable("our etcd lease expired"));
                 }
                 last_answer = tokio::time::Instant::now();
+                pending_renewal = None;
             }
             msg = watch.message() => {
                 let resp = msg?.ok_or_else(|| Status::unavailable("watch stream ended"))?;
@@ -280,16 +325,26 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
                 if resp.canceled {
                     return Err(Status::unavailable(format!("watch canceled: {}", resp.cancel_reason)));
                 }
-                apply_events(store, &resp.events, &ipfx);
-                if let Some(h) = resp.header {
-                    store.applied.send_if_modified(|a| {
-                        let newer = h.revision as u64 > *a;
-                        if newer {
-                            *a = h.revision as u64;
-                        }
-                        newer
-                    });
+                if apply_events(store, &resp.events, &ipfx) {
+                    return Err(Status::unavailable("the cluster's epoch changed; re-listing"));
                 }
+                // What is applied: the events' revisions, and a progress
+                // notification's header (sent only to a watch that has
+                // caught up). Not the header of other responses: during
+                // catch-up it is etcd's current revision, ahead of the
+                // events delivered so far.
+                let up_to = match resp.events.last() {
+                    Some(ev) => ev.kv.as_ref().map_or(0, |kv| kv.mod_revision),
+                    None if !resp.created => resp.header.map_or(0, |h| h.revision),
+                    None => 0,
+                };
+                store.applied.send_if_modified(|a| {
+                    let newer = up_to as u64 > *a;
+                    if newer {
+                        *a = up_to as u64;
+                    }
+                    newer
+                });
             }
             _ = store.resync.notified() => {
                 return Err(Status::unavailable("resync requested after a failed write"));
@@ -308,23 +363,134 @@ fn decode(kv: &KeyValue, key: &InstanceKey) -> Option<Instance> {
     Some(instance)
 }
 
-/// Commits the difference between the catalog and a listing at `revision`
-/// as one resync point.
-fn apply_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, revision: u64) {
+/// The epoch and every instance, read at one revision (one etcd
+/// transaction); the epoch key is created first if the cluster has none.
+async fn list(
+    store: &EtcdStore,
+) -> Result<(i64, u64, HashMap<InstanceKey, KeyValue>), Status> {
+    use registry_api::etcd::etcdserverpb::{
+        Compare, PutRequest, RequestOp, TxnRequest,
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        request_op::Request,
+        response_op::Response,
+    };
+    let prefix = &store.options.prefix;
+    let ekey = epoch_key(prefix);
+    let ipfx = instance_prefix(prefix);
+    let mut kv = super::kv(&store.channel);
+    call(kv.txn(TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Version as i32,
+            key: ekey.clone(),
+            target_union: Some(TargetUnion::Version(0)),
+            range_end: Vec::new(),
+        }],
+        success: vec![RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: ekey.clone(),
+                value: new_epoch().to_be_bytes().to_vec(),
+                ..Default::default()
+            })),
+        }],
+        failure: Vec::new(),
+    }))
+    .await?;
+    let range = |key: Vec<u8>, range_end: Vec<u8>| RequestOp {
+        request: Some(Request::RequestRange(RangeRequest {
+            key,
+            range_end,
+            ..Default::default()
+        })),
+    };
+    let resp = call(kv.txn(TxnRequest {
+        compare: Vec::new(),
+        success: vec![
+            range(ekey.clone(), Vec::new()),
+            range(ipfx.clone(), prefix_end(&ipfx)),
+        ],
+        failure: Vec::new(),
+    }))
+    .await?;
+    let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+    let mut ranges = resp.responses.into_iter().map(|r| match r.response {
+        Some(Response::ResponseRange(range)) => range.kvs,
+        _ => Vec::new(),
+    });
+    let epoch = ranges
+        .next()
+        .unwrap_or_default()
+        .first()
+        .and_then(epoch_value)
+        .ok_or_else(|| Status::unavailable("the cluster's epoch key is missing or malformed"))?;
+    let mut listed = HashMap::new();
+    for kv in ranges.next().unwrap_or_default() {
+        if let Some(key) = parse_key(&kv.key[ipfx.len()..]) {
+            listed.insert(key, kv);
+        }
+    }
+    Ok((revision, epoch, listed))
+}
+
+/// Replaces the cluster's epoch `old` (unless another node already did).
+async fn rewind_epoch(store: &EtcdStore, old: u64, read: u64) -> Result<(), Status> {
+    use registry_api::etcd::etcdserverpb::{
+        Compare, PutRequest, RequestOp, TxnRequest,
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        request_op::Request,
+    };
+    if read != old {
+        return Ok(());
+    }
+    let ekey = epoch_key(&store.options.prefix);
+    let epoch = new_epoch();
+    tracing::warn!(old_epoch = old, epoch, "etcd's revisions went back; replacing the cluster's epoch");
+    call(super::kv(&store.channel).txn(TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: ekey.clone(),
+            target_union: Some(TargetUnion::Value(old.to_be_bytes().to_vec())),
+            range_end: Vec::new(),
+        }],
+        success: vec![RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: ekey,
+                value: epoch.to_be_bytes().to_vec(),
+                ..Default::default()
+            })),
+        }],
+        failure: Vec::new(),
+    }))
+    .await?;
+    Ok(())
+}
+
+/// What must change in the catalog to hold exactly a listing.
+#[derive(Debug, Default)]
+struct Diff {
+    deletes: Vec<InstanceKey>,
+    puts: Vec<Instance>,
+}
+
+impl Diff {
+    fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.puts.is_empty()
+    }
+}
+
+fn diff_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>) -> Diff {
     let catalog = &store.catalog;
+    let mut diff = Diff::default();
     let (services, _) = catalog.list_services();
-    let mut txn = catalog.txn();
     for (service, _) in services {
         let Some(snap) = catalog.resolve(&service).0 else {
             continue;
         };
         for inst in snap.instances() {
             let key = InstanceKey::of(inst);
-            match listed.get(&key) {
-                Some(_) => {}
-                // Gone while we were not watching: why is unknown, and a
-                // lease expiring is by far the likeliest.
-                None => txn.delete(key, DeleteReason::Expired),
+            if !listed.contains_key(&key) {
+                diff.deletes.push(key);
             }
         }
     }
@@ -333,25 +499,59 @@ fn apply_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, rev
             continue;
         };
         // Compared without the revision, which the catalog sets on commit.
-        let unchanged = txn.get(&key.service, &key.id).is_some_and(|i| {
-            let mut current = Instance::clone(&i);
-            current.revision = 0;
-            current == instance
-        });
+        let unchanged = catalog
+            .resolve(&key.service)
+            .0
+            .and_then(|snap| {
+                snap.instances()
+                    .iter()
+                    .find(|i| *i.id == *key.id)
+                    .cloned()
+            })
+            .is_some_and(|i| {
+                let mut current = Instance::clone(&i);
+                current.revision = 0;
+                current == instance
+            });
         if !unchanged {
+            diff.puts.push(instance);
+        }
+    }
+    diff
+}
+
+/// Commits a listing's difference at `revision` (above the catalog's) as
+/// one resync point: live watchers get the diff as an ordinary batch,
+/// resuming ones at or below it a reset. Nothing at all when the listing is
+/// at the catalog's revision already (nothing was missed).
+fn apply_listing(store: &EtcdStore, diff: Diff, revision: u64) {
+    let catalog = &store.catalog;
+    if revision <= catalog.revision() {
+        return;
+    }
+    let mut txn = catalog.txn();
+    for key in diff.deletes {
+        // Gone while we were not watching: why is unknown, and a lease
+        // expiring is by far the likeliest.
+        txn.delete(key, DeleteReason::Expired);
+    }
+    for instance in diff.puts {
+        txn.put(instance);
+    }
+    txn.mark_discontinuity();
+    txn.commit_at(revision);
+}
+
+/// Replaces the whole catalog with a listing of another history.
+fn reset_to_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, revision: u64) {
+    let mut txn = store.catalog.txn();
+    for (key, kv) in listed {
+        if let Some(mut instance) = decode(kv, key) {
+            instance.revision = kv.mod_revision as u64;
             txn.put(instance);
         }
     }
-    txn.mark_discontinuity();
-    let current = catalog.revision();
-    if revision <= current {
-        // etcd went back in time (restored from a backup): keep our
-        // revisions increasing; resuming watchers are reset anyway.
-        tracing::warn!(revision, current, "etcd revision behind the catalog's");
-        txn.commit_at(current + 1);
-    } else {
-        txn.commit_at(revision);
-    }
+    txn.commit_reset(revision);
 }
 
 /// After a listing: make etcd hold exactly what this node owns.
@@ -434,8 +634,18 @@ fn reconcile(
 
 /// Applies watch events: each etcd revision becomes one catalog commit at
 /// that revision.
-fn apply_events(store: &EtcdStore, events: &[Event], ipfx: &[u8]) {
+/// Returns true when the cluster's epoch changed (the session must relist).
+fn apply_events(store: &EtcdStore, events: &[Event], ipfx: &[u8]) -> bool {
     let rpfx = reason_prefix(&store.options.prefix);
+    let ekey = epoch_key(&store.options.prefix);
+    let epoch = store.epoch.load(Ordering::Acquire);
+    if events.iter().any(|ev| {
+        ev.kv
+            .as_ref()
+            .is_some_and(|kv| kv.key == ekey && epoch_value(kv) != Some(epoch))
+    }) {
+        return true;
+    }
     let lease = store.node_lease();
     let mut i = 0;
     while i < events.len() {
@@ -496,6 +706,7 @@ fn apply_events(store: &EtcdStore, events: &[Event], ipfx: &[u8]) {
         }
         txn.commit_at(revision as u64);
     }
+    false
 }
 
 /// Another node (or an admin) changed an instance this node may own:
