@@ -1,7 +1,7 @@
 //! The `registry` daemon: parses flags, sets up logging, binds the listener
 //! and hands over to [`registry::server::run`].
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 
@@ -47,11 +47,11 @@ struct Args {
     #[arg(long)]
     rate_burst: Option<u32>,
     /// Shortest lease TTL accepted (e.g. 500ms, 1s).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    min_ttl: Duration,
+    #[arg(long, default_value_t = Config::default().min_ttl.into())]
+    min_ttl: humantime::Duration,
     /// Longest lease TTL accepted (e.g. 30s, 1h).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    max_ttl: Duration,
+    #[arg(long, default_value_t = Config::default().max_ttl.into())]
+    max_ttl: humantime::Duration,
     /// Cap on live leases.
     #[arg(long, default_value_t = Config::default().max_leases)]
     max_leases: usize,
@@ -78,23 +78,23 @@ struct Args {
     #[arg(long, default_value_t = Config::default().max_concurrent_streams)]
     max_concurrent_streams: u32,
     /// HTTP/2 ping interval on quiet connections (0s: no pings).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    keepalive_interval: Duration,
+    #[arg(long, default_value_t = Config::default().keepalive_interval.into())]
+    keepalive_interval: humantime::Duration,
     /// Close a connection whose ping is unanswered this long.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    keepalive_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().keepalive_timeout.into())]
+    keepalive_timeout: humantime::Duration,
     /// Close a connection that sends nothing for this long (0s: never); must
     /// exceed keepalive interval + timeout.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    idle_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().idle_timeout.into())]
+    idle_timeout: humantime::Duration,
     /// Close a new connection that has not sent its HTTP/2 preface within
     /// this time (0s: no limit).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    handshake_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().handshake_timeout.into())]
+    handshake_timeout: humantime::Duration,
     /// Longest time a call may take to produce its response; open streams
     /// are not limited (0s: no limit).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().request_timeout.into())]
+    request_timeout: humantime::Duration,
     /// Lease ids accepted in one Heartbeat or KeepAlive message.
     #[arg(long, default_value_t = Config::default().max_heartbeat_batch)]
     max_heartbeat_batch: usize,
@@ -102,8 +102,8 @@ struct Args {
     #[arg(long, default_value_t = Config::default().history_events)]
     history_events: usize,
     /// Watch history kept for resuming, in age.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    history_age: Duration,
+    #[arg(long, default_value_t = Config::default().history_age.into())]
+    history_age: humantime::Duration,
     /// Cap on live watchers.
     #[arg(long, default_value_t = Config::default().max_watchers)]
     max_watchers: usize,
@@ -114,15 +114,15 @@ struct Args {
     #[arg(long, default_value_t = Config::default().watch_buffer)]
     watch_buffer: usize,
     /// Progress message interval on idle watch streams.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    watch_progress_interval: Duration,
+    #[arg(long, default_value_t = Config::default().watch_progress_interval.into())]
+    watch_progress_interval: humantime::Duration,
     /// Window after start in which answers say "warming up": services are
     /// still re-registering, so clients keep their last known good lists.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    warmup: Duration,
+    #[arg(long, default_value_t = Config::default().warmup.into())]
+    warmup: humantime::Duration,
     /// How long shutdown waits for in-flight calls.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
+    #[arg(long, default_value_t = Config::default().shutdown_grace.into())]
+    shutdown_grace: humantime::Duration,
     /// Do not serve xDS (the Aggregated Discovery Service gRPC clients and
     /// Envoy use to discover services) on the gRPC port.
     #[arg(long, env = "REGISTRY_NO_XDS")]
@@ -138,8 +138,8 @@ struct Args {
     log_format: LogFormat,
     /// If the expiry task was not scheduled for longer than this (the process
     /// was paused or starved), every lease is extended by the stall first.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    stall_threshold: Duration,
+    #[arg(long, default_value_t = Config::default().stall_threshold.into())]
+    stall_threshold: humantime::Duration,
     /// Expiry storm: more than this fraction of all leases expiring within
     /// one second; they are then expired gradually (1 disables the guard).
     #[arg(long, default_value_t = Config::default().storm_fraction)]
@@ -167,8 +167,8 @@ struct Args {
     etcd_prefix: String,
     /// TTL of this node's own etcd lease: how long the instances registered
     /// through it outlive the node if it dies (with --store etcd).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    etcd_lease_ttl: Duration,
+    #[arg(long, default_value_t = registry::config::DEFAULT_ETCD_LEASE_TTL.into())]
+    etcd_lease_ttl: humantime::Duration,
     /// Keep the catalog and leases in this directory (created if missing):
     /// every change is written there before it is acknowledged, and a
     /// restarted registry (even after a crash) loads it before it serves,
@@ -190,8 +190,8 @@ struct Args {
     #[arg(long, default_value = registry::config::DEFAULT_DNS_DOMAIN, env = "REGISTRY_DNS_DOMAIN")]
     dns_domain: String,
     /// TTL of DNS answers.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    dns_ttl: Duration,
+    #[arg(long, default_value_t = Config::default().dns_ttl.into())]
+    dns_ttl: humantime::Duration,
     // --- end HTTP API and DNS ---
 }
 
@@ -220,8 +220,8 @@ enum StoreKind {
 impl Args {
     fn config(&self) -> Config {
         Config {
-            min_ttl: self.min_ttl,
-            max_ttl: self.max_ttl,
+            min_ttl: self.min_ttl.into(),
+            max_ttl: self.max_ttl.into(),
             max_leases: self.max_leases,
             max_instances_per_service: self.max_instances_per_service,
             max_instances_per_lease: self.max_instances_per_lease,
@@ -230,22 +230,22 @@ impl Args {
             max_message_size: self.max_message_size,
             max_connections: self.max_connections,
             max_concurrent_streams: self.max_concurrent_streams,
-            keepalive_interval: self.keepalive_interval,
-            keepalive_timeout: self.keepalive_timeout,
-            idle_timeout: self.idle_timeout,
-            handshake_timeout: self.handshake_timeout,
-            request_timeout: self.request_timeout,
+            keepalive_interval: self.keepalive_interval.into(),
+            keepalive_timeout: self.keepalive_timeout.into(),
+            idle_timeout: self.idle_timeout.into(),
+            handshake_timeout: self.handshake_timeout.into(),
+            request_timeout: self.request_timeout.into(),
             max_heartbeat_batch: self.max_heartbeat_batch,
             history_events: self.history_events,
-            history_age: self.history_age,
+            history_age: self.history_age.into(),
             max_watchers: self.max_watchers,
             max_watchers_per_connection: self.max_watchers_per_connection,
             watch_buffer: self.watch_buffer,
-            watch_progress_interval: self.watch_progress_interval,
-            warmup: self.warmup,
-            shutdown_grace: self.shutdown_grace,
+            watch_progress_interval: self.watch_progress_interval.into(),
+            warmup: self.warmup.into(),
+            shutdown_grace: self.shutdown_grace.into(),
             xds: !self.no_xds,
-            stall_threshold: self.stall_threshold,
+            stall_threshold: self.stall_threshold.into(),
             storm_fraction: self.storm_fraction,
             storm_min_leases: self.storm_min_leases,
             storm_rate: self.storm_rate,
@@ -266,13 +266,13 @@ impl Args {
                     registry::config::EtcdOptions::parse_endpoints(&self.etcd_endpoints),
                 );
                 options.prefix = self.etcd_prefix.clone();
-                options.lease_ttl = self.etcd_lease_ttl;
+                options.lease_ttl = self.etcd_lease_ttl.into();
                 options
             }),
             http_listen: self.http_listen.0,
             dns_listen: self.dns_listen.and_then(|l| l.0),
             dns_domain: self.dns_domain.clone(),
-            dns_ttl: self.dns_ttl,
+            dns_ttl: self.dns_ttl.into(),
         }
     }
 }
