@@ -562,6 +562,8 @@ fn reset_to_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, 
 ///   and the writer refuses the put and forgets the instance here.
 /// - An owned instance now held by another node, or removed, since our put
 ///   is forgotten (and detached from its client lease).
+/// - An owned instance whose put is newer than the listing (etcd was
+///   restored from an older copy) is put back, under the same guard.
 /// - A key under our etcd lease that we no longer own (its client lease
 ///   expired or it was deregistered while etcd was away) is deleted.
 fn reconcile(
@@ -578,13 +580,29 @@ fn reconcile(
         let mut gone = Vec::new();
         for (key, o) in owned.iter() {
             let held_by_other = listed.get(key).is_some_and(|kv| kv.lease != lease);
-            match listed.get(key) {
-                Some(kv) if kv.lease == lease && !lease_lost => {}
+            // Our put is not in this history: etcd was restored from a copy
+            // older than it. Put it back.
+            let lost_in_rewind = o.revision > revision;
+            let put_back = match listed.get(key) {
+                Some(kv) if kv.lease == lease && !lease_lost => {
+                    lost_in_rewind && kv.value.as_slice() != o.value.as_ref()
+                }
                 // Taken over by another node since our put.
                 _ if held_by_other && o.revision != 0 && o.revision < revision => {
-                    gone.push(key.clone())
+                    gone.push(key.clone());
+                    false
                 }
-                _ if lease_lost => writes.push((
+                _ if lease_lost => true,
+                None if lost_in_rewind => true,
+                // Removed since our put (deregistered through another node).
+                None if o.revision != 0 && o.revision < revision => {
+                    gone.push(key.clone());
+                    false
+                }
+                _ => false,
+            };
+            if put_back {
+                writes.push((
                     Op::Put {
                         key: key.clone(),
                         value: o.value.clone(),
@@ -595,10 +613,7 @@ fn reconcile(
                         attached: vec![(o.client_lease, key.clone())],
                         ..Undo::default()
                     },
-                )),
-                // Removed since our put (deregistered through another node).
-                None if o.revision != 0 && o.revision < revision => gone.push(key.clone()),
-                _ => {}
+                ));
             }
         }
         for key in gone {
