@@ -232,7 +232,8 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     let ipfx = instance_prefix(&options.prefix);
     let known = store.epoch.load(Ordering::Acquire);
     let current = store.catalog.revision();
-    if known != 0 && epoch != known {
+    let rewound = known != 0 && epoch != known;
+    if rewound {
         // Another history (etcd restored and a node noticed, or wiped and
         // recreated): start over from it, resetting every watcher.
         tracing::warn!(
@@ -258,7 +259,7 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     store.epoch.store(epoch, Ordering::Release);
 
     // (3) Reconcile what we own with what etcd has.
-    reconcile(store, &listed, lease, lease_lost, revision);
+    reconcile(store, &listed, lease, lease_lost, rewound, revision);
 
     // (4) Watch from R + 1, renewing the lease.
     let root = root_prefix(&options.prefix);
@@ -571,6 +572,7 @@ fn reconcile(
     listed: &HashMap<InstanceKey, KeyValue>,
     lease: i64,
     lease_lost: bool,
+    rewound: bool,
     revision: i64,
 ) {
     let mut writes: Vec<(Op, Undo)> = Vec::new();
@@ -581,8 +583,9 @@ fn reconcile(
         for (key, o) in owned.iter() {
             let held_by_other = listed.get(key).is_some_and(|kv| kv.lease != lease);
             // Our put is not in this history: etcd was restored from a copy
-            // older than it. Put it back.
-            let lost_in_rewind = o.revision > revision;
+            // older than it (after a new epoch, no revision of ours is
+            // comparable with etcd's any more). Put it back.
+            let lost_in_rewind = rewound || o.revision > revision;
             let put_back = match listed.get(key) {
                 Some(kv) if kv.lease == lease && !lease_lost => {
                     lost_in_rewind && kv.value.as_slice() != o.value.as_ref()
