@@ -288,7 +288,7 @@ async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
     }
     sigterm(registry.pid());
 
-    let call = "prod.ProdService/GetProductStock";
+    let call = "prod.v1.ProdService/GetProductStock";
     let client_span = |s: &Span| s.service == "prod_client" && s.name == call;
     let spans = collector
         .wait_for(
