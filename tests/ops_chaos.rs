@@ -9,10 +9,9 @@
 //! once, and no service has to register again.
 
 //!
-//! The registry binary comes from the `registry` package, located with
-//! `common::built_artifact` (this file lives at the top level because its
-//! clients are `registry-client` and `registry-bench`, which the daemon
-//! package does not depend on).
+//! The daemon runs with its own start-up here, not `common::binary`'s: it
+//! logs JSON (`--log-format json`), and the test reads the metrics
+//! endpoint's address from that log.
 
 mod common;
 
@@ -27,14 +26,19 @@ use std::{
     time::Duration,
 };
 
-use common::prod::ProdInstance;
+use common::{
+    api::resolve_request,
+    artifacts::registry_binary,
+    ops::{metric, scrape},
+    prod::ProdInstance,
+};
 use registry_api::{
     prod::{ProductRequest, prod_service_client::ProdServiceClient},
-    v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
+    v1::registry_client::RegistryClient as RawClient,
 };
 use registry_client::RegistryClient;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
     time::Instant,
 };
@@ -50,18 +54,6 @@ struct Daemon {
     child: Child,
     grpc: SocketAddr,
     metrics: SocketAddr,
-}
-
-/// The `registry` daemon binary, built if needed (once per test process).
-async fn registry_binary() -> std::path::PathBuf {
-    static PATH: tokio::sync::OnceCell<std::path::PathBuf> = tokio::sync::OnceCell::const_new();
-    PATH.get_or_init(|| async {
-        tokio::task::spawn_blocking(|| common::built_artifact("registry", "bin", "registry"))
-            .await
-            .expect("build the registry binary")
-    })
-    .await
-    .clone()
 }
 
 /// Starts the daemon on `listen`; `None` if it exited first (the port was
@@ -130,26 +122,10 @@ async fn start(listen: &str, extra: &[&str]) -> Daemon {
 }
 
 async fn resolve_ids(raw: &mut RawClient<tonic::transport::Channel>) -> Vec<String> {
-    match raw
-        .resolve(ResolveRequest {
-            service: "prod".into(),
-            ..Default::default()
-        })
-        .await
-    {
+    match raw.resolve(resolve_request("prod")).await {
         Ok(r) => r.into_inner().instances.into_iter().map(|i| i.id).collect(),
         Err(_) => Vec::new(),
     }
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
 }
 
 /// What the callers saw.
@@ -314,21 +290,9 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
     );
     let metrics = scrape(daemon.metrics).await;
     assert!(metrics.contains("registry_instances 20"), "{metrics}");
-    let registrations: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("registry_registrations_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("registrations counter");
-    assert!(registrations >= INSTANCES as u64, "{metrics}");
-}
-
-/// A counter or gauge's value in a scrape.
-fn metric(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in {scrape}"))
+    let registrations =
+        metric(&metrics, "registry_registrations_total").expect("registrations counter");
+    assert!(registrations >= INSTANCES as f64, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,19 +342,21 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
     let scrape = scrape(daemon.metrics).await;
     assert_eq!(
         metric(&scrape, "registry_restored_instances"),
-        INSTANCES as f64
+        Some(INSTANCES as f64),
+        "{scrape}"
     );
     assert_eq!(
         metric(&scrape, "registry_lease_expirations_total"),
-        0.0,
+        Some(0.0),
         "{scrape}"
     );
     assert_eq!(
         metric(&scrape, "registry_registrations_total"),
-        0.0,
+        Some(0.0),
         "{scrape}"
     );
-    assert!(metric(&scrape, "registry_heartbeats_total{result=\"renewed\"}") > 0.0);
+    let renewed = metric(&scrape, "registry_heartbeats_total{result=\"renewed\"}");
+    assert!(renewed.is_some_and(|n| n > 0.0), "{scrape}");
     drop(instances);
     let _ = std::fs::remove_dir_all(&dir);
 }
