@@ -9,6 +9,10 @@
 //! alive in the background, and on Ctrl-C / SIGTERM deregisters, drains and
 //! only then stops serving (`registry_client::Shutdown`), so callers stop
 //! using it before its port closes.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set (e.g. `http://127.0.0.1:4317`),
+//! each call it serves is a server span exported over OTLP, the child of
+//! the caller's span (`registry_client::trace::ServerLayer`).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -17,9 +21,13 @@ use registry_api::prod::{
     ProductRequest, ProductResponse,
     prod_service_server::{ProdService, ProdServiceServer},
 };
-use registry_client::{Instance, RegistryClient, Shutdown, shutdown_signal};
+use registry_client::{
+    Instance, RegistryClient, Shutdown, shutdown_signal,
+    trace::{OtlpExport, ServerLayer},
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Debug, Parser)]
 #[command(about = "ProdService example: registers itself in the registry as `prod`")]
@@ -86,12 +94,17 @@ impl ProdService for Stock {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    // Logs on stderr; spans to a collector too when OTEL_EXPORTER_OTLP_ENDPOINT
+    // names one (the log filter does not apply to them).
+    let export = OtlpExport::from_env("prod_service")?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())),
+        )
+        .with(export.as_ref().map(|e| e.layer()))
+        .init();
 
     let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
     let addr: SocketAddr = listener.local_addr()?;
@@ -107,6 +120,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = Shutdown::new();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A server span per call, in the caller's trace (inert unless
+            // spans are exported).
+            .layer(ServerLayer::new())
             .add_service(ProdServiceServer::new(Stock {
                 instance_id: instance_id.clone(),
             }))
@@ -137,5 +153,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     server.await??;
+    if let Some(export) = export {
+        export.shutdown().await;
+    }
     Ok(())
 }

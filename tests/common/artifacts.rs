@@ -151,9 +151,23 @@ pub struct ExampleProcess {
 impl ExampleProcess {
     /// Spawns the executable at `path` (from [`example`]) with `args`.
     pub fn spawn(path: &Path, args: &[&str]) -> Self {
-        let mut child = tokio::process::Command::new(path)
+        Self::spawn_with_env(path, args, &[])
+    }
+
+    /// [`ExampleProcess::spawn`] with these environment variables. No
+    /// `OTEL_*` variable of the test's own environment is passed on: an
+    /// example exports spans only to a collector the test names.
+    pub fn spawn_with_env(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = tokio::process::Command::new(path);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("OTEL_") {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -175,5 +189,15 @@ impl ExampleProcess {
     /// SIGTERM: the examples deregister, then exit.
     pub fn terminate(&self) {
         super::binary::send_signal(self.child.id().expect("running"), "-TERM");
+    }
+
+    /// Waits at most `limit` for the process to exit, and asserts it
+    /// exited with success.
+    pub async fn exits_cleanly(&mut self, limit: Duration) {
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("example did not exit in time")
+            .expect("wait for the example");
+        assert!(status.success(), "example exited with {status:?}");
     }
 }

@@ -15,6 +15,7 @@ pub mod history;
 pub mod hostile;
 pub mod http;
 pub mod ops;
+pub mod otlp;
 pub mod prod;
 pub mod proxy;
 

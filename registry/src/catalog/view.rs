@@ -175,6 +175,9 @@ pub(super) fn drain(handle: &mut WatcherHandle) {
         .store(super::RESET_NONE, std::sync::atomic::Ordering::Release);
 }
 
+/// A service's instances being patched: id -> encoding.
+type Patch = BTreeMap<Arc<str>, Arc<[u8]>>;
+
 /// Brings walked snapshots to revision `r1` with the batches committed
 /// since the walk began.
 fn patch(
@@ -183,7 +186,7 @@ fn patch(
     mut walked: BTreeMap<Arc<str>, Option<Arc<ServiceSnapshot>>>,
     batches: &[Arc<RevisionBatch>],
 ) -> CatalogView {
-    let mut patched: BTreeMap<Arc<str>, BTreeMap<Arc<str>, Arc<[u8]>>> = BTreeMap::new();
+    let mut patched: BTreeMap<Arc<str>, Patch> = BTreeMap::new();
     for batch in batches.iter().filter(|b| b.revision <= r1) {
         for ev in &batch.events {
             let service = ev.instance.service.as_str();
