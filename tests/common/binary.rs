@@ -32,6 +32,9 @@ pub struct BinaryServer {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:port`, what clients dial.
     pub url: String,
+    /// The operations endpoint (`/metrics`, `/healthz`), when the flags
+    /// name `--metrics-listen`; learned from the log at each start.
+    pub ops: Option<SocketAddr>,
     binary: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -51,6 +54,7 @@ impl BinaryServer {
         let mut server = Self {
             addr: "127.0.0.1:0".parse().unwrap(),
             url: String::new(),
+            ops: None,
             binary,
             args,
             child: None,
@@ -133,7 +137,20 @@ impl BinaryServer {
     /// `kill -9`, then a start with the same flags on the same address.
     pub async fn restart(&mut self) {
         self.kill9().await;
+        self.start_again().await;
+    }
+
+    /// After [`BinaryServer::kill9`] or an exit: a new process with the
+    /// same flags on the same address (and data directory, if any).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the registry process still runs");
         self.spawn().await;
+    }
+
+    /// Every line the daemon logged that is still kept (the last
+    /// [`LOG_TAIL`]).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().iter().cloned().collect()
     }
 
     /// Starts the process on `self.addr`, retrying while the port is still
@@ -141,10 +158,11 @@ impl BinaryServer {
     async fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some((child, addr)) = self.try_spawn().await {
+            if let Some((child, addr, ops)) = self.try_spawn().await {
                 self.child = Some(child);
                 self.addr = addr;
                 self.url = format!("http://{addr}");
+                self.ops = ops;
                 return;
             }
             assert!(
@@ -157,7 +175,9 @@ impl BinaryServer {
         }
     }
 
-    async fn try_spawn(&self) -> Option<(Child, SocketAddr)> {
+    /// One process: its gRPC address and operations endpoint as logged,
+    /// or `None` if it exited before it logged them (port still taken).
+    async fn try_spawn(&self) -> Option<(Child, SocketAddr, Option<SocketAddr>)> {
         let mut child = Command::new(&self.binary)
             .args(["--listen", &self.addr.to_string()])
             .args(&self.args)
@@ -176,17 +196,17 @@ impl BinaryServer {
             }
             log.push_back(line);
         };
-        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        let want_ops = self.args.iter().any(|a| a == "--metrics-listen");
+        let addrs = tokio::time::timeout(Duration::from_secs(20), async {
+            let (mut grpc, mut ops) = (None, None);
             while let Ok(Some(line)) = lines.next_line().await {
-                let addr = line
-                    .contains("registry listening")
-                    .then(|| line.split("addr=").nth(1))
-                    .flatten()
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                grpc = grpc.or_else(|| logged_addr(&line, "registry listening"));
+                ops = ops.or_else(|| logged_addr(&line, "metrics and health endpoint listening"));
                 push(line);
-                if addr.is_some() {
-                    return addr;
+                if let Some(grpc) = grpc
+                    && (ops.is_some() || !want_ops)
+                {
+                    return Some((grpc, ops));
                 }
             }
             None
@@ -198,15 +218,37 @@ impl BinaryServer {
                 self.log_tail()
             )
         });
-        let addr = addr?;
+        let (grpc, ops) = addrs?;
         // Keep draining stderr so the daemon never blocks on a full pipe.
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 push(line);
             }
         });
-        Some((child, addr))
+        Some((child, grpc, ops))
     }
+}
+
+/// The `addr` of a log line whose message is `message`, in either log
+/// format (`--log-format json` or text: `... message addr=host:port`).
+fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = &v["fields"];
+        if fields["message"].as_str() != Some(message) {
+            return None;
+        }
+        return fields["addr"].as_str()?.parse().ok();
+    }
+    if !line.contains(message) {
+        return None;
+    }
+    line.split("addr=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Drop for BinaryServer {
