@@ -230,15 +230,17 @@ async fn heartbeat_of_unknown_lease() {
 async fn keepalive_stream_renews_in_batches() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let a = register(&mut c, instance("prod", "a"), 300, 0).await;
-    let b = register(&mut c, instance("prod", "b").at("10.0.0.1:81"), 300, 0).await;
+    // Renewed every 100 ms for 1.2 s, twice the TTL; the TTL leaves 400 ms
+    // for a loaded machine between the last renewal and the Resolve.
+    let a = register(&mut c, instance("prod", "a"), 500, 0).await;
+    let b = register(&mut c, instance("prod", "b").at("10.0.0.1:81"), 500, 0).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut responses = c
         .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    for _ in 0..8 {
+    for _ in 0..12 {
         tx.send(HeartbeatRequest {
             lease_ids: vec![a.lease_id, b.lease_id, 7],
         })

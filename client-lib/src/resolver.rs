@@ -335,6 +335,10 @@ impl Cache {
         let instances: Arc<[Instance]> = self.view().into_values().collect();
         let status = match self.known {
             None => ServiceStatus::Pending,
+            // A restarted registry that has not heard from the service yet
+            // during its warm-up: the instances held meanwhile are the
+            // service, so it is still known.
+            Some(false) if !self.held.is_empty() => ServiceStatus::Known,
             Some(false) => ServiceStatus::Unknown,
             Some(true) => ServiceStatus::Known,
         };
