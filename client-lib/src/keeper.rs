@@ -1052,9 +1052,11 @@ impl Keeper {
             .map(|i| {
                 let mut grpc = grpc(self.endpoints.node(i));
                 async move {
-                    let answer =
-                        tokio::time::timeout(STALE_PROBE_TIMEOUT, grpc.status(pb::StatusRequest {}))
-                            .await;
+                    let answer = tokio::time::timeout(
+                        STALE_PROBE_TIMEOUT,
+                        grpc.status(pb::StatusRequest {}),
+                    )
+                    .await;
                     match answer {
                         Ok(Ok(resp)) => {
                             let server = ServerInfo::from(resp.into_inner().server);
@@ -1080,7 +1082,12 @@ impl Keeper {
         );
         self.endpoints.set_current(node);
         self.stream = None;
-        let leases: Vec<u64> = self.groups.values().filter_map(|g| g.lease).map(|l| l.id).collect();
+        let leases: Vec<u64> = self
+            .groups
+            .values()
+            .filter_map(|g| g.lease)
+            .map(|l| l.id)
+            .collect();
         for id in leases {
             self.lease_lost(id);
         }

@@ -365,9 +365,7 @@ fn decode(kv: &KeyValue, key: &InstanceKey) -> Option<Instance> {
 
 /// The epoch and every instance, read at one revision (one etcd
 /// transaction); the epoch key is created first if the cluster has none.
-async fn list(
-    store: &EtcdStore,
-) -> Result<(i64, u64, HashMap<InstanceKey, KeyValue>), Status> {
+async fn list(store: &EtcdStore) -> Result<(i64, u64, HashMap<InstanceKey, KeyValue>), Status> {
     use registry_api::etcd::etcdserverpb::{
         Compare, PutRequest, RequestOp, TxnRequest,
         compare::{CompareResult, CompareTarget, TargetUnion},
@@ -444,7 +442,11 @@ async fn rewind_epoch(store: &EtcdStore, old: u64, read: u64) -> Result<(), Stat
     }
     let ekey = epoch_key(&store.options.prefix);
     let epoch = new_epoch();
-    tracing::warn!(old_epoch = old, epoch, "etcd's revisions went back; replacing the cluster's epoch");
+    tracing::warn!(
+        old_epoch = old,
+        epoch,
+        "etcd's revisions went back; replacing the cluster's epoch"
+    );
     call(super::kv(&store.channel).txn(TxnRequest {
         compare: vec![Compare {
             result: CompareResult::Equal as i32,
@@ -502,12 +504,7 @@ fn diff_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>) -> D
         let unchanged = catalog
             .resolve(&key.service)
             .0
-            .and_then(|snap| {
-                snap.instances()
-                    .iter()
-                    .find(|i| *i.id == *key.id)
-                    .cloned()
-            })
+            .and_then(|snap| snap.instances().iter().find(|i| *i.id == *key.id).cloned())
             .is_some_and(|i| {
                 let mut current = Instance::clone(&i);
                 current.revision = 0;
