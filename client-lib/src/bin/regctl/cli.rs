@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, fmt::Write as _, io::Write, time::Duration};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use registry_client::{
-    DeregisterTarget, Error, Instance, Query, RegistrationState, RegistryClient, Snapshot,
-    WatchEvent, WatchOptions, shutdown_signal,
+    AdminState, DeregisterTarget, Error, Instance, Query, RegistrationState, RegistryClient,
+    Snapshot, WatchEvent, WatchOptions, shutdown_signal,
 };
 use serde::Serialize;
 
@@ -36,7 +36,7 @@ pub(crate) const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
 #[command(
     name = "regctl",
     version,
-    about = "Resolve, list, watch and register services in a registry"
+    about = "Resolve, list, watch, register, drain and maintain services in a registry"
 )]
 pub(crate) struct Cli {
     /// Registry address (several, comma-separated, are tried in order).
@@ -74,6 +74,15 @@ pub(crate) enum Format {
     Json,
 }
 
+/// `regctl maint on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MaintMode {
+    /// Disable: out of rotation.
+    On,
+    /// Active again.
+    Off,
+}
+
 /// regctl's subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -84,6 +93,10 @@ pub(crate) enum Command {
         /// Only instances with this metadata (repeatable, all must match).
         #[arg(long = "selector", short = 's', value_name = "K=V", value_parser = parse_kv)]
         selector: Vec<(String, String)>,
+        /// Also instances callers are not sent to (critical, draining,
+        /// disabled).
+        #[arg(long)]
+        all: bool,
     },
     /// Services with their instance counts.
     List,
@@ -94,6 +107,33 @@ pub(crate) enum Command {
         /// Only instances with this metadata (repeatable, all must match).
         #[arg(long = "selector", short = 's', value_name = "K=V", value_parser = parse_kv)]
         selector: Vec<(String, String)>,
+        /// Also instances callers are not sent to (critical, draining,
+        /// disabled), with every change of their state.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drain an instance: callers move off at once, its registration stays.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// Why (shown by resolve --all and watch).
+        #[arg(long, default_value = "drained with regctl")]
+        reason: String,
+    },
+    /// Maintenance mode of an instance: `on` takes it out of rotation
+    /// until `off`.
+    Maint {
+        /// `on` or `off`.
+        mode: MaintMode,
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// Why (shown by resolve --all and watch).
+        #[arg(long, default_value = "maintenance")]
+        reason: String,
     },
     /// Register an instance and keep it alive until Ctrl-C, then deregister it.
     Register {
@@ -255,7 +295,28 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
     };
     match cli.command {
         Command::Completions { .. } => unreachable!("handled above"),
-        Command::Resolve { service, selector } => resolve(&ctx, service, selector, out).await,
+        Command::Resolve {
+            service,
+            selector,
+            all,
+        } => resolve(&ctx, service, selector, all, out).await,
+        Command::Drain {
+            service,
+            id,
+            reason,
+        } => set_state(&ctx, service, id, AdminState::Draining, reason, out).await,
+        Command::Maint {
+            mode,
+            service,
+            id,
+            reason,
+        } => {
+            let state = match mode {
+                MaintMode::On => AdminState::Disabled,
+                MaintMode::Off => AdminState::Active,
+            };
+            set_state(&ctx, service, id, state, reason, out).await
+        }
         Command::List => list(&ctx, out).await,
         Command::Deregister { service, id, lease } => {
             let target = match (service, id, lease) {
@@ -297,7 +358,11 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             Ok(EXIT_OK)
         }
         Command::Status => status(&ctx, out).await,
-        Command::Watch { service, selector } => watch(&ctx, service, selector, out).await,
+        Command::Watch {
+            service,
+            selector,
+            all,
+        } => watch(&ctx, service, selector, all, out).await,
         Command::Register {
             service,
             address,
@@ -315,18 +380,62 @@ fn query(service: String, selector: Vec<(String, String)>) -> Query {
         .fold(Query::new(service), |q, (k, v)| q.with_selector(k, v))
 }
 
+async fn set_state(
+    ctx: &Ctx,
+    service: String,
+    id: String,
+    state: AdminState,
+    reason: String,
+    out: &mut (dyn Write + Send),
+) -> Result<u8, Failure> {
+    let done = ctx
+        .client
+        .set_instance_state(&service, &id, state, reason)
+        .await
+        .map_err(|e| ctx.fail(e))?;
+    match ctx.format {
+        Format::Json => json_line(
+            out,
+            &JsonStateSet {
+                service: &service,
+                id: &id,
+                admin_state: state.as_str(),
+                revision: done.revision,
+                instance: JsonInstance::from(&done.instance),
+            },
+        )
+        .map_err(io)?,
+        Format::Table => writeln!(
+            out,
+            "{service}/{id} is {} at revision {}",
+            state.as_str(),
+            done.revision
+        )
+        .map_err(io)?,
+    }
+    Ok(EXIT_OK)
+}
+
 async fn resolve(
     ctx: &Ctx,
     service: String,
     selector: Vec<(String, String)>,
+    all: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    let resp = ctx
+    let mut request = ctx
         .client
         .resolve(query(service.clone(), selector))
-        .with_lease_ttl()
-        .await
-        .map_err(|e| ctx.fail(e))?;
+        .with_lease_ttl();
+    if all {
+        request = request.include_not_serving();
+    }
+    let resp = request.await.map_err(|e| ctx.fail(e))?;
+    if resp.panicked {
+        eprintln!(
+            "regctl: service {service:?} is in panic mode: too few instances are healthy, so every active one is served"
+        );
+    }
     match ctx.format {
         Format::Json => json_line(
             out,
@@ -335,6 +444,7 @@ async fn resolve(
                 known: resp.service_known,
                 revision: resp.revision,
                 warming_up: resp.server.warming_up,
+                panicked: resp.panicked,
                 instances: resp.instances.iter().map(JsonInstance::from).collect(),
             },
         )
@@ -348,6 +458,8 @@ async fn resolve(
                         i.id.clone(),
                         i.address.clone(),
                         i.weight.to_string(),
+                        i.health.as_str().to_owned(),
+                        i.admin_state.as_str().to_owned(),
                         format_ttl(i.lease_remaining),
                         format_metadata(&i.metadata),
                     ]
@@ -356,7 +468,12 @@ async fn resolve(
             write!(
                 out,
                 "{}",
-                table(&["ID", "ADDRESS", "WEIGHT", "TTL", "METADATA"], rows)
+                table(
+                    &[
+                        "ID", "ADDRESS", "WEIGHT", "HEALTH", "STATE", "TTL", "METADATA"
+                    ],
+                    rows
+                )
             )
             .map_err(io)?;
         }
@@ -457,11 +574,12 @@ async fn watch(
     ctx: &Ctx,
     service: Option<String>,
     selector: Vec<(String, String)>,
+    all: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
     let mut stream = ctx.client.watch(
         query(service.unwrap_or_default(), selector),
-        WatchOptions::default(),
+        WatchOptions::default().include_not_serving(all),
     );
     let mut seen_anything = false;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -588,7 +706,19 @@ fn describe(i: &Instance) -> String {
     } else {
         format!(" {meta}")
     };
-    format!("{}/{} {}{meta}", i.service, i.id, i.address)
+    // Only what is unusual: a serving instance reads as before.
+    let mut state = String::new();
+    if i.health != registry_client::HealthState::Passing {
+        let _ = write!(state, " [{}]", i.health.as_str());
+    }
+    if i.admin_state != AdminState::Active {
+        let _ = write!(state, " [{}", i.admin_state.as_str());
+        if !i.admin_reason.is_empty() {
+            let _ = write!(state, ": {}", i.admin_reason);
+        }
+        state.push(']');
+    }
+    format!("{}/{} {}{meta}{state}", i.service, i.id, i.address)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -752,6 +882,12 @@ struct JsonInstance<'a> {
     revision: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     lease_ttl_ms: Option<u64>,
+    health: &'static str,
+    admin_state: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    admin_reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_check: Option<&'a str>,
 }
 
 impl<'a> From<&'a Instance> for JsonInstance<'a> {
@@ -769,6 +905,10 @@ impl<'a> From<&'a Instance> for JsonInstance<'a> {
             lease_id: i.lease_id,
             revision: i.revision,
             lease_ttl_ms: i.lease_remaining.map(|d| d.as_millis() as u64),
+            health: i.health.as_str(),
+            admin_state: i.admin_state.as_str(),
+            admin_reason: &i.admin_reason,
+            last_check: i.last_check.as_ref().map(|c| c.output.as_str()),
         }
     }
 }
@@ -779,7 +919,17 @@ struct JsonResolve<'a> {
     known: bool,
     revision: u64,
     warming_up: bool,
+    panicked: bool,
     instances: Vec<JsonInstance<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonStateSet<'a> {
+    service: &'a str,
+    id: &'a str,
+    admin_state: &'static str,
+    revision: u64,
+    instance: JsonInstance<'a>,
 }
 
 #[derive(Debug, Serialize)]
