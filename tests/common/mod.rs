@@ -178,7 +178,26 @@ pub fn built_artifact(package: &str, kind: &str, name: &str) -> PathBuf {
         "bin" => format!("--bin={name}"),
         other => panic!("unsupported artifact kind {other}"),
     };
-    let output = std::process::Command::new(env!("CARGO"))
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    // The variables cargo set for this test (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...) must not reach the nested cargo: build
+    // scripts such as ring's declare `rerun-if-env-changed` on them, so
+    // inheriting them would rebuild half the dependency tree here and again
+    // in the next `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_CRATE_")
+            || name.starts_with("CARGO_BIN_")
+            || name == "CARGO_PRIMARY_PACKAGE"
+            || name == "CARGO_TARGET_TMPDIR"
+            || name == "OUT_DIR"
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let output = cargo
         .args(["build", "--quiet", "--package", package, &target])
         .arg("--message-format=json")
         .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, fmt::Write as _, io::Write, time::Duration};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use registry_client::{
-    AdminState, DeregisterTarget, Error, Instance, Query, RegistrationState, RegistryClient,
-    Snapshot, WatchEvent, WatchOptions, shutdown_signal,
+    AdminState, DeregisterTarget, Error, HealthCheck, HealthState, Instance, Query,
+    RegistrationState, RegistryClient, Snapshot, WatchEvent, WatchOptions, shutdown_signal,
 };
 use serde::Serialize;
 
@@ -153,6 +153,9 @@ pub(crate) enum Command {
         /// Load-balancing weight.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// A health check for the registry to run against it.
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// Remove one instance (SERVICE ID), or a lease with all its instances (--lease).
     #[command(group = clap::ArgGroup::new("target").required(true).args(["service", "lease"]))]
@@ -173,6 +176,75 @@ pub(crate) enum Command {
         /// Shell to generate for.
         shell: clap_complete::Shell,
     },
+}
+
+/// `regctl register --check ...`: the registry probes the instance and
+/// serves it only while the check passes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct CheckArgs {
+    /// Health check the registry runs: `grpc` (grpc.health.v1, whole
+    /// server), `grpc:SERVICE`, `http:/PATH` (2xx passes, 429 warns) or
+    /// `tcp` (connect).
+    #[arg(long, value_name = "KIND", value_parser = parse_check)]
+    check: Option<HealthCheck>,
+    /// `host:port` to check instead of the instance's address.
+    #[arg(long, requires = "check")]
+    check_address: Option<String>,
+    /// Time between checks (registry default 10s).
+    #[arg(long, requires = "check", value_parser = humantime::parse_duration)]
+    check_interval: Option<Duration>,
+    /// Time one check may take (registry default: the interval, at most 5s).
+    #[arg(long, requires = "check", value_parser = humantime::parse_duration)]
+    check_timeout: Option<Duration>,
+    /// Failed checks in a row before the instance turns critical (default 3).
+    #[arg(long, requires = "check")]
+    failures_before_critical: Option<u32>,
+    /// Passing checks in a row before a critical instance serves again
+    /// (default 1).
+    #[arg(long, requires = "check")]
+    successes_before_passing: Option<u32>,
+    /// Serve it from the start, before its first check passes (default:
+    /// critical until then).
+    #[arg(long, requires = "check")]
+    initially_passing: bool,
+}
+
+impl CheckArgs {
+    /// The check these flags describe, if any.
+    fn build(self) -> Option<HealthCheck> {
+        let mut check = self.check?;
+        if let Some(a) = self.check_address {
+            check = check.address(a);
+        }
+        if let Some(d) = self.check_interval {
+            check = check.interval(d);
+        }
+        if let Some(d) = self.check_timeout {
+            check = check.timeout(d);
+        }
+        if let Some(n) = self.failures_before_critical {
+            check = check.failures_before_critical(n);
+        }
+        if let Some(n) = self.successes_before_passing {
+            check = check.successes_before_passing(n);
+        }
+        if self.initially_passing {
+            check = check.initial_state(HealthState::Passing);
+        }
+        Some(check)
+    }
+}
+
+fn parse_check(s: &str) -> Result<HealthCheck, String> {
+    match s.split_once(':') {
+        None if s == "grpc" => Ok(HealthCheck::grpc("")),
+        None if s == "tcp" => Ok(HealthCheck::tcp()),
+        Some(("grpc", service)) => Ok(HealthCheck::grpc(service)),
+        Some(("http", path)) if path.starts_with('/') => Ok(HealthCheck::http(path)),
+        _ => Err(format!(
+            "{s:?}: expected grpc, grpc:SERVICE, http:/PATH or tcp"
+        )),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -370,7 +442,8 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             ttl,
             meta,
             weight,
-        } => register(&ctx, service, address, id, ttl, meta, weight, out).await,
+            check,
+        } => register(&ctx, service, address, id, ttl, meta, weight, check, out).await,
     }
 }
 
@@ -730,9 +803,13 @@ async fn register(
     ttl: Duration,
     meta: Vec<(String, String)>,
     weight: u32,
+    check: CheckArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
     let mut instance = Instance::new(service, address).with_weight(weight);
+    if let Some(check) = check.build() {
+        instance = instance.with_check(check);
+    }
     if let Some(id) = id {
         instance = instance.with_id(id);
     }
