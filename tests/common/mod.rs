@@ -9,6 +9,7 @@ pub mod history;
 pub mod hostile;
 pub mod http;
 pub mod prod;
+pub mod python;
 
 use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
