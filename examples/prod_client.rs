@@ -8,12 +8,21 @@
 //!
 //! With `--loop` it keeps calling (every `--interval-ms`) until Ctrl-C, so
 //! you can stop an instance and watch the calls move to the others.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set (e.g. `http://127.0.0.1:4317`),
+//! each call is a trace exported over OTLP: a `prod_client` span, the
+//! balanced channel's client span naming the instance that answered, and
+//! under it ProdService's server span; the first call also asks the
+//! registry for `prod` (a Resolve that joins the trace), so one trace shows
+//! caller, registry and service.
 
 use std::time::Duration;
 
 use clap::Parser;
 use registry_api::prod::{ProductRequest, prod_service_client::ProdServiceClient};
-use registry_client::RegistryClient;
+use registry_client::{RegistryClient, trace::OtlpExport};
+use tracing::Instrument;
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Debug, Parser)]
 #[command(about = "Calls ProdService.GetProductStock through the registry")]
@@ -41,13 +50,18 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    // Logs on stderr; spans to a collector too when OTEL_EXPORTER_OTLP_ENDPOINT
+    // names one (the log filter does not apply to them).
+    let export = OtlpExport::from_env("prod_client")?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())),
+        )
+        .with(export.as_ref().map(|e| e.layer()))
+        .init();
 
     let client = RegistryClient::connect(&args.registry).await?;
     let channel = registry_client::balanced_channel(&client, "prod");
@@ -65,7 +79,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             prod_id: args.prod_id,
         });
         request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, prod.get_product_stock(request)).await {
+        // The root span of this call's trace.
+        let span = tracing::info_span!("prod_client", prod_id = args.prod_id);
+        if calls == 1 && export.is_some() {
+            // The registry's view of `prod` in the first trace.
+            let resolve = std::future::IntoFuture::into_future(client.resolve("prod"));
+            match resolve.instrument(span.clone()).await {
+                Ok(r) => tracing::info!(parent: &span, instances = r.instances.len(),
+                    revision = r.revision, "the registry resolves prod"),
+                Err(e) => tracing::warn!(parent: &span, error = %e, "resolving prod failed"),
+            }
+        }
+        let call = tokio::time::timeout(timeout, prod.get_product_stock(request));
+        match call.instrument(span).await {
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();
                 println!(
@@ -92,6 +118,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             () = tokio::time::sleep(Duration::from_millis(args.interval_ms)) => {}
             () = &mut stop => break,
         }
+    }
+    if let Some(export) = export {
+        export.shutdown().await;
     }
     if !args.keep_going && failures > 0 {
         std::process::exit(1);

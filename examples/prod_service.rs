@@ -17,6 +17,10 @@
 //! `--check-interval 2s` it registers with a gRPC health check the
 //! registry runs against that endpoint, so a failing instance leaves
 //! callers' balancers within a few intervals.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set (e.g. `http://127.0.0.1:4317`),
+//! each call it serves is a server span exported over OTLP, the child of
+//! the caller's span (`registry_client::trace::ServerLayer`).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -25,7 +29,10 @@ use registry_api::prod::{
     ProductRequest, ProductResponse,
     prod_service_server::{ProdService, ProdServiceServer},
 };
-use registry_client::{HealthCheck, Instance, RegistryClient, Shutdown, shutdown_signal};
+use registry_client::{
+    HealthCheck, Instance, RegistryClient, Shutdown, shutdown_signal,
+    trace::{OtlpExport, ServerLayer},
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::pb::{
@@ -33,6 +40,7 @@ use tonic_health::pb::{
     health_check_response::ServingStatus,
     health_server::{Health, HealthServer},
 };
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Debug, Parser)]
 #[command(about = "ProdService example: registers itself in the registry as `prod`")]
@@ -162,12 +170,17 @@ impl Health for FileHealth {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    // Logs on stderr; spans to a collector too when OTEL_EXPORTER_OTLP_ENDPOINT
+    // names one (the log filter does not apply to them).
+    let export = OtlpExport::from_env("prod_service")?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())),
+        )
+        .with(export.as_ref().map(|e| e.layer()))
+        .init();
 
     let listener = TcpListener::bind((args.host.as_str(), args.port)).await?;
     let addr: SocketAddr = listener.local_addr()?;
@@ -193,6 +206,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = Shutdown::new().grace(args.drain_grace);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A server span per call, in the caller's trace (inert unless
+            // spans are exported).
+            .layer(ServerLayer::new())
             .add_service(HealthServer::new(FileHealth {
                 unhealthy_file: args.unhealthy_file.clone(),
             }))
@@ -230,5 +246,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     server.await??;
+    if let Some(export) = export {
+        export.shutdown().await;
+    }
     Ok(())
 }

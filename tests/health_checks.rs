@@ -252,7 +252,7 @@ async fn alternating_http() -> (String, Arc<AtomicUsize>) {
             let k = n.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 read_head(&mut s).await;
-                let status = if k % 2 == 0 {
+                let status = if k.is_multiple_of(2) {
                     "200 OK"
                 } else {
                     "500 Internal Server Error"

@@ -91,6 +91,7 @@ async fn selector_filters_by_metadata() {
             service: "prod".into(),
             selector: selector.clone(),
             include_lease_ttl: true,
+            include_not_serving: false,
         })
         .await
         .unwrap()
@@ -103,6 +104,7 @@ async fn selector_filters_by_metadata() {
             service: "prod".into(),
             selector,
             include_lease_ttl: false,
+            include_not_serving: false,
         })
         .await
         .unwrap()

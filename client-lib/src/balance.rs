@@ -549,7 +549,18 @@ impl Service<http::Request<Body>> for BalancedChannel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        Box::pin(self.shared.clone().send(request))
+        // Feature `otel`: a client span per call, its context sent along;
+        // `send` names the instance of each attempt on it.
+        #[cfg(feature = "otel")]
+        let (request, span) = {
+            let mut request = request;
+            let span = crate::trace::start_call(&self.shared.service, &mut request);
+            (request, span)
+        };
+        let call = self.shared.clone().send(request);
+        #[cfg(feature = "otel")]
+        let call = crate::trace::finish_call(span, call);
+        Box::pin(call)
     }
 }
 
@@ -861,6 +872,8 @@ impl Shared {
                 (None, None) => unreachable!("a streaming body is sent once"),
             };
             let attempt = rebuild(&parts, body);
+            #[cfg(feature = "otel")]
+            crate::trace::attempt(&id, &address, tried.len() + 1);
             self.started(&key);
             let result = channel.oneshot(attempt).await;
             let can_retry = |shared: &Shared, tried: &[Key]| {

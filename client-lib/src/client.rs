@@ -47,6 +47,20 @@ pub(crate) fn grpc(channel: Transport) -> Grpc<Transport> {
     Grpc::new(channel).max_decoding_message_size(MAX_DECODE)
 }
 
+/// The channel of the one-shot calls ([`call`]): with feature `otel`, a call
+/// made inside a trace carries it to the registry.
+#[cfg(feature = "otel")]
+pub(crate) type OneShot = crate::trace::Traced<Transport>;
+/// The channel of the one-shot calls ([`call`]).
+#[cfg(not(feature = "otel"))]
+pub(crate) type OneShot = Transport;
+
+fn one_shot(channel: Transport) -> Grpc<OneShot> {
+    #[cfg(feature = "otel")]
+    let channel = crate::trace::Traced::new(channel);
+    Grpc::new(channel).max_decoding_message_size(MAX_DECODE)
+}
+
 /// How to reach the registry: addresses, credentials, TLS, timeouts, and
 /// the caller's zone. Finish with [`ClientBuilder::connect`] (fails now if
 /// no node answers) or [`ClientBuilder::build`] (no I/O: the service may
@@ -716,14 +730,14 @@ pub struct RegistryStatus {
 /// on a transient failure, trying each node at most once.
 pub(crate) async fn call<T, F, Fut>(endpoints: &Endpoints, mut f: F) -> Result<T, Error>
 where
-    F: FnMut(Grpc<Transport>) -> Fut,
+    F: FnMut(Grpc<OneShot>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let timeout = endpoints.settings().request_timeout;
     let mut last = None;
     for _ in 0..endpoints.len() {
         let (index, channel) = endpoints.current();
-        let result = match tokio::time::timeout(timeout, f(grpc(channel))).await {
+        let result = match tokio::time::timeout(timeout, f(one_shot(channel))).await {
             Ok(r) => r,
             Err(_) => Err(tonic::Status::deadline_exceeded(format!(
                 "no answer within {timeout:?}"

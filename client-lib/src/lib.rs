@@ -41,6 +41,11 @@
 //! - [`Shutdown`] (`shutdown`): mark draining, wait, deregister, then stop
 //!   serving.
 //! - [`Error`] (`error`): the crate's one error type, printed on one line.
+//! - `trace` (feature `otel`, off by default): OpenTelemetry tracing across
+//!   calls. Balanced channels and registry calls send the caller's trace
+//!   context (W3C `traceparent`) and record a client span naming the
+//!   instance called; `trace::ServerLayer` joins it on the serving side;
+//!   `trace::OtlpExport` exports over OTLP/gRPC.
 //!
 //! The `regctl` command line is a binary of this crate (feature `cli`, on
 //! by default), built on this public API only; services that link the
@@ -55,6 +60,8 @@ mod instance;
 mod keeper;
 mod resolver;
 mod shutdown;
+#[cfg(feature = "otel")]
+pub mod trace;
 mod watch;
 
 pub use balance::{

@@ -217,6 +217,12 @@ pub struct Config {
     /// xDS clusters ramp a new endpoint's weight up over this window
     /// (Envoy's `slow_start_config`); zero: off.
     pub slow_start_window: Duration,
+    /// OTLP/gRPC collector the RPC spans are exported to
+    /// (`http://host:4317`; Jaeger, Tempo and the OpenTelemetry Collector
+    /// all accept it). `None`: no export, no trace propagation. The binary
+    /// hands it to `telemetry::init_logging`, which owns the global
+    /// subscriber; a library user installs a subscriber of its own.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -302,6 +308,18 @@ impl Config {
         {
             return bad("etcd endpoints are empty; give at least one http://host:port".into());
         }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let uri = endpoint.parse::<http::Uri>().ok();
+            let usable = uri.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !usable {
+                return bad(format!(
+                    "otlp_endpoint {endpoint:?} is not an OTLP/gRPC collector URL: expected http://host:port or https://host:port, e.g. http://127.0.0.1:4317"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -363,6 +381,7 @@ impl Default for Config {
             max_checks_in_flight: DEFAULT_MAX_CHECKS_IN_FLIGHT,
             check_refresh: DEFAULT_CHECK_REFRESH,
             slow_start_window: Duration::ZERO,
+            otlp_endpoint: None,
         }
     }
 }
@@ -474,5 +493,28 @@ mod tests {
             ..Config::default()
         };
         assert!(msg(both).contains("data_dir is for the in-memory store"));
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://collector:4317",
+            "http://",
+            "not a url",
+        ] {
+            let m = msg(Config {
+                otlp_endpoint: Some(bad.into()),
+                ..Config::default()
+            });
+            assert!(
+                m.contains("otlp_endpoint") && m.contains("http://host:port"),
+                "{bad}: {m}"
+            );
+        }
+        for good in ["http://127.0.0.1:4317", "https://tempo.example.com"] {
+            Config {
+                otlp_endpoint: Some(good.into()),
+                ..Config::default()
+            }
+            .validate()
+            .unwrap();
+        }
     }
 }

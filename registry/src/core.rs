@@ -87,17 +87,24 @@ fn catalog_config(config: &Config) -> CatalogConfig {
     }
 }
 
+/// The handles a registry is built from.
+struct Parts {
+    leases: Arc<LeaseTable>,
+    catalog: Arc<Catalog>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
 impl Registry {
-    fn build(
-        config: Config,
-        leases: Arc<LeaseTable>,
-        catalog: Arc<Catalog>,
-        store: Store,
-        epoch: u64,
-        lease_epoch: u64,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    fn build(config: Config, parts: Parts, epoch: u64, lease_epoch: u64) -> Self {
+        let Parts {
+            leases,
+            catalog,
+            store,
+            metrics,
+            shutdown,
+        } = parts;
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -121,13 +128,15 @@ impl Registry {
         let catalog = Arc::new(Catalog::new(catalog_config(&config)));
         Self::build(
             config,
-            Arc::new(LeaseTable::new(Clock::new())),
-            catalog,
-            Store::memory(),
+            Parts {
+                leases: Arc::new(LeaseTable::new(Clock::new())),
+                catalog,
+                store: Store::memory(),
+                metrics: Arc::new(Metrics::default()),
+                shutdown: CancellationToken::new(),
+            },
             epoch,
             epoch,
-            Arc::new(Metrics::default()),
-            CancellationToken::new(),
         )
     }
 
@@ -159,13 +168,15 @@ impl Registry {
         let memory = Arc::new(MemoryStore::new(Some(data)));
         let registry = Self::build(
             config,
-            leases,
-            catalog,
-            Store::Memory(memory.clone()),
+            Parts {
+                leases,
+                catalog,
+                store: Store::Memory(memory.clone()),
+                metrics,
+                shutdown: CancellationToken::new(),
+            },
             epoch,
             loaded.lease_epoch,
-            metrics,
-            CancellationToken::new(),
         );
         registry.restore(&memory, loaded)?;
         Ok(registry)
@@ -189,13 +200,15 @@ impl Registry {
         .await?;
         Ok(Self::build(
             config,
-            leases,
-            catalog,
-            Store::Etcd(store),
+            Parts {
+                leases,
+                catalog,
+                store: Store::Etcd(store),
+                metrics: Arc::new(Metrics::default()),
+                shutdown,
+            },
             epoch,
             epoch,
-            Arc::new(Metrics::default()),
-            shutdown,
         ))
     }
 

@@ -37,6 +37,11 @@ impl ResolveFrame {
         Self { instances, rest }
     }
 
+    /// The catalog revision the answer is at.
+    pub fn revision(&self) -> u64 {
+        self.rest.revision
+    }
+
     /// The response this frame encodes, for in-process callers and tests.
     pub fn to_response(&self) -> Result<ResolveResponse, DecodeError> {
         ResolveResponse::decode(self.encode_to_vec().as_slice())

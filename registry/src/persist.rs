@@ -94,7 +94,7 @@ pub struct Record {
     /// Its revision (the current one for a write that changed only leases).
     pub revision: u64,
     /// Instances put: key and encoding (revision set).
-    pub puts: Vec<((Arc<str>, Arc<str>), Arc<[u8]>)>,
+    pub puts: Vec<crate::catalog::PutRecord>,
     /// Instances deleted.
     pub deletes: Vec<(Arc<str>, Arc<str>)>,
     /// Lease grants and revocations.

@@ -57,11 +57,15 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let req = request.into_inner();
         if let Some(instance) = &req.instance {
-            telemetry::record_service(&instance.service);
+            telemetry::record_instance(&instance.service, &instance.id);
         }
-        Ok(Response::new(
-            self.registry.register(req, caller.as_deref()).await?,
-        ))
+        if req.lease_id != 0 {
+            telemetry::record_lease(req.lease_id);
+        }
+        let resp = self.registry.register(req, caller.as_deref()).await?;
+        telemetry::record_lease(resp.lease_id);
+        telemetry::record_revision(resp.revision);
+        Ok(Response::new(resp))
     }
 
     async fn heartbeat(
@@ -70,6 +74,9 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = auth::caller(&request);
         let ids = request.into_inner().lease_ids;
+        if let [only] = ids.as_slice() {
+            telemetry::record_lease(*only);
+        }
         let leases = self.registry.heartbeat(&ids, caller.as_deref())?;
         if let [only] = leases.as_slice()
             && !only.found
@@ -116,9 +123,12 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let caller = caller.as_deref();
         let (revision, removed) = match request.into_inner().target {
-            Some(Target::LeaseId(id)) => self.registry.deregister_lease(id, caller).await?,
+            Some(Target::LeaseId(id)) => {
+                telemetry::record_lease(id);
+                self.registry.deregister_lease(id, caller).await?
+            }
             Some(Target::Instance(key)) => {
-                telemetry::record_service(&key.service);
+                telemetry::record_instance(&key.service, &key.id);
                 self.registry
                     .deregister_instance(&key.service, &key.id, caller)
                     .await?
@@ -129,6 +139,7 @@ impl registry_server::Registry for RegistryService {
                 ));
             }
         };
+        telemetry::record_revision(revision);
         Ok(Response::new(DeregisterResponse { revision, removed }))
     }
 
@@ -139,13 +150,15 @@ impl registry_server::Registry for RegistryService {
         let caller = auth::caller(&request);
         let req = request.into_inner();
         telemetry::record_service(&req.service);
-        Ok(Response::new(self.registry.resolve_frame(
+        let frame = self.registry.resolve_frame(
             &req.service,
             &req.selector,
             req.include_lease_ttl,
             req.include_not_serving,
             caller.as_deref(),
-        )?))
+        )?;
+        telemetry::record_revision(frame.revision());
+        Ok(Response::new(frame))
     }
 
     async fn list_services(

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod history;
 pub mod hostile;
 pub mod http;
+pub mod otlp;
 pub mod prod;
 pub mod python;
 

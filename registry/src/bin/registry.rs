@@ -217,6 +217,15 @@ struct Args {
     #[arg(long, default_value_t = Config::default().slow_start_window.into())]
     slow_start_window: humantime::Duration,
     // --- end health checks ---
+    /// Export a span per RPC over OTLP/gRPC to this collector (Jaeger,
+    /// Tempo, an OpenTelemetry Collector), e.g. http://127.0.0.1:4317; calls
+    /// carrying a W3C `traceparent` join the caller's trace. Default: the
+    /// standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; off if none is set (or
+    /// OTEL_SDK_DISABLED=true). The service name is OTEL_SERVICE_NAME
+    /// (default `registry`).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 /// `SERVICE=PERCENT`.
@@ -326,19 +335,51 @@ impl Args {
             max_checks_in_flight: self.max_checks_in_flight,
             check_refresh: self.check_refresh.into(),
             slow_start_window: self.slow_start_window.into(),
+            otlp_endpoint: otlp_endpoint(self.otlp_endpoint.as_deref(), |name| {
+                std::env::var(name).ok()
+            }),
         }
     }
+}
+
+/// The OTLP endpoint: the flag, else the OpenTelemetry variables in their
+/// precedence order (an empty variable counts as unset, as the
+/// specification says); none when `OTEL_SDK_DISABLED=true` and no flag.
+fn otlp_endpoint(flag: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    if let Some(flag) = flag {
+        return Some(flag.to_owned());
+    }
+    let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    registry::telemetry::init_logging(args.log_format);
     let config = args.config();
     if let Err(e) = config.validate() {
         eprintln!("registry: {e}");
         return ExitCode::from(2);
     }
+    let telemetry =
+        match registry::telemetry::init_logging(args.log_format, config.otlp_endpoint.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("registry: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    let code = run(&args, config).await;
+    // After the server has drained: the last calls' spans are queued.
+    telemetry.shutdown().await;
+    code
+}
+
+/// Opens the registry, binds, serves until SIGINT/SIGTERM.
+async fn run(args: &Args, config: Config) -> ExitCode {
     let registry = match Registry::open(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -401,5 +442,51 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::otlp_endpoint;
+
+    #[test]
+    fn trace_export_is_off_unless_an_endpoint_is_named() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(otlp_endpoint(None, env(&[])), None);
+        assert_eq!(
+            otlp_endpoint(None, env(&[("OTEL_SERVICE_NAME", "r")])),
+            None
+        );
+        assert_eq!(
+            otlp_endpoint(None, env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])),
+            None
+        );
+        let both = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://all:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+        ]);
+        assert_eq!(
+            otlp_endpoint(None, both).as_deref(),
+            Some("http://traces:4317")
+        );
+        assert_eq!(
+            otlp_endpoint(Some("http://flag:4317"), both).as_deref(),
+            Some("http://flag:4317")
+        );
+        let disabled = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://all:4317"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
+        ]);
+        assert_eq!(otlp_endpoint(None, disabled), None);
+        assert_eq!(
+            otlp_endpoint(Some("http://flag:4317"), disabled).as_deref(),
+            Some("http://flag:4317")
+        );
     }
 }

@@ -1323,7 +1323,8 @@ impl Txn<'_> {
                 listing.instances = listing.instances + after - before;
             }
         }
-        if !changed && !(self.discontinuity && self.at.is_some_and(|at| at > current)) {
+        let moves_on = self.discontinuity && self.at.is_some_and(|at| at > current);
+        if !(changed || moves_on) {
             return current;
         }
         let writer = &mut *self.writer;

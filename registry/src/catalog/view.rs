@@ -187,6 +187,9 @@ pub(super) fn drain(handle: &mut WatcherHandle) {
         .store(super::RESET_NONE, std::sync::atomic::Ordering::Release);
 }
 
+/// A service's instances being patched: id -> encoding.
+type Patch = BTreeMap<Arc<str>, Arc<[u8]>>;
+
 /// Brings walked snapshots to revision `r1` with the batches committed
 /// since the walk began.
 fn patch(
@@ -196,7 +199,7 @@ fn patch(
     batches: &[Arc<RevisionBatch>],
     panic: &PanicThresholds,
 ) -> CatalogView {
-    let mut patched: BTreeMap<Arc<str>, BTreeMap<Arc<str>, Arc<[u8]>>> = BTreeMap::new();
+    let mut patched: BTreeMap<Arc<str>, Patch> = BTreeMap::new();
     for batch in batches.iter().filter(|b| b.revision <= r1) {
         for ev in &batch.events {
             let service = ev.instance.service.as_str();

@@ -485,8 +485,9 @@ impl EtcdStore {
         }
         let channel = Channel::balance_list(endpoints.into_iter());
         let deadline = tokio::time::Instant::now() + options.connect_timeout;
-        // Any response header carries the cluster id the epoch derives from.
-        let cluster_id = loop {
+        // The first answer proves etcd reachable; the epoch itself is read
+        // (or created) by the first sync session.
+        loop {
             let probe = RangeRequest {
                 key: sync::instance_prefix(&options.prefix),
                 range_end: sync::prefix_end(&sync::instance_prefix(&options.prefix)),
@@ -495,9 +496,7 @@ impl EtcdStore {
             };
             let attempt = tokio::time::timeout(ETCD_CALL_TIMEOUT, kv(&channel).range(probe)).await;
             match attempt {
-                Ok(Ok(resp)) => {
-                    break resp.into_inner().header.map(|h| h.cluster_id).unwrap_or(1);
-                }
+                Ok(Ok(_)) => break,
                 Ok(Err(status)) if tokio::time::Instant::now() >= deadline => {
                     return Err(Error::Unavailable(format!(
                         "cannot reach etcd at {}: {}",
@@ -514,7 +513,7 @@ impl EtcdStore {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-        };
+        }
         let connect_timeout = options.connect_timeout;
         let store = Arc::new(EtcdStore::new(options, channel, catalog, leases, shutdown));
         let rx = store
@@ -544,7 +543,8 @@ impl EtcdStore {
                 store.options.endpoints.join(",")
             )));
         }
-        let epoch = cluster_id.max(1);
+        // The `{prefix}/epoch` key the first session read or created.
+        let epoch = store.epoch();
         tracing::info!(
             epoch,
             revision = store.applied_revision(),

@@ -232,7 +232,8 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     let ipfx = instance_prefix(&options.prefix);
     let known = store.epoch.load(Ordering::Acquire);
     let current = store.catalog.revision();
-    if known != 0 && epoch != known {
+    let rewound = known != 0 && epoch != known;
+    if rewound {
         // Another history (etcd restored and a node noticed, or wiped and
         // recreated): start over from it, resetting every watcher.
         tracing::warn!(
@@ -258,7 +259,7 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
     store.epoch.store(epoch, Ordering::Release);
 
     // (3) Reconcile what we own with what etcd has.
-    reconcile(store, &listed, lease, lease_lost, revision);
+    reconcile(store, &listed, lease, lease_lost, rewound, revision);
 
     // (4) Watch from R + 1, renewing the lease.
     let root = root_prefix(&options.prefix);
@@ -559,6 +560,8 @@ fn reset_to_listing(store: &EtcdStore, listed: &HashMap<InstanceKey, KeyValue>, 
 ///   and the writer refuses the put and forgets the instance here.
 /// - An owned instance now held by another node, or removed, since our put
 ///   is forgotten (and detached from its client lease).
+/// - An owned instance whose put is newer than the listing (etcd was
+///   restored from an older copy) is put back, under the same guard.
 /// - A key under our etcd lease that we no longer own (its client lease
 ///   expired or it was deregistered while etcd was away) is deleted.
 fn reconcile(
@@ -566,6 +569,7 @@ fn reconcile(
     listed: &HashMap<InstanceKey, KeyValue>,
     lease: i64,
     lease_lost: bool,
+    rewound: bool,
     revision: i64,
 ) {
     let mut writes: Vec<(Op, Undo)> = Vec::new();
@@ -575,13 +579,30 @@ fn reconcile(
         let mut gone = Vec::new();
         for (key, o) in owned.iter() {
             let held_by_other = listed.get(key).is_some_and(|kv| kv.lease != lease);
-            match listed.get(key) {
-                Some(kv) if kv.lease == lease && !lease_lost => {}
+            // Our put is not in this history: etcd was restored from a copy
+            // older than it (after a new epoch, no revision of ours is
+            // comparable with etcd's any more). Put it back.
+            let lost_in_rewind = rewound || o.revision > revision;
+            let put_back = match listed.get(key) {
+                Some(kv) if kv.lease == lease && !lease_lost => {
+                    lost_in_rewind && kv.value.as_slice() != o.value.as_ref()
+                }
                 // Taken over by another node since our put.
                 _ if held_by_other && o.revision != 0 && o.revision < revision => {
-                    gone.push(key.clone())
+                    gone.push(key.clone());
+                    false
                 }
-                _ if lease_lost => writes.push((
+                _ if lease_lost => true,
+                None if lost_in_rewind => true,
+                // Removed since our put (deregistered through another node).
+                None if o.revision != 0 && o.revision < revision => {
+                    gone.push(key.clone());
+                    false
+                }
+                _ => false,
+            };
+            if put_back {
+                writes.push((
                     Op::Put {
                         key: key.clone(),
                         value: o.value.clone(),
@@ -592,10 +613,7 @@ fn reconcile(
                         attached: vec![(o.client_lease, key.clone())],
                         ..Undo::default()
                     },
-                )),
-                // Removed since our put (deregistered through another node).
-                None if o.revision != 0 && o.revision < revision => gone.push(key.clone()),
-                _ => {}
+                ));
             }
         }
         for key in gone {

@@ -155,7 +155,7 @@ pub(crate) enum Command {
         weight: u32,
         /// A health check for the registry to run against it.
         #[command(flatten)]
-        check: CheckArgs,
+        check: Box<CheckArgs>,
     },
     /// Remove one instance (SERVICE ID), or a lease with all its instances (--lease).
     #[command(group = clap::ArgGroup::new("target").required(true).args(["service", "lease"]))]
@@ -443,7 +443,7 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             meta,
             weight,
             check,
-        } => register(&ctx, service, address, id, ttl, meta, weight, check, out).await,
+        } => register(&ctx, service, address, id, ttl, meta, weight, *check, out).await,
     }
 }
 
