@@ -150,6 +150,10 @@ async fn examples_register_serve_fail_over_and_deregister() {
     b.terminate();
     assert_eq!(
         b.line(Duration::from_secs(5)).await,
+        "prod_service id=ex-b draining"
+    );
+    assert_eq!(
+        b.line(Duration::from_secs(5)).await,
         "prod_service id=ex-b deregistered"
     );
     assert!(b.child.wait().await.unwrap().success());
