@@ -104,6 +104,12 @@ async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves
     );
     let line = timeout(Duration::from_secs(5), b_out.next_line())
         .await
+        .expect("B drains")
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "prod_service id=cart-3 draining");
+    let line = timeout(Duration::from_secs(5), b_out.next_line())
+        .await
         .expect("B deregisters")
         .unwrap()
         .unwrap();
