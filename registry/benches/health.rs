@@ -9,7 +9,8 @@
 //! - grpc: connect (HTTP/2 handshake), grpc.health.v1 `Check`, close;
 //!
 //! The targets run on a second runtime (one worker), so on a 2-core
-//! machine the checker has one core and the targets the other.
+//! machine the checker has one core and the targets the other; each kind
+//! listens on 64 ports (see [`PORTS`]).
 //!
 //! `cargo bench -p registry --bench health` (release build).
 //! `HEALTH_SECONDS` sets each run (default 5), `HEALTH_IN_FLIGHT` the
@@ -38,46 +39,64 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The targets: a TCP acceptor, an HTTP health endpoint, a gRPC health
-/// service; returns their addresses.
-async fn targets() -> (String, String, String) {
-    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp_addr = tcp.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = tcp.accept().await {
-            drop(s);
-        }
-    });
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = http.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+/// How many ports each kind of target listens on. The checker closes a
+/// TCP or gRPC check's connection first, which leaves the connection's
+/// 4-tuple in TIME_WAIT on the checker's side for a minute: against one
+/// port that caps a loopback benchmark at ~470 connections per second
+/// (28k ephemeral ports / 60 s). A real checker reaches many instances,
+/// each checked every few seconds, so the targets are spread the same way.
+const PORTS: usize = 64;
+
+/// The targets: TCP acceptors, HTTP health endpoints, gRPC health
+/// services; returns their addresses.
+async fn targets() -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (mut tcps, mut https, mut grpcs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PORTS {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tcps.push(tcp.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = tcp.accept().await {
+                drop(s);
+            }
+        });
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        https.push(http.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = http.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
                     }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap().to_string();
-    let (_reporter, service) = tonic_health::server::health_reporter();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
-    );
-    (tcp_addr, http_addr, grpc_addr)
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        grpcs.push(grpc.local_addr().unwrap().to_string());
+        let (_reporter, service) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+        );
+    }
+    (tcps, https, grpcs)
+}
+
+fn targets_of(kind: Kind, addresses: &[String]) -> Vec<Arc<Target>> {
+    addresses
+        .iter()
+        .map(|a| Arc::new(target(kind.clone(), a)))
+        .collect()
 }
 
 fn target(kind: Kind, address: &str) -> Target {
@@ -108,10 +127,10 @@ fn main() {
         .build()
         .unwrap();
     let kinds = [
-        ("tcp", target(Kind::Tcp(TcpCheck::default()), &tcp)),
+        ("tcp", targets_of(Kind::Tcp(TcpCheck::default()), &tcp)),
         (
             "http",
-            target(
+            targets_of(
                 Kind::Http(HttpCheck {
                     path: "/health".into(),
                     address: String::new(),
@@ -121,7 +140,7 @@ fn main() {
         ),
         (
             "grpc",
-            target(
+            targets_of(
                 Kind::Grpc(GrpcCheck {
                     service: String::new(),
                     address: String::new(),
@@ -134,22 +153,21 @@ fn main() {
         "health checks, one current-thread runtime, {in_flight} in flight, {}s per kind",
         seconds.as_secs()
     );
-    for (name, target) in kinds {
-        let target = Arc::new(target);
+    for (name, targets) in kinds {
         let done = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let latency_us = Arc::new(AtomicU64::new(0));
         let elapsed = checker.block_on(async {
             // Warm-up, not counted.
-            for _ in 0..100 {
-                probe(&target).await;
+            for target in &targets {
+                probe(target).await;
             }
             let start = Instant::now();
             let end = start + seconds;
             let mut tasks = JoinSet::new();
-            for _ in 0..in_flight {
+            for k in 0..in_flight {
                 let (target, done, failed, latency_us) = (
-                    target.clone(),
+                    targets[k % targets.len()].clone(),
                     done.clone(),
                     failed.clone(),
                     latency_us.clone(),
