@@ -8,33 +8,21 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    api::{AuthClient, Bearer, instance, register_request, with_token},
+};
 use registry::{Config, auth::hash_token};
 use registry_api::v1::{
-    DeregisterRequest, HeartbeatRequest, Instance, InstanceKey, ListServicesRequest,
-    RegisterRequest, ResolveRequest, StatusRequest, WatchRequest, deregister_request::Target,
+    DeregisterRequest, HeartbeatRequest, InstanceKey, ListServicesRequest, RegisterRequest,
+    ResolveRequest, StatusRequest, WatchRequest, deregister_request::Target,
     registry_client::RegistryClient, watch_response::Kind,
 };
 use tonic::{
     Code, Status,
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
-
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Client = RegistryClient<InterceptedService<Channel, Bearer>>;
 
 const PROD: &str = "prod-secret";
 const OTHER: &str = "other-prod-secret";
@@ -114,38 +102,23 @@ async fn auth_server() -> TestServer {
     .await
 }
 
-fn bearer(token: Option<&str>) -> Bearer {
-    Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
-}
-
-async fn client(url: &str, token: Option<&str>) -> Client {
+async fn client(url: &str, token: Option<&str>) -> AuthClient {
     let channel = Endpoint::from_shared(url.to_string())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    RegistryClient::new(InterceptedService::new(channel, bearer(token)))
+    with_token(channel, token)
 }
 
-fn inst(service: &str, id: &str) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: "10.0.0.1:80".into(),
-        ..Default::default()
-    }
-}
-
+/// On a new 10 s lease, or on `lease_id`.
 fn register_req(service: &str, id: &str, lease_id: u64) -> RegisterRequest {
-    RegisterRequest {
-        instance: Some(inst(service, id)),
-        ttl_ms: if lease_id == 0 { 10_000 } else { 0 },
-        lease_id,
-    }
+    let ttl_ms = if lease_id == 0 { 10_000 } else { 0 };
+    register_request(instance(service, id), ttl_ms, lease_id)
 }
 
 /// Every RPC with the given client, returning each call's status code.
-async fn every_rpc(c: &mut Client, service: &str, lease: u64) -> Vec<(&'static str, Code)> {
+async fn every_rpc(c: &mut AuthClient, service: &str, lease: u64) -> Vec<(&'static str, Code)> {
     let code = |r: Result<(), Status>| r.err().map_or(Code::Ok, |s| s.code());
     let mut out = Vec::new();
     out.push((
@@ -297,7 +270,7 @@ async fn health_is_open_and_reflection_is_not() {
         .map(|s| s.code());
     assert_eq!(err, Some(Code::Unauthenticated));
     let mut with_token =
-        ServerReflectionClient::new(InterceptedService::new(channel, bearer(Some(READER))));
+        ServerReflectionClient::new(InterceptedService::new(channel, Bearer::new(Some(READER))));
     let mut stream = with_token
         .server_reflection_info(tokio_stream::iter([req()]))
         .await
@@ -621,7 +594,7 @@ async fn tls_client(
     ca: &str,
     identity: Option<(&str, &str)>,
     token: Option<&str>,
-) -> Result<Client, tonic::transport::Error> {
+) -> Result<AuthClient, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
@@ -634,10 +607,7 @@ async fn tls_client(
         .unwrap()
         .connect()
         .await?;
-    Ok(RegistryClient::new(InterceptedService::new(
-        channel,
-        bearer(token),
-    )))
+    Ok(with_token(channel, token))
 }
 
 #[tokio::test]
@@ -883,8 +853,10 @@ async fn xds_subscriptions_need_credentials_and_see_only_readable_services() {
     assert_eq!(code, Code::Unauthenticated);
 
     // The prod token sees prod's endpoints and nothing of payments.eu.
-    let mut ads =
-        AggregatedDiscoveryServiceClient::new(InterceptedService::new(channel, bearer(Some(PROD))));
+    let mut ads = AggregatedDiscoveryServiceClient::new(InterceptedService::new(
+        channel,
+        Bearer::new(Some(PROD)),
+    ));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(request(&["prod", "payments.eu"])).await.unwrap();
     let mut stream = ads

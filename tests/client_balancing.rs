@@ -256,11 +256,7 @@ async fn unknown_service_fails_at_once_naming_it_unless_warming_up() {
         );
         started.elapsed()
     };
-    let server = TestServer::start_with(registry::Config {
-        warmup: Duration::ZERO,
-        ..TestServer::test_config()
-    })
-    .await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let client = RegistryClient::connect(&server.url).await.unwrap();
     let took = call(registry_client::balanced_channel(&client, "prdo")).await;
     assert!(took < Duration::from_millis(500), "{took:?}");

@@ -9,21 +9,17 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::time::Duration;
 
-use common::{TestServer, prod::ProdInstance};
-use registry_client::{RegistrationState, RegistryClient};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-    time::{Instant, timeout},
+use common::{
+    TestServer,
+    artifacts::{ExampleProcess, example},
+    prod::ProdInstance,
 };
+use registry_client::{RegistrationState, RegistryClient};
+use tokio::time::{Instant, timeout};
 
 const TTL: Duration = Duration::from_secs(2);
-
-fn prod_service() -> PathBuf {
-    common::built_artifact(env!("CARGO_PKG_NAME"), "example", "prod_service")
-}
 
 /// (address, lease) of `prod/cart-3` now.
 async fn holder(observer: &RegistryClient) -> Option<(String, u64)> {
@@ -38,7 +34,7 @@ async fn holder(observer: &RegistryClient) -> Option<(String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves() {
-    let binary = tokio::task::spawn_blocking(prod_service).await.unwrap();
+    let binary = example("prod_service").await;
     let server = TestServer::start().await;
     let observer = RegistryClient::connect(&server.url).await.unwrap();
 
@@ -48,20 +44,11 @@ async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves
     assert_eq!(holder(&observer).await.unwrap().0, a_addr);
 
     // Process B: the example service, same id.
-    let mut b = Command::new(&binary)
-        .args(["--registry", &server.url, "--id", "cart-3", "--ttl", "2s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut b_out = BufReader::new(b.stdout.take().unwrap()).lines();
-    let line = timeout(Duration::from_secs(20), b_out.next_line())
-        .await
-        .expect("B starts")
-        .unwrap()
-        .unwrap();
+    let mut b = ExampleProcess::spawn(
+        &binary,
+        &["--registry", &server.url, "--id", "cart-3", "--ttl", "2s"],
+    );
+    let line = b.line(Duration::from_secs(20)).await;
     let b_addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
@@ -94,25 +81,10 @@ async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves
     }
 
     // B stops (SIGTERM: it deregisters). A takes the key back within a TTL.
-    let pid = b.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let line = timeout(Duration::from_secs(5), b_out.next_line())
-        .await
-        .expect("B drains")
-        .unwrap()
-        .unwrap();
+    b.terminate();
+    let line = b.line(Duration::from_secs(5)).await;
     assert_eq!(line, "prod_service id=cart-3 draining");
-    let line = timeout(Duration::from_secs(5), b_out.next_line())
-        .await
-        .expect("B deregisters")
-        .unwrap()
-        .unwrap();
+    let line = b.line(Duration::from_secs(5)).await;
     assert_eq!(line, "prod_service id=cart-3 deregistered");
     let gone = Instant::now();
     loop {
@@ -139,7 +111,7 @@ async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves
     .await
     .expect("A reports Registered again")
     .unwrap();
-    assert!(b.wait().await.unwrap().success());
+    assert!(b.child.wait().await.unwrap().success());
     drop(a);
     server.stop().await;
 }

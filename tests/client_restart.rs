@@ -18,6 +18,8 @@ use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(2);
 
+/// Not the shared test config: this test needs a warm-up of one TTL and a
+/// short drain.
 fn config() -> Config {
     Config {
         // One max heartbeat interval and then some: the window in which

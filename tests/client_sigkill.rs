@@ -9,47 +9,33 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{path::Path, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    artifacts::{ExampleProcess, example},
+};
 use registry_api::prod::{ProductRequest, prod_service_client::ProdServiceClient};
 use registry_client::RegistryClient;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    time::{Instant, timeout},
-};
+use tokio::time::Instant;
 
-fn prod_service() -> PathBuf {
-    common::built_artifact(env!("CARGO_PKG_NAME"), "example", "prod_service")
-}
-
-async fn spawn(binary: &PathBuf, registry: &str, id: &str) -> Child {
-    let mut child = Command::new(binary)
-        .args(["--registry", registry, "--id", id, "--ttl", "10s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = timeout(Duration::from_secs(20), out.next_line())
-        .await
-        .expect("instance starts")
-        .unwrap()
-        .unwrap();
+/// One instance of the example service with a 10 s TTL, once it serves.
+async fn spawn(binary: &Path, registry: &str, id: &str) -> ExampleProcess {
+    let mut process = ExampleProcess::spawn(
+        binary,
+        &["--registry", registry, "--id", id, "--ttl", "10s"],
+    );
+    let line = process.line(Duration::from_secs(20)).await;
     assert!(
         line.starts_with(&format!("prod_service id={id} ")),
         "{line}"
     );
-    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-    child
+    process
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_one_of_two_instances_costs_at_most_three_calls() {
-    let binary = tokio::task::spawn_blocking(prod_service).await.unwrap();
+    let binary = example("prod_service").await;
     let server = TestServer::start().await;
     let mut victim = spawn(&binary, &server.url, "k1").await;
     let _survivor = spawn(&binary, &server.url, "k2").await;
@@ -70,8 +56,8 @@ async fn sigkill_of_one_of_two_instances_costs_at_most_three_calls() {
         }
     }
 
-    victim.start_kill().unwrap(); // SIGKILL
-    victim.wait().await.unwrap();
+    victim.child.start_kill().unwrap(); // SIGKILL
+    victim.child.wait().await.unwrap();
     let killed = Instant::now();
     let observer = RegistryClient::connect(&server.url).await.unwrap();
     let (mut calls, mut failed) = (0, 0);

@@ -14,12 +14,13 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::cluster::{
-    Answer, Checks, Cluster, Node, NodeOptions, Renewer, Sampler, ids, resolve_on,
+use common::{
+    api::{InstanceExt, deregister_instance, instance, register_request},
+    cluster::{Answer, Checks, Cluster, Node, NodeOptions, Renewer, Sampler, ids, resolve_on},
+    poll_until,
 };
 use registry_api::v1::{
-    DeregisterRequest, EventType, Instance, InstanceKey, RegisterRequest, RegisterResponse,
-    WatchRequest, deregister_request::Target, registry_client::RegistryClient as Raw,
+    EventType, RegisterResponse, WatchRequest, registry_client::RegistryClient as Raw,
     watch_response::Kind,
 };
 use registry_client::RegistryClient;
@@ -32,15 +33,6 @@ const TTL: Duration = Duration::from_secs(2);
 /// notices and moves) plus a second.
 const MAX_GAP: Duration = Duration::from_secs(3);
 
-fn instance(id: &str) -> Instance {
-    Instance {
-        service: "prod".into(),
-        id: id.into(),
-        address: "127.0.0.1:9".into(),
-        ..Default::default()
-    }
-}
-
 /// Raw Register of `prod/id`, with an optional client deadline.
 async fn register(
     node: &Node,
@@ -49,11 +41,11 @@ async fn register(
     lease_id: u64,
     deadline: Option<Duration>,
 ) -> Result<RegisterResponse, Status> {
-    let mut request = tonic::Request::new(RegisterRequest {
-        instance: Some(instance(id)),
-        ttl_ms: ttl.as_millis() as u64,
+    let mut request = tonic::Request::new(register_request(
+        instance("prod", id).at("127.0.0.1:9"),
+        ttl.as_millis() as u64,
         lease_id,
-    });
+    ));
     if let Some(d) = deadline {
         request.set_timeout(d);
     }
@@ -74,21 +66,14 @@ async fn resolve(node: &Node) -> Option<Answer> {
 }
 
 /// Polls `cond` every 50 ms for at most `limit`; whether it came true.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+async fn eventually<F, Fut>(limit: Duration, cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(limit, Duration::from_millis(50), cond)
+        .await
+        .is_some()
 }
 
 async fn has(node: &Node, id: &str) -> bool {
@@ -781,16 +766,11 @@ async fn rw_loop(client: Raw<Channel>, service: String, run_for: Duration) -> (u
         let id = format!("i{rounds}");
         let mut c = client.clone();
         let reg = c
-            .register(RegisterRequest {
-                instance: Some(Instance {
-                    service: service.clone(),
-                    id: id.clone(),
-                    address: "127.0.0.1:9".into(),
-                    ..Default::default()
-                }),
-                ttl_ms: 60_000,
-                lease_id: 0,
-            })
+            .register(register_request(
+                instance(&service, &id).at("127.0.0.1:9"),
+                60_000,
+                0,
+            ))
             .await;
         let reg = match reg {
             Ok(r) => r.into_inner(),
@@ -809,14 +789,7 @@ async fn rw_loop(client: Raw<Channel>, service: String, run_for: Duration) -> (u
                 other.as_ref().map(|r| ids(&r.instances))
             )),
         }
-        let dereg = c
-            .deregister(DeregisterRequest {
-                target: Some(Target::Instance(InstanceKey {
-                    service: service.clone(),
-                    id: id.clone(),
-                })),
-            })
-            .await;
+        let dereg = c.deregister(deregister_instance(&service, &id)).await;
         let dereg = match dereg {
             Ok(r) => r.into_inner(),
             Err(e) => {

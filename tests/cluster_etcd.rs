@@ -8,77 +8,26 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::{
-    etcd::{ClusterNode, EtcdServer},
+    api::{
+        deregister, deregister_instance, deregister_lease, events, ids, instance, next, register,
+        resolve, try_register,
+    },
+    cluster::Etcd,
+    etcd::ClusterNode,
     prod::{ProdInstance, call_many},
     wait_until,
 };
-use registry_api::v1::{
-    DeleteReason, DeregisterRequest, EventType, Instance, InstanceKey, RegisterRequest,
-    ResolveRequest, ResolveResponse, WatchRequest, WatchResponse, deregister_request::Target,
-    registry_client::RegistryClient, watch_response::Kind,
-};
+use registry_api::v1::{DeleteReason, EventType, WatchRequest, watch_response::Kind};
 use registry_client::{RegistrationState, balanced_channel};
 use tokio::time::Instant;
-use tonic::{Code, Streaming, transport::Channel};
+use tonic::Code;
 
-async fn cluster() -> Option<(EtcdServer, [ClusterNode; 3])> {
-    let etcd = EtcdServer::start().await?;
+async fn cluster() -> Option<(Etcd, [ClusterNode; 3])> {
+    let etcd = Etcd::start().await?;
     let a = ClusterNode::start(&etcd).await;
     let b = ClusterNode::start(&etcd).await;
     let c = ClusterNode::start(&etcd).await;
     Some((etcd, [a, b, c]))
-}
-
-fn register(id: &str, ttl_ms: u64) -> RegisterRequest {
-    RegisterRequest {
-        instance: Some(Instance {
-            service: "prod".into(),
-            id: id.into(),
-            address: "127.0.0.1:8002".into(),
-            ..Default::default()
-        }),
-        ttl_ms,
-        lease_id: 0,
-    }
-}
-
-async fn resolve(client: &mut RegistryClient<Channel>) -> ResolveResponse {
-    client
-        .resolve(ResolveRequest {
-            service: "prod".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("resolve")
-        .into_inner()
-}
-
-fn ids(resp: &ResolveResponse) -> Vec<&str> {
-    resp.instances.iter().map(|i| i.id.as_str()).collect()
-}
-
-/// Next message of a watch stream, within 5 s.
-async fn next(stream: &mut Streaming<WatchResponse>) -> Kind {
-    tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("watch message within 5 s")
-        .expect("watch stream ok")
-        .expect("watch stream open")
-        .kind
-        .expect("message kind")
-}
-
-/// Reads event batches (skipping progress) until `n` events have come.
-async fn events(stream: &mut Streaming<WatchResponse>, n: usize) -> Vec<registry_api::v1::Event> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        match next(stream).await {
-            Kind::Events(b) => out.extend(b.events),
-            Kind::Progress(_) => {}
-            Kind::Snapshot(s) => panic!("unexpected snapshot (reset {}) mid-stream", s.reset),
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,18 +52,14 @@ async fn register_on_one_node_resolve_and_watch_on_the_others() {
     assert!(snap.instances.is_empty());
     let epoch = snap.server.unwrap().epoch;
 
-    let reg = ca
-        .register(register("p1", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let reg = register(&mut ca, instance("prod", "p1"), 60_000, 0).await;
     assert_eq!(
         reg.server.unwrap().epoch,
         epoch,
         "one epoch per etcd cluster"
     );
     // Read-your-writes on the node that took the write.
-    let on_a = resolve(&mut ca).await;
+    let on_a = resolve(&mut ca, "prod").await;
     assert_eq!(ids(&on_a), ["p1"]);
     assert!(on_a.revision >= reg.revision);
     assert!(!on_a.server.unwrap().stale);
@@ -127,35 +72,26 @@ async fn register_on_one_node_resolve_and_watch_on_the_others() {
     // C resolves it too, at a revision at least that of the write.
     wait_until(Duration::from_secs(5), "C resolves p1", || {
         let mut cc = cc.clone();
-        async move { ids(&resolve(&mut cc).await) == ["p1"] }
+        async move { ids(&resolve(&mut cc, "prod").await) == ["p1"] }
     })
     .await;
-    let on_c = resolve(&mut cc).await;
+    let on_c = resolve(&mut cc, "prod").await;
     assert_eq!(on_c.instances[0].revision, reg.revision);
     assert_eq!(on_c.server.unwrap().epoch, epoch);
 
     // Deregistered on A: DEREGISTERED on B.
-    let dereg = ca
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: "prod".into(),
-                id: "p1".into(),
-            })),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dereg = deregister(&mut ca, deregister_instance("prod", "p1")).await;
     let ev = events(&mut wb, 1).await;
     assert_eq!(ev[0].r#type, EventType::Delete as i32);
     assert_eq!(ev[0].reason, DeleteReason::Deregistered as i32);
     assert_eq!(ev[0].revision, dereg.revision);
     assert!(
-        ids(&resolve(&mut ca).await).is_empty(),
+        ids(&resolve(&mut ca, "prod").await).is_empty(),
         "read-your-deregister"
     );
 
     // A client lease on A expiring (no heartbeats): EXPIRED on B.
-    let short = ca.register(register("p2", 300)).await.unwrap().into_inner();
+    let short = register(&mut ca, instance("prod", "p2"), 300, 0).await;
     let ev = events(&mut wb, 2).await;
     assert_eq!(ev[0].r#type, EventType::Put as i32);
     assert_eq!(ev[0].revision, short.revision);
@@ -163,21 +99,13 @@ async fn register_on_one_node_resolve_and_watch_on_the_others() {
     assert_eq!(ev[1].reason, DeleteReason::Expired as i32);
 
     // Lease revocation through A reaches B as DEREGISTERED too.
-    let long = ca
-        .register(register("p3", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
-    ca.deregister(DeregisterRequest {
-        target: Some(Target::LeaseId(long.lease_id)),
-    })
-    .await
-    .unwrap();
+    let long = register(&mut ca, instance("prod", "p3"), 60_000, 0).await;
+    deregister(&mut ca, deregister_lease(long.lease_id)).await;
     let ev = events(&mut wb, 2).await;
     assert_eq!(ev[1].reason, DeleteReason::Deregistered as i32);
     wait_until(Duration::from_secs(5), "C sees nothing left", || {
         let mut cc = cc.clone();
-        async move { resolve(&mut cc).await.instances.is_empty() }
+        async move { resolve(&mut cc, "prod").await.instances.is_empty() }
     })
     .await;
 }
@@ -188,11 +116,7 @@ async fn watch_resumes_on_another_node_from_its_revision() {
         return;
     };
     let (mut ca, mut cb, mut cc) = (a.client().await, b.client().await, c.client().await);
-    let first = ca
-        .register(register("r1", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = register(&mut ca, instance("prod", "r1"), 60_000, 0).await;
 
     // Watch on B, read up to r1, then go away.
     let mut wb = cb
@@ -215,16 +139,8 @@ async fn watch_resumes_on_another_node_from_its_revision() {
     drop(wb);
 
     // Changes while the watcher is away, made through A.
-    let r2 = ca
-        .register(register("r2", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
-    let r3 = ca
-        .register(register("r3", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let r2 = register(&mut ca, instance("prod", "r2"), 60_000, 0).await;
+    let r3 = register(&mut ca, instance("prod", "r3"), 60_000, 0).await;
 
     // Resume on C: a replay of exactly what was missed, no snapshot.
     let mut wc = cc
@@ -244,11 +160,7 @@ async fn watch_resumes_on_another_node_from_its_revision() {
         .collect();
     assert_eq!(got, [(r2.revision, "r2"), (r3.revision, "r3")]);
     // And it goes live from there.
-    let r4 = ca
-        .register(register("r4", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let r4 = register(&mut ca, instance("prod", "r4"), 60_000, 0).await;
     let ev = events(&mut wc, 1).await;
     assert_eq!(ev[0].revision, r4.revision);
 }
@@ -264,7 +176,7 @@ async fn killed_node_clients_reregister_elsewhere_and_callers_lose_no_calls() {
     let p1 = ProdInstance::start(&all, "prod-1", ttl).await;
     let p2 = ProdInstance::start(&all, "prod-2", ttl).await;
     let mut ca = a.client().await;
-    let before: HashMap<String, u64> = resolve(&mut ca)
+    let before: HashMap<String, u64> = resolve(&mut ca, "prod")
         .await
         .instances
         .into_iter()
@@ -325,7 +237,7 @@ async fn killed_node_clients_reregister_elsewhere_and_callers_lose_no_calls() {
         let mut cb = cb.clone();
         let before = before.clone();
         async move {
-            let now = resolve(&mut cb).await;
+            let now = resolve(&mut cb, "prod").await;
             now.instances.len() == 2
                 && now
                     .instances
@@ -378,7 +290,7 @@ async fn killed_node_clients_reregister_elsewhere_and_callers_lose_no_calls() {
         total.contains_key("prod-1") && total.contains_key("prod-2"),
         "{total:?}"
     );
-    let after = resolve(&mut cb).await;
+    let after = resolve(&mut cb, "prod").await;
     assert_eq!(
         ids(&after),
         ["prod-1", "prod-2"],
@@ -393,10 +305,10 @@ async fn etcd_down_refuses_writes_serves_stale_reads_and_recovers() {
         return;
     };
     let (mut ca, mut cb, mut cc) = (a.client().await, b.client().await, c.client().await);
-    ca.register(register("x", 60_000)).await.unwrap();
+    register(&mut ca, instance("prod", "x"), 60_000, 0).await;
     wait_until(Duration::from_secs(5), "C resolves x", || {
         let mut cc = cc.clone();
-        async move { ids(&resolve(&mut cc).await) == ["x"] }
+        async move { ids(&resolve(&mut cc, "prod").await) == ["x"] }
     })
     .await;
 
@@ -405,20 +317,22 @@ async fn etcd_down_refuses_writes_serves_stale_reads_and_recovers() {
     for client in [&ca, &cb, &cc] {
         wait_until(Duration::from_secs(8), "node marks its reads stale", || {
             let mut c = client.clone();
-            async move { resolve(&mut c).await.server.unwrap().stale }
+            async move { resolve(&mut c, "prod").await.server.unwrap().stale }
         })
         .await;
     }
-    let err = cb.register(register("y", 60_000)).await.unwrap_err();
+    let err = try_register(&mut cb, instance("prod", "y"), 60_000, 0)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let stale = resolve(&mut cc).await;
+    let stale = resolve(&mut cc, "prod").await;
     assert_eq!(ids(&stale), ["x"], "reads keep serving the last catalog");
 
     etcd.resume();
     for client in [&ca, &cb, &cc] {
         wait_until(Duration::from_secs(10), "node fresh again", || {
             let mut c = client.clone();
-            async move { !resolve(&mut c).await.server.unwrap().stale }
+            async move { !resolve(&mut c, "prod").await.server.unwrap().stale }
         })
         .await;
     }
@@ -426,13 +340,17 @@ async fn etcd_down_refuses_writes_serves_stale_reads_and_recovers() {
     // expired during the pause).
     wait_until(Duration::from_secs(10), "register accepted again", || {
         let mut cb = cb.clone();
-        async move { cb.register(register("y", 60_000)).await.is_ok() }
+        async move {
+            try_register(&mut cb, instance("prod", "y"), 60_000, 0)
+                .await
+                .is_ok()
+        }
     })
     .await;
     wait_until(Duration::from_secs(10), "C resolves x and y", || {
         let mut cc = cc.clone();
-        async move { ids(&resolve(&mut cc).await) == ["x", "y"] }
+        async move { ids(&resolve(&mut cc, "prod").await) == ["x", "y"] }
     })
     .await;
-    assert_eq!(ids(&resolve(&mut ca).await), ["x", "y"]);
+    assert_eq!(ids(&resolve(&mut ca, "prod").await), ["x", "y"]);
 }

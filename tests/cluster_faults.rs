@@ -63,6 +63,7 @@ mod faults {
 
     use common::{
         cluster::{Answer, Cluster, NodeOptions, Sample, Sampler, Samples, ids, resolve_on},
+        poll_until,
         prod::StockService,
     };
     use registry_api::{
@@ -77,6 +78,8 @@ mod faults {
     use tokio_stream::wrappers::TcpListenerStream;
 
     const SERVICE: &str = "prod";
+    /// How often the suite polls the nodes while it waits for a state.
+    const POLL: Duration = Duration::from_millis(100);
 
     /// What to run.
     #[derive(Debug, Clone)]
@@ -656,7 +659,7 @@ keeps them always.";
             suite.services.push(service);
         }
         let all = suite.ids();
-        let ready = wait_until(Duration::from_secs(10), || suite.everywhere(&all)).await;
+        let ready = poll_until(Duration::from_secs(10), POLL, || suite.everywhere(&all)).await;
         assert!(
             ready.is_some(),
             "every service on every node before the faults"
@@ -687,24 +690,6 @@ keeps them always.";
         // Failing by panic while the cluster is still alive keeps its node logs.
         assert!(all_ok, "cluster_faults: some checks failed (tables above)");
         Some(true)
-    }
-
-    /// Polls `f` every 100 ms for at most `limit`; the time it took.
-    async fn wait_until<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
-        let start = Instant::now();
-        loop {
-            if f().await {
-                return Some(start.elapsed());
-            }
-            if start.elapsed() >= limit {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     impl Suite {
@@ -972,7 +957,7 @@ keeps them always.";
                     Err(e) => start_errors.push(format!("{id}: {e}")),
                 }
             }
-            let reached = wait_until(bound, || self.everywhere(&new_ids)).await;
+            let reached = poll_until(bound, POLL, || self.everywhere(&new_ids)).await;
             let mut missing_new = Vec::new();
             if reached.is_none() {
                 for node in &self.cluster.nodes {

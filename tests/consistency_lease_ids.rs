@@ -11,11 +11,11 @@ mod common;
 
 use std::{collections::HashMap, fmt::Write as _, path::Path, time::Duration};
 
-use common::binary::{BinaryServer, wait_ready};
-use registry_api::v1::{
-    HeartbeatRequest, Instance, RegisterRequest, ResolveRequest, registry_client::RegistryClient,
+use common::{
+    api::{Client, InstanceExt, instance, register, resolve},
+    binary::{BinaryServer, wait_ready},
 };
-use tonic::transport::Channel;
+use registry_api::v1::HeartbeatRequest;
 
 const RESTARTS: usize = 6;
 const SERVICE: &str = "ids";
@@ -44,22 +44,9 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
 }
 
 /// Registers `name` of this life under a new lease; returns the lease id.
-async fn register(client: &mut RegistryClient<Channel>, name: &str, life: usize) -> u64 {
-    client
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: SERVICE.into(),
-                id: format!("{name}-{life}"),
-                address: format!("10.0.{life}.1:80"),
-                ..Default::default()
-            }),
-            ttl_ms: 60_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("register {name} in life {life}: {e}"))
-        .into_inner()
-        .lease_id
+async fn register_in_life(client: &mut Client, name: &str, life: usize) -> u64 {
+    let instance = instance(SERVICE, &format!("{name}-{life}")).at(format!("10.0.{life}.1:80"));
+    register(client, instance, 60_000, 0).await.lease_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +68,7 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
         let mut client = wait_ready(&server).await;
         if life > 0 {
             for name in ["x", "y", "z"] {
-                let lease = register(&mut client, name, life).await;
+                let lease = register_in_life(&mut client, name, life).await;
                 new_grants += 1;
                 if let Some(owner) = granted.get(&lease) {
                     reused += 1;
@@ -106,14 +93,8 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
                 Err(e) => panic!("Heartbeat of b's old lease: {e}"),
             };
             if found {
-                let holds: Vec<String> = client
-                    .resolve(ResolveRequest {
-                        service: SERVICE.into(),
-                        ..Default::default()
-                    })
+                let holds: Vec<String> = resolve(&mut client, SERVICE)
                     .await
-                    .expect("Resolve")
-                    .into_inner()
                     .instances
                     .into_iter()
                     .filter(|i| i.lease_id == b_lease)
@@ -132,7 +113,7 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
             break;
         }
         let before = fingerprint(dir.path());
-        let a = register(&mut client, "a", life).await;
+        let a = register_in_life(&mut client, "a", life).await;
         granted.insert(a, format!("a-{life}"));
         common::wait_until(
             Duration::from_secs(5),
@@ -143,9 +124,9 @@ async fn no_life_grants_a_lease_id_an_earlier_life_granted() {
             },
         )
         .await;
-        b_lease = register(&mut client, "b", life).await;
+        b_lease = register_in_life(&mut client, "b", life).await;
         granted.insert(b_lease, format!("b-{life}"));
-        let c = register(&mut client, "c", life).await;
+        let c = register_in_life(&mut client, "c", life).await;
         granted.insert(c, format!("c-{life}"));
         server.restart().await;
     }

@@ -16,12 +16,14 @@ use std::{
     time::Duration,
 };
 
-use common::TestServer;
+use common::{
+    TestServer,
+    api::{InstanceExt, instance, register},
+};
 use futures::{StreamExt, stream};
 use registry_api::v1::{
-    DeregisterRequest, Instance, ListServicesRequest, RegisterRequest, ResolveRequest,
-    StatusRequest, WatchRequest, deregister_request::Target, registry_client::RegistryClient,
-    watch_response::Kind,
+    DeregisterRequest, ListServicesRequest, ResolveRequest, StatusRequest, WatchRequest,
+    deregister_request::Target, registry_client::RegistryClient, watch_response::Kind,
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -56,19 +58,9 @@ async fn fill(client: &RegistryClient<Channel>, round: usize) -> (u64, u64) {
     let register = |i: usize, lease_id: u64| {
         let mut c = client.clone();
         async move {
-            c.register(RegisterRequest {
-                instance: Some(Instance {
-                    service: SERVICE.into(),
-                    id: id(i),
-                    address: format!("10.{round}.{}.{}:80", i / 256, i % 256),
-                    ..Default::default()
-                }),
-                ttl_ms: 60_000,
-                lease_id,
-            })
-            .await
-            .expect("register torn instance")
-            .into_inner()
+            let torn =
+                instance(SERVICE, &id(i)).at(format!("10.{round}.{}.{}:80", i / 256, i % 256));
+            register(&mut c, torn, 60_000, lease_id).await
         }
     };
     let first = register(0, 0).await;

@@ -19,11 +19,12 @@ use std::{
     time::Duration,
 };
 
-use common::http::HttpServer;
-use registry::{Config, auth::hash_token};
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
+use common::{
+    api::{self, InstanceExt, deregister_instance, instance, register_request},
+    http::HttpServer,
 };
+use registry::Config;
+use registry_api::v1::RegisterRequest;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::Command,
@@ -80,33 +81,17 @@ async fn tools() -> Option<(PathBuf, PathBuf)> {
 }
 
 fn auth_file() -> PathBuf {
-    let text = format!(
-        r#"
+    let roles = r#"
 [roles.viewer]
 read = ["*"]
 
 [roles.ops]
 admin = ["*"]
-
-[[tokens]]
-name = "viewer"
-sha256 = "{}"
-roles = ["viewer"]
-
-[[tokens]]
-name = "ops"
-sha256 = "{}"
-roles = ["ops"]
-"#,
-        hash_token(VIEWER),
-        hash_token(OPS)
-    );
-    let path = std::env::temp_dir().join(format!(
-        "registry-dashboard-auth-{}.toml",
-        std::process::id()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
+"#;
+    api::auth_file(
+        roles,
+        &[("viewer", VIEWER, &["viewer"]), ("ops", OPS, &["ops"])],
+    )
 }
 
 fn with_token<T>(msg: T) -> tonic::Request<T> {
@@ -117,17 +102,8 @@ fn with_token<T>(msg: T) -> tonic::Request<T> {
 }
 
 fn register(service: &str, id: &str, addr: &str) -> tonic::Request<RegisterRequest> {
-    with_token(RegisterRequest {
-        instance: Some(Instance {
-            service: service.into(),
-            id: id.into(),
-            address: addr.into(),
-            metadata: [("version".to_string(), "1.4.2".to_string())].into(),
-            ..Default::default()
-        }),
-        ttl_ms: 30_000,
-        lease_id: 0,
-    })
+    let instance = instance(service, id).at(addr).meta("version", "1.4.2");
+    with_token(register_request(instance, 30_000, 0))
 }
 
 #[tokio::test]
@@ -138,8 +114,7 @@ async fn dashboard_in_headless_chromium() {
     let auth = auth_file();
     let server = HttpServer::start_with(Config {
         auth_file: Some(auth.clone()),
-        warmup: Duration::ZERO,
-        ..common::TestServer::test_config()
+        ..common::TestServer::no_warmup_config()
     })
     .await;
     let mut grpc = server.client().await;
@@ -190,14 +165,9 @@ async fn dashboard_in_headless_chromium() {
         "the new service showed after {ms} ms; the issue asks for within a second"
     );
 
-    grpc.deregister(with_token(DeregisterRequest {
-        target: Some(Target::Instance(InstanceKey {
-            service: "web".into(),
-            id: "web-1".into(),
-        })),
-    }))
-    .await
-    .unwrap();
+    grpc.deregister(with_token(deregister_instance("web", "web-1")))
+        .await
+        .unwrap();
     stdin.write_all(b"deregistered web\n").await.unwrap();
     let gone = next().await;
     let ms: u64 = gone

@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use common::http::HttpServer;
+use common::{
+    api::{self, InstanceExt, deregister_instance, instance},
+    http::HttpServer,
+};
 use hickory_net::{
     client::{Client, ClientHandle},
     proto::{
@@ -23,46 +26,16 @@ use hickory_net::{
     runtime::TokioRuntimeProvider,
     udp::UdpClientStream,
 };
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
-};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
 };
 
+/// Every instance here has weight 7 (the SRV weight) and a zone (a
+/// selector label).
 async fn register(server: &HttpServer, service: &str, id: &str, addr: &str, zone: &str) {
-    server
-        .client()
-        .await
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: addr.into(),
-                weight: 7,
-                metadata: [("zone".to_string(), zone.to_string())].into(),
-                ..Default::default()
-            }),
-            ttl_ms: 30_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap();
-}
-
-async fn deregister(server: &HttpServer, service: &str, id: &str) {
-    server
-        .client()
-        .await
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: service.into(),
-                id: id.into(),
-            })),
-        })
-        .await
-        .unwrap();
+    let instance = instance(service, id).at(addr).weight(7).meta("zone", zone);
+    api::register(&mut server.client().await, instance, 30_000, 0).await;
 }
 
 fn query_bytes(name: &str, rtype: RecordType) -> Vec<u8> {
@@ -138,7 +111,8 @@ async fn answers_records_codes_and_ttls() {
     register(&server, "prod", "prod-3", "[2001:db8::3]:8082", "eu-1").await;
     register(&server, "prod", "prod-4", "prod4.internal:8083", "eu-1").await;
     register(&server, "empty", "e-1", "10.0.0.9:80", "eu-1").await;
-    deregister(&server, "empty", "e-1").await;
+    let gone = deregister_instance("empty", "e-1");
+    api::deregister(&mut server.client().await, gone).await;
 
     // A standard client library first.
     let stream = UdpClientStream::builder(server.dns, TokioRuntimeProvider::default()).build();
@@ -225,7 +199,8 @@ async fn answers_records_codes_and_ttls() {
     assert_eq!(outside.metadata.response_code, ResponseCode::Refused);
 
     // Follows the catalog.
-    deregister(&server, "prod", "prod-1").await;
+    let gone = deregister_instance("prod", "prod-1");
+    api::deregister(&mut server.client().await, gone).await;
     let a = udp(server.dns, "prod.service.registry.", RecordType::A).await;
     assert_eq!(ips(&a), ["10.0.0.2".parse::<IpAddr>().unwrap()]);
     server.stop().await;
@@ -235,8 +210,7 @@ async fn answers_records_codes_and_ttls() {
 async fn shuffled_and_truncated_over_udp_complete_over_tcp() {
     let server = HttpServer::start_with(registry::Config {
         dns_ttl: Duration::from_secs(2),
-        warmup: Duration::ZERO,
-        ..common::TestServer::test_config()
+        ..common::TestServer::no_warmup_config()
     })
     .await;
     for i in 0..60 {

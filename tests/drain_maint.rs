@@ -120,17 +120,13 @@ async fn served(client: &RegistryClient) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_maintenance_through_regctl_follow_auth() {
-    let regctl_bin =
-        tokio::task::spawn_blocking(|| common::built_artifact("registry-client", "bin", "regctl"))
-            .await
-            .unwrap();
+    let regctl_bin = common::artifacts::regctl_binary().await;
     let auth = auth_file();
     let server = TestServer::start_with(Config {
         auth_file: Some(auth.clone()),
-        warmup: Duration::ZERO,
         // Two instances of three out of rotation must not trip panic mode.
         panic: registry::serving::PanicThresholds::new(0.0),
-        ..TestServer::test_config()
+        ..TestServer::no_warmup_config()
     })
     .await;
     let url = server.url.clone();

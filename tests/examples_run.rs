@@ -3,64 +3,21 @@
 //! client's calls reach both, one service gets SIGTERM, drains, deregisters,
 //! and the client carries on with the other.
 //!
-//! The examples are located with `common::built_artifact`, which asks cargo
-//! to build them and report their paths.
+//! The examples are located with `common::artifacts::example`, which asks
+//! cargo to build them and report their paths.
 
 #![cfg(unix)]
 
 mod common;
 
-use std::{collections::HashSet, path::PathBuf, process::Stdio, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
-use common::TestServer;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-    time::{Instant, timeout},
+use common::{
+    TestServer,
+    api::resolve,
+    artifacts::{ExampleProcess, example},
 };
-
-/// Builds the examples (if needed) and returns the path of `name`.
-fn example_path(name: &str) -> PathBuf {
-    common::built_artifact(env!("CARGO_PKG_NAME"), "example", name)
-}
-
-struct Proc {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Proc {
-    fn spawn(path: &PathBuf, args: &[&str]) -> Self {
-        let mut child = Command::new(path)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn example");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
-    }
-
-    /// Next stdout line, failing after `limit`.
-    async fn line(&mut self, limit: Duration) -> String {
-        timeout(limit, self.lines.next_line())
-            .await
-            .expect("example printed nothing in time")
-            .expect("read example stdout")
-            .expect("example closed stdout")
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-}
+use tokio::time::{Instant, timeout};
 
 fn instance_of(line: &str) -> Option<&str> {
     line.split_whitespace()
@@ -70,18 +27,15 @@ fn instance_of(line: &str) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn examples_register_serve_fail_over_and_deregister() {
     // Build first: on a cold target directory this is the slow part.
-    let (service, client) =
-        tokio::task::spawn_blocking(|| (example_path("prod_service"), example_path("prod_client")))
-            .await
-            .unwrap();
+    let (service, client) = (example("prod_service").await, example("prod_client").await);
 
     let server = TestServer::start().await;
     let registry = server.url.clone();
-    let mut a = Proc::spawn(
+    let mut a = ExampleProcess::spawn(
         &service,
         &["--registry", &registry, "--id", "ex-a", "--ttl", "1s"],
     );
-    let mut b = Proc::spawn(
+    let mut b = ExampleProcess::spawn(
         &service,
         &["--registry", &registry, "--id", "ex-b", "--ttl", "1s"],
     );
@@ -94,7 +48,7 @@ async fn examples_register_serve_fail_over_and_deregister() {
     }
 
     // One call, one answer.
-    let mut once = Proc::spawn(&client, &["--registry", &registry]);
+    let mut once = ExampleProcess::spawn(&client, &["--registry", &registry]);
     let line = once.line(Duration::from_secs(10)).await;
     assert!(
         line.starts_with("prod_id=233 prod_stock=631 instance=ex-"),
@@ -103,7 +57,7 @@ async fn examples_register_serve_fail_over_and_deregister() {
     assert!(once.child.wait().await.unwrap().success());
 
     // A loop reaches both instances.
-    let mut looping = Proc::spawn(
+    let mut looping = ExampleProcess::spawn(
         &client,
         &["--registry", &registry, "--loop", "--interval-ms", "20"],
     );
@@ -157,15 +111,7 @@ async fn examples_register_serve_fail_over_and_deregister() {
         "prod_service id=ex-b deregistered"
     );
     assert!(b.child.wait().await.unwrap().success());
-    let mut raw = server.client().await;
-    let left = raw
-        .resolve(registry_api::v1::ResolveRequest {
-            service: "prod".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let left = resolve(&mut server.client().await, "prod").await;
     assert!(left.instances.is_empty(), "{left:?}");
     server.stop().await;
 }

@@ -43,9 +43,8 @@ use tokio::{
 /// Test registry: no warm-up hold, checks down to 50 ms.
 fn config() -> Config {
     Config {
-        warmup: Duration::ZERO,
         min_check_interval: Duration::from_millis(50),
-        ..TestServer::test_config()
+        ..TestServer::no_warmup_config()
     }
 }
 
@@ -101,11 +100,7 @@ async fn failing_health_endpoint_leaves_within_bound_and_returns_after_successes
     const INTERVAL: Duration = Duration::from_millis(400);
     const FAILURES: u32 = 3;
     const SUCCESSES: u32 = 2;
-    let prod_service = tokio::task::spawn_blocking(|| {
-        common::built_artifact(env!("CARGO_PKG_NAME"), "example", "prod_service")
-    })
-    .await
-    .unwrap();
+    let prod_service = common::artifacts::example("prod_service").await;
     // One instance: the default panic threshold would keep serving it
     // when it fails (a service is never emptied by its checks); this test
     // is about the check, so panic mode is off.

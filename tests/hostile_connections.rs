@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{
     TestServer,
+    api::{InstanceExt, instance, register},
     hostile::{
         H2_EMPTY_SETTINGS, H2_PREFACE, HANDSHAKE, IDLE, RssBudget, SLACK, assert_serving,
         hostile_config, raw_tcp, read_until_closed, serial, write_lossy,
@@ -17,7 +18,7 @@ use common::{
 };
 use futures::{StreamExt, future::join_all};
 use registry::Config;
-use registry_api::v1::{Instance, RegisterRequest, WatchRequest, watch_response::Kind};
+use registry_api::v1::{WatchRequest, watch_response::Kind};
 
 /// HTTP/2 frame types in the bytes a server sent (9-byte frame headers).
 fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
@@ -202,21 +203,8 @@ async fn open_quiet_watch(
 }
 
 async fn put_quiet(server: &TestServer) {
-    server
-        .client()
-        .await
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: "quiet".into(),
-                id: "a".into(),
-                address: "127.0.0.1:9".into(),
-                ..Default::default()
-            }),
-            ttl_ms: 30_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap();
+    let instance = instance("quiet", "a").at("127.0.0.1:9");
+    register(&mut server.client().await, instance, 30_000, 0).await;
 }
 
 #[tokio::test]

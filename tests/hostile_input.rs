@@ -16,6 +16,7 @@ use std::{collections::HashMap, time::Duration};
 
 use common::{
     TestServer,
+    api::{deregister, deregister_lease, instance, register, try_register},
     hostile::{
         RssBudget, assert_serving, hostile_config, pb_bytes, pb_varint, raw_server_streaming,
         raw_unary, serial,
@@ -25,35 +26,14 @@ use futures::StreamExt;
 use prost::bytes::Bytes;
 use registry::Config;
 use registry_api::v1::{
-    DeregisterRequest, HeartbeatRequest, Instance, InstanceKey, RegisterRequest, ResolveRequest,
-    WatchRequest, deregister_request::Target, registry_client::RegistryClient,
+    DeregisterRequest, HeartbeatRequest, Instance, InstanceKey, ResolveRequest, WatchRequest,
+    deregister_request::Target,
 };
 use tonic::{Code, Status, transport::Channel};
-
-type Client = RegistryClient<Channel>;
 
 const REGISTER: &str = "/registry.v1.Registry/Register";
 const RESOLVE: &str = "/registry.v1.Registry/Resolve";
 const WATCH: &str = "/registry.v1.Registry/Watch";
-
-fn instance(service: &str, id: &str) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: "10.0.0.1:80".into(),
-        ..Default::default()
-    }
-}
-
-async fn register(c: &mut Client, inst: Instance) -> Result<u64, Status> {
-    c.register(RegisterRequest {
-        instance: Some(inst),
-        ttl_ms: 30_000,
-        lease_id: 0,
-    })
-    .await
-    .map(|r| r.into_inner().lease_id)
-}
 
 fn assert_status(result: Result<impl std::fmt::Debug, Status>, code: Code, needles: &[&str]) {
     let err = result.expect_err("request should be refused");
@@ -77,7 +57,7 @@ async fn five_mib_metadata_value_is_resource_exhausted_naming_max_message_size()
     inst.metadata.insert("blob".into(), "x".repeat(5 << 20));
     for _ in 0..3 {
         assert_status(
-            register(&mut c, inst.clone()).await,
+            try_register(&mut c, inst.clone(), 30_000, 0).await,
             Code::ResourceExhausted,
             &[
                 "the limit is 4194304 (max_message_size)",
@@ -86,7 +66,7 @@ async fn five_mib_metadata_value_is_resource_exhausted_naming_max_message_size()
         );
     }
     // The same connection keeps working after the refusals.
-    register(&mut c, instance("big", "small")).await.unwrap();
+    register(&mut c, instance("big", "small"), 30_000, 0).await;
     assert_serving(&server, "after 5 MiB values").await;
     // Client: the 5 MiB string, its clone and the encoded request, ~3 times
     // over (retained by the allocator); server: at most a window of it.
@@ -107,14 +87,14 @@ async fn message_size_limit_is_configurable_and_validation_still_applies() {
     inst.metadata.insert("blob".into(), "x".repeat(5 << 20));
     // Under the raised limit the message decodes, and validation refuses it.
     assert_status(
-        register(&mut c, inst).await,
+        try_register(&mut c, inst, 30_000, 0).await,
         Code::InvalidArgument,
         &["value of key \"blob\" is 5242880 bytes, the limit is 1024"],
     );
     let mut inst = instance("big", "b");
     inst.metadata.insert("blob".into(), "x".repeat(9 << 20));
     assert_status(
-        register(&mut c, inst).await,
+        try_register(&mut c, inst, 30_000, 0).await,
         Code::ResourceExhausted,
         &["the limit is 8388608 (max_message_size)"],
     );
@@ -133,7 +113,7 @@ async fn hundred_thousand_metadata_entries_are_invalid_argument() {
     let mut inst = instance("wide", "a");
     inst.metadata = entries.clone();
     assert_status(
-        register(&mut c, inst).await,
+        try_register(&mut c, inst, 30_000, 0).await,
         Code::InvalidArgument,
         &["instance.metadata has 100000 entries, the limit is 64"],
     );
@@ -197,7 +177,7 @@ async fn ten_thousand_character_names_are_invalid_argument_with_short_messages()
         ),
     ];
     for (inst, needle) in cases {
-        let err = register(&mut c, inst).await.unwrap_err();
+        let err = try_register(&mut c, inst, 30_000, 0).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(needle), "{}", err.message());
         // The rejected value is quoted as an excerpt, not echoed whole.
@@ -358,7 +338,9 @@ async fn oversize_message_inside_a_stream_is_resource_exhausted() {
     })
     .await;
     let mut c = server.client().await;
-    let lease = register(&mut c, instance("ka", "a")).await.unwrap();
+    let lease = register(&mut c, instance("ka", "a"), 30_000, 0)
+        .await
+        .lease_id;
     // First a good message, then one of ~100 KB: the refusal arrives in the
     // stream's trailers, not the response headers.
     let big = HeartbeatRequest {
@@ -436,21 +418,21 @@ async fn total_instances_are_capped_by_max_instances() {
     let mut c = server.client().await;
     let mut leases = Vec::new();
     for (svc, id) in [("a", "1"), ("b", "1"), ("c", "1")] {
-        leases.push(register(&mut c, instance(svc, id)).await.unwrap());
+        leases.push(
+            register(&mut c, instance(svc, id), 30_000, 0)
+                .await
+                .lease_id,
+        );
     }
     assert_status(
-        register(&mut c, instance("d", "1")).await,
+        try_register(&mut c, instance("d", "1"), 30_000, 0).await,
         Code::ResourceExhausted,
         &["instances: 3 live, the limit is 3 (max_instances)"],
     );
     // Replacing an existing instance adds none, so it is allowed at the cap.
-    register(&mut c, instance("a", "1")).await.unwrap();
+    register(&mut c, instance("a", "1"), 30_000, 0).await;
     // Making room lets a new one in.
-    c.deregister(DeregisterRequest {
-        target: Some(Target::LeaseId(leases[1])),
-    })
-    .await
-    .unwrap();
-    register(&mut c, instance("d", "1")).await.unwrap();
+    deregister(&mut c, deregister_lease(leases[1])).await;
+    register(&mut c, instance("d", "1"), 30_000, 0).await;
     server.stop().await;
 }

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use common::{
     TestServer,
+    api::{InstanceExt, instance, register, try_register},
     hostile::{RssBudget, assert_serving, hostile_config, serial},
     wait_until,
 };
 use futures::{StreamExt, stream};
 use registry::Config;
 use registry_api::v1::{
-    EventType, Instance, RegisterRequest, ResetReason, StatusRequest, WatchRequest, WatchResponse,
+    EventType, ResetReason, StatusRequest, WatchRequest, WatchResponse,
     registry_client::RegistryClient, watch_response::Kind,
 };
 use tonic::{Code, Status, Streaming, transport::Channel};
@@ -104,19 +105,8 @@ async fn ten_thousand_watchers_from_one_client_are_capped() {
         w.message().await.unwrap().unwrap().kind,
         Some(Kind::Snapshot(_))
     ));
-    c.clone()
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: "watched".into(),
-                id: "a".into(),
-                address: "127.0.0.1:9".into(),
-                ..Default::default()
-            }),
-            ttl_ms: 30_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap();
+    let watched = instance("watched", "a").at("127.0.0.1:9");
+    register(&mut c.clone(), watched, 30_000, 0).await;
     let event = tokio::time::timeout(Duration::from_secs(5), w.message())
         .await
         .unwrap()
@@ -182,18 +172,10 @@ async fn watchers_that_never_read_do_not_hold_back_writers_or_memory() {
         .map(|i| {
             let mut c = writer.clone();
             async move {
-                c.register(RegisterRequest {
-                    instance: Some(Instance {
-                        service: format!("flood-{}", i % 10),
-                        id: format!("i{i}"),
-                        address: "127.0.0.1:9".into(),
-                        metadata: [("pad".to_string(), "p".repeat(1000))].into(),
-                        ..Default::default()
-                    }),
-                    ttl_ms: 60_000,
-                    lease_id: 0,
-                })
-                .await
+                let flood = instance(&format!("flood-{}", i % 10), &format!("i{i}"))
+                    .at("127.0.0.1:9")
+                    .meta("pad", &"p".repeat(1000));
+                try_register(&mut c, flood, 60_000, 0).await
             }
         })
         .buffer_unordered(32)

@@ -7,38 +7,18 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::http::{HttpServer, get, post_json, request};
-use registry::{Config, auth::hash_token};
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
+use common::{
+    api::{self, InstanceExt, deregister_instance, instance, register, register_request},
+    http::{HttpServer, get, post_json, request},
 };
+use registry::Config;
+use registry_api::v1::{Instance, RegisterRequest};
 use serde_json::Value;
 
-fn instance(service: &str, id: &str, addr: &str, meta: &[(&str, &str)]) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: addr.into(),
-        metadata: meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
-
+/// Register on a new 10 s lease over gRPC; the lease.
 async fn grpc_register(server: &HttpServer, i: Instance) -> u64 {
-    server
-        .client()
+    register(&mut server.client().await, i, 10_000, 0)
         .await
-        .register(RegisterRequest {
-            instance: Some(i),
-            ttl_ms: 10_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
         .lease_id
 }
 
@@ -51,17 +31,16 @@ async fn resolve_list_and_status_follow_the_proto_json_mapping() {
     let server = HttpServer::start().await;
     let lease = grpc_register(
         &server,
-        instance(
-            "prod",
-            "prod-1",
-            "10.0.0.1:8002",
-            &[("version", "1.4.2"), ("zone", "eu-1")],
-        ),
+        instance("prod", "prod-1")
+            .at("10.0.0.1:8002")
+            .metas(&[("version", "1.4.2"), ("zone", "eu-1")]),
     )
     .await;
     grpc_register(
         &server,
-        instance("prod", "prod-2", "10.0.0.2:8002", &[("version", "2.0")]),
+        instance("prod", "prod-2")
+            .at("10.0.0.2:8002")
+            .metas(&[("version", "2.0")]),
     )
     .await;
 
@@ -138,7 +117,7 @@ async fn resolve_list_and_status_follow_the_proto_json_mapping() {
 #[tokio::test]
 async fn etags_change_only_with_the_answer() {
     let server = HttpServer::start().await;
-    grpc_register(&server, instance("prod", "prod-1", "10.0.0.1:8002", &[])).await;
+    grpc_register(&server, instance("prod", "prod-1").at("10.0.0.1:8002")).await;
     let a = get(server.http, "/v1/services/prod").await;
     let tag = a.header("etag").expect("ETag").to_string();
     assert!(tag.starts_with("W/\""), "{tag}");
@@ -159,11 +138,11 @@ async fn etags_change_only_with_the_answer() {
 
     // Another service changes: the catalog revision moves, prod's answer
     // does not, so pollers keep getting 304s.
-    grpc_register(&server, instance("web", "web-1", "10.0.0.9:80", &[])).await;
+    grpc_register(&server, instance("web", "web-1").at("10.0.0.9:80")).await;
     assert_eq!(cond(tag.clone()).await.status, 304);
 
     // prod changes: a fresh answer with a new tag.
-    grpc_register(&server, instance("prod", "prod-2", "10.0.0.2:8002", &[])).await;
+    grpc_register(&server, instance("prod", "prod-2").at("10.0.0.2:8002")).await;
     let c = cond(tag.clone()).await;
     assert_eq!(c.status, 200);
     assert_ne!(c.header("etag"), Some(tag.as_str()));
@@ -187,7 +166,7 @@ async fn etags_change_only_with_the_answer() {
 #[tokio::test]
 async fn long_poll_wakes_only_for_its_own_service() {
     let server = HttpServer::start().await;
-    grpc_register(&server, instance("prod", "prod-1", "10.0.0.1:8002", &[])).await;
+    grpc_register(&server, instance("prod", "prod-1").at("10.0.0.1:8002")).await;
     let rev = get(server.http, "/v1/services/prod")
         .await
         .header("x-registry-revision")
@@ -198,13 +177,13 @@ async fn long_poll_wakes_only_for_its_own_service() {
     let mut poll = tokio::spawn(async move { get(addr, &path).await });
 
     // A change of another service does not answer the poll...
-    grpc_register(&server, instance("web", "web-1", "10.0.0.9:80", &[])).await;
+    grpc_register(&server, instance("web", "web-1").at("10.0.0.9:80")).await;
     let early = tokio::time::timeout(Duration::from_millis(500), &mut poll).await;
     assert!(early.is_err(), "a change of web answered a poll of prod");
 
     // ...a change of its own does, at once.
     let started = tokio::time::Instant::now();
-    grpc_register(&server, instance("prod", "prod-2", "10.0.0.2:8002", &[])).await;
+    grpc_register(&server, instance("prod", "prod-2").at("10.0.0.2:8002")).await;
     let answer = tokio::time::timeout(Duration::from_secs(5), poll)
         .await
         .expect("the poll answered after prod changed")
@@ -245,7 +224,7 @@ async fn long_poll_wakes_only_for_its_own_service() {
         .to_string();
     let path = format!("/v1/services?wait=20s&after_revision={lrev}");
     let list = tokio::spawn(async move { get(addr, &path).await });
-    grpc_register(&server, instance("db", "db-1", "10.0.0.5:5432", &[])).await;
+    grpc_register(&server, instance("db", "db-1").at("10.0.0.5:5432")).await;
     let list = tokio::time::timeout(Duration::from_secs(5), list)
         .await
         .unwrap()
@@ -303,38 +282,22 @@ async fn writes_validate_and_fail_exactly_as_grpc() {
     let cases: Vec<(String, RegisterRequest, u16)> = vec![
         (
             r#"{"instance": {"service": "Prod", "id": "x", "address": "10.0.0.1:1"}, "ttlMs": "5000"}"#.into(),
-            RegisterRequest {
-                instance: Some(instance("Prod", "x", "10.0.0.1:1", &[])),
-                ttl_ms: 5000,
-                lease_id: 0,
-            },
+            register_request(instance("Prod", "x").at("10.0.0.1:1"), 5000, 0),
             400,
         ),
         (
             r#"{"instance": {"service": "prod", "id": "x", "address": "10.0.0.1:1"}, "ttlMs": "0"}"#.into(),
-            RegisterRequest {
-                instance: Some(instance("prod", "x", "10.0.0.1:1", &[])),
-                ttl_ms: 0,
-                lease_id: 0,
-            },
+            register_request(instance("prod", "x").at("10.0.0.1:1"), 0, 0),
             400,
         ),
         (
             r#"{"instance": {"service": "prod", "id": "x", "address": "10.0.0.1:1"}, "ttlMs": "99999999"}"#.into(),
-            RegisterRequest {
-                instance: Some(instance("prod", "x", "10.0.0.1:1", &[])),
-                ttl_ms: 99_999_999,
-                lease_id: 0,
-            },
+            register_request(instance("prod", "x").at("10.0.0.1:1"), 99_999_999, 0),
             400,
         ),
         (
             r#"{"instance": {"service": "prod", "id": "x", "address": "10.0.0.1:1"}, "leaseId": "12345"}"#.into(),
-            RegisterRequest {
-                instance: Some(instance("prod", "x", "10.0.0.1:1", &[])),
-                ttl_ms: 0,
-                lease_id: 12345,
-            },
+            register_request(instance("prod", "x").at("10.0.0.1:1"), 0, 12345),
             404,
         ),
     ];
@@ -432,41 +395,22 @@ const OTHER: &str = "other-prod-secret";
 const READER: &str = "payments-reader-secret";
 
 fn auth_file() -> PathBuf {
-    let text = format!(
-        r#"
+    let roles = r#"
 [roles.prod]
 register = ["prod"]
 read = ["prod"]
 
 [roles.payments-reader]
 read = ["payments.*"]
-
-[[tokens]]
-name = "prod-deployer"
-sha256 = "{}"
-roles = ["prod"]
-
-[[tokens]]
-name = "prod-other"
-sha256 = "{}"
-roles = ["prod"]
-
-[[tokens]]
-name = "payments-reader"
-sha256 = "{}"
-roles = ["payments-reader"]
-"#,
-        hash_token(PROD),
-        hash_token(OTHER),
-        hash_token(READER),
-    );
-    let path = std::env::temp_dir().join(format!(
-        "registry-http-auth-{}-{:?}.toml",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
+"#;
+    api::auth_file(
+        roles,
+        &[
+            ("prod-deployer", PROD, &["prod"]),
+            ("prod-other", OTHER, &["prod"]),
+            ("payments-reader", READER, &["payments-reader"]),
+        ],
+    )
 }
 
 #[tokio::test]
@@ -474,8 +418,7 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
     let path = auth_file();
     let server = HttpServer::start_with(Config {
         auth_file: Some(path.clone()),
-        warmup: Duration::ZERO,
-        ..common::TestServer::test_config()
+        ..common::TestServer::no_warmup_config()
     })
     .await;
     let bearer = |t: &str| format!("Bearer {t}");
@@ -550,12 +493,7 @@ async fn auth_uses_the_same_tokens_roles_and_ownership() {
     assert_eq!(rp.status, 403);
     // The gRPC API agrees.
     let mut grpc = server.client().await;
-    let mut req = tonic::Request::new(DeregisterRequest {
-        target: Some(Target::Instance(InstanceKey {
-            service: "prod".into(),
-            id: "prod-1".into(),
-        })),
-    });
+    let mut req = tonic::Request::new(deregister_instance("prod", "prod-1"));
     req.metadata_mut()
         .insert("authorization", other.parse().unwrap());
     assert_eq!(
@@ -640,8 +578,7 @@ async fn connections_beyond_the_cap_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = HttpServer::start_with(Config {
         max_connections: 2,
-        warmup: Duration::ZERO,
-        ..common::TestServer::test_config()
+        ..common::TestServer::no_warmup_config()
     })
     .await;
     // Two watch streams hold the two connections.

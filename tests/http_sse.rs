@@ -7,51 +7,27 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::{HttpServer, Sse, get};
-use registry::Config;
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
+use common::{
+    api::{self, InstanceExt, deregister_instance, instance},
+    http::{HttpServer, Sse, get},
 };
+use registry::Config;
 
 const T: Duration = Duration::from_secs(5);
 
+/// Registers `prod/id` on a new 10 s lease; the revision.
 async fn register(server: &HttpServer, id: &str, meta: &[(&str, &str)]) -> u64 {
-    server
-        .client()
+    let instance = instance("prod", id).at("10.0.0.1:8002").metas(meta);
+    api::register(&mut server.client().await, instance, 10_000, 0)
         .await
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: "prod".into(),
-                id: id.into(),
-                address: "10.0.0.1:8002".into(),
-                metadata: meta
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            }),
-            ttl_ms: 10_000,
-            lease_id: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
         .revision
 }
 
+/// Deregisters `prod/id`; the revision.
 async fn deregister(server: &HttpServer, id: &str) -> u64 {
-    server
-        .client()
+    let request = deregister_instance("prod", id);
+    api::deregister(&mut server.client().await, request)
         .await
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: "prod".into(),
-                id: id.into(),
-            })),
-        })
-        .await
-        .unwrap()
-        .into_inner()
         .revision
 }
 
@@ -124,8 +100,7 @@ async fn snapshot_then_events_then_resume_from_last_event_id() {
 async fn resets_when_history_is_gone_or_the_epoch_differs() {
     let server = HttpServer::start_with(Config {
         history_events: 2,
-        warmup: Duration::ZERO,
-        ..common::TestServer::test_config()
+        ..common::TestServer::no_warmup_config()
     })
     .await;
     let first = register(&server, "prod-1", &[]).await;

@@ -8,18 +8,10 @@
 //! crash with `--data-dir`: the restarted registry answers with all 20 at
 //! once, and no service has to register again.
 
-//!
-//! The registry binary comes from the `registry` package, located with
-//! `common::built_artifact` (this file lives at the top level because its
-//! clients are `registry-client` and `registry-bench`, which the daemon
-//! package does not depend on).
-
 mod common;
 
 use std::{
     collections::{BTreeSet, HashSet},
-    net::SocketAddr,
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,17 +19,19 @@ use std::{
     time::Duration,
 };
 
-use common::prod::ProdInstance;
+use common::{
+    api::resolve_request,
+    artifacts::registry_binary,
+    binary::BinaryServer,
+    ops::{metric, scrape},
+    prod::ProdInstance,
+};
 use registry_api::{
     prod::{ProductRequest, prod_service_client::ProdServiceClient},
-    v1::{ResolveRequest, registry_client::RegistryClient as RawClient},
+    v1::registry_client::RegistryClient as RawClient,
 };
 use registry_client::RegistryClient;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    process::{Child, Command},
-    time::Instant,
-};
+use tokio::time::Instant;
 
 /// Lease TTL of the instances: heartbeats every TTL/3, so they are back
 /// within one TTL of the restart.
@@ -45,111 +39,43 @@ const TTL: Duration = Duration::from_secs(2);
 const INSTANCES: usize = 20;
 const CALLERS: usize = 5;
 
-/// One run of the daemon, with the addresses it logged.
-struct Daemon {
-    child: Child,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
+/// The daemon with JSON logs and its operations endpoint; a warm-up of
+/// one TTL, long enough for every instance to re-register after a restart.
+async fn start(extra: &[&str]) -> BinaryServer {
+    let mut args = vec!["--metrics-listen", "127.0.0.1:0", "--log-format", "json"];
+    args.extend([
+        "--min-ttl",
+        "100ms",
+        "--warmup",
+        "2s",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    args.extend(extra);
+    let daemon = BinaryServer::start(&args).await;
+    assert_json_log(&daemon);
+    daemon
 }
 
-/// The `registry` daemon binary, built if needed (once per test process).
-async fn registry_binary() -> std::path::PathBuf {
-    static PATH: tokio::sync::OnceCell<std::path::PathBuf> = tokio::sync::OnceCell::const_new();
-    PATH.get_or_init(|| async {
-        tokio::task::spawn_blocking(|| common::built_artifact("registry", "bin", "registry"))
-            .await
-            .expect("build the registry binary")
-    })
-    .await
-    .clone()
-}
-
-/// Starts the daemon on `listen`; `None` if it exited first (the port was
-/// not free yet after the previous process).
-async fn spawn(listen: &str, extra: &[&str]) -> Option<Daemon> {
-    let mut child = Command::new(registry_binary().await)
-        .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
-        // Tests never bind fixed ports: the HTTP API's default is 7412.
-        .args(["--http-listen", "off"])
-        .args(extra)
-        .args(["--log-format", "json", "--min-ttl", "100ms"])
-        // Warm-up of one TTL: long enough for every instance to re-register.
-        .args(["--warmup", "2s", "--shutdown-grace", "1s"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn registry binary");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut grpc, mut metrics) = (None, None);
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                panic!("--log-format json wrote a non-JSON line {line:?}: {e}")
-            });
-            let fields = &v["fields"];
-            let addr = fields["addr"].as_str().and_then(|a| a.parse().ok());
-            match fields["message"].as_str() {
-                Some("registry listening") => grpc = addr,
-                Some("metrics and health endpoint listening") => metrics = addr,
-                _ => {}
-            }
-            if grpc.is_some() && metrics.is_some() {
-                return true;
-            }
+/// `--log-format json` writes nothing but JSON lines.
+fn assert_json_log(daemon: &BinaryServer) {
+    for line in daemon.log_lines() {
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&line) {
+            panic!("--log-format json wrote a non-JSON line {line:?}: {e}");
         }
-        false
-    })
-    .await
-    .expect("registry logs its addresses within 20 s");
-    if !found {
-        return None;
     }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Some(Daemon {
-        child,
-        grpc: grpc.unwrap(),
-        metrics: metrics.unwrap(),
-    })
 }
 
-/// Starts the daemon on `listen`, retrying while the port is still taken.
-async fn start(listen: &str, extra: &[&str]) -> Daemon {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(d) = spawn(listen, extra).await {
-            return d;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cannot start registry on {listen}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The operations endpoint of this start.
+fn ops(daemon: &BinaryServer) -> std::net::SocketAddr {
+    daemon.ops.expect("--metrics-listen logged its address")
 }
 
 async fn resolve_ids(raw: &mut RawClient<tonic::transport::Channel>) -> Vec<String> {
-    match raw
-        .resolve(ResolveRequest {
-            service: "prod".into(),
-            ..Default::default()
-        })
-        .await
-    {
+    match raw.resolve(resolve_request("prod")).await {
         Ok(r) => r.into_inner().instances.into_iter().map(|i| i.id).collect(),
         Err(_) => Vec::new(),
     }
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
 }
 
 /// What the callers saw.
@@ -165,12 +91,8 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_under_load_loses_no_call() {
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
-    let mut daemon = start(&listen, &[]).await;
-    let url = format!("http://{}", daemon.grpc);
+    let mut daemon = start(&[]).await;
+    let url = daemon.url.clone();
 
     let mut instances = Vec::new();
     for i in 0..INSTANCES {
@@ -234,22 +156,20 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
             }
         }));
     }
-    let metrics = scrape(daemon.metrics).await;
+    let metrics = scrape(ops(&daemon)).await;
     assert!(metrics.contains("registry_instances 20"), "{metrics}");
 
     // Steady load, then the crash.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before_kill = tally.ok.load(Ordering::Relaxed);
-    daemon.child.start_kill().expect("SIGKILL");
-    daemon.child.wait().await.unwrap();
+    daemon.kill9().await;
     // An outage long enough for every caller to notice.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let restarted = Instant::now();
-    let daemon = start(&listen, &[]).await;
-    let mut raw = RawClient::connect(format!("http://{}", daemon.grpc))
-        .await
-        .unwrap();
+    daemon.start_again().await;
+    assert_json_log(&daemon);
+    let mut raw = daemon.client().await;
     let back = loop {
         let ids = resolve_ids(&mut raw).await;
         let unique: BTreeSet<String> = ids.iter().cloned().collect();
@@ -312,37 +232,21 @@ async fn kill_9_and_restart_under_load_loses_no_call() {
         back <= TTL,
         "all instances must be back within one TTL ({TTL:?}); took {back:?}"
     );
-    let metrics = scrape(daemon.metrics).await;
+    let metrics = scrape(ops(&daemon)).await;
     assert!(metrics.contains("registry_instances 20"), "{metrics}");
-    let registrations: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("registry_registrations_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("registrations counter");
-    assert!(registrations >= INSTANCES as u64, "{metrics}");
-}
-
-/// A counter or gauge's value in a scrape.
-fn metric(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in {scrape}"))
+    let registrations =
+        metric(&metrics, "registry_registrations_total").expect("registrations counter");
+    assert!(registrations >= INSTANCES as f64, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
     let dir = std::env::temp_dir().join(format!("registry-chaos-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let dir_arg = dir.to_str().unwrap().to_owned();
     let args = ["--data-dir", &dir_arg];
-    let mut daemon = start(&listen, &args).await;
-    let url = format!("http://{}", daemon.grpc);
+    let mut daemon = start(&args).await;
+    let url = daemon.url.clone();
     let mut instances = Vec::new();
     for i in 0..INSTANCES {
         instances.push(ProdInstance::start(&url, &format!("prod-{i:02}"), TTL).await);
@@ -350,13 +254,11 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
     let expected: BTreeSet<String> = instances.iter().map(|i| i.id.clone()).collect();
     // Every Register was acknowledged, so it is on disk: kill at once, no
     // waiting for anything to be written.
-    daemon.child.start_kill().expect("SIGKILL");
-    daemon.child.wait().await.unwrap();
+    daemon.kill9().await;
     let restarted = Instant::now();
-    let daemon = start(&listen, &args).await;
-    let mut raw = RawClient::connect(format!("http://{}", daemon.grpc))
-        .await
-        .unwrap();
+    daemon.start_again().await;
+    assert_json_log(&daemon);
+    let mut raw = daemon.client().await;
     let ids = resolve_ids(&mut raw).await;
     println!(
         "with --data-dir: {} of {INSTANCES} instances in the first Resolve, {:?} after the restart (process start included)",
@@ -375,22 +277,24 @@ async fn kill_9_with_a_data_dir_serves_the_previous_catalog_at_once() {
     tokio::time::sleep(TTL + TTL / 2).await;
     let ids = resolve_ids(&mut raw).await;
     assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
-    let scrape = scrape(daemon.metrics).await;
+    let scrape = scrape(ops(&daemon)).await;
     assert_eq!(
         metric(&scrape, "registry_restored_instances"),
-        INSTANCES as f64
+        Some(INSTANCES as f64),
+        "{scrape}"
     );
     assert_eq!(
         metric(&scrape, "registry_lease_expirations_total"),
-        0.0,
+        Some(0.0),
         "{scrape}"
     );
     assert_eq!(
         metric(&scrape, "registry_registrations_total"),
-        0.0,
+        Some(0.0),
         "{scrape}"
     );
-    assert!(metric(&scrape, "registry_heartbeats_total{result=\"renewed\"}") > 0.0);
+    let renewed = metric(&scrape, "registry_heartbeats_total{result=\"renewed\"}");
+    assert!(renewed.is_some_and(|n| n > 0.0), "{scrape}");
     drop(instances);
     let _ = std::fs::remove_dir_all(&dir);
 }

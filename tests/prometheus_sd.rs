@@ -6,8 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::{HttpServer, get, request};
-use registry_api::v1::{DeregisterRequest, Instance, RegisterRequest, deregister_request::Target};
+use common::{
+    api::{InstanceExt, deregister, deregister_lease, instance, register},
+    http::{HttpServer, get, request},
+};
 use serde_json::Value;
 
 /// Checks the http_sd schema strictly and returns (target, labels) pairs.
@@ -42,37 +44,6 @@ fn parse_http_sd(body: &Value) -> Vec<(String, serde_json::Map<String, Value>)> 
     out
 }
 
-async fn register(
-    server: &HttpServer,
-    service: &str,
-    id: &str,
-    addr: &str,
-    ttl_ms: u64,
-    meta: &[(&str, &str)],
-) -> u64 {
-    server
-        .client()
-        .await
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: addr.into(),
-                metadata: meta
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            }),
-            ttl_ms,
-            lease_id: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .lease_id
-}
-
 #[tokio::test]
 async fn http_sd_schema_labels_and_following_the_catalog() {
     let server = HttpServer::start().await;
@@ -81,18 +52,16 @@ async fn http_sd_schema_labels_and_following_the_catalog() {
         0
     );
 
-    let lease = register(
-        &server,
-        "prod",
-        "prod-1",
-        "10.0.0.1:9100",
-        10_000,
-        &[("zone", "eu-1"), ("app.kubernetes.io/version", "1.4.2")],
-    )
-    .await;
-    register(&server, "web", "web-1", "[2001:db8::5]:9100", 10_000, &[]).await;
+    let mut grpc = server.client().await;
+    let prod = instance("prod", "prod-1")
+        .at("10.0.0.1:9100")
+        .metas(&[("zone", "eu-1"), ("app.kubernetes.io/version", "1.4.2")]);
+    let lease = register(&mut grpc, prod, 10_000, 0).await.lease_id;
+    let web = instance("web", "web-1").at("[2001:db8::5]:9100");
+    register(&mut grpc, web, 10_000, 0).await;
     // Expires on its own.
-    register(&server, "batch", "batch-1", "batch.internal:9100", 300, &[]).await;
+    let batch = instance("batch", "batch-1").at("batch.internal:9100");
+    register(&mut grpc, batch, 300, 0).await;
 
     let a = get(server.http, "/v1/prometheus/sd").await;
     assert_eq!(a.status, 200);
@@ -149,14 +118,7 @@ async fn http_sd_schema_labels_and_following_the_catalog() {
     assert_eq!(same.status, 304);
 
     // Follows the catalog: deregister and expiry take targets away.
-    server
-        .client()
-        .await
-        .deregister(DeregisterRequest {
-            target: Some(Target::LeaseId(lease)),
-        })
-        .await
-        .unwrap();
+    deregister(&mut grpc, deregister_lease(lease)).await;
     common::wait_until(
         Duration::from_secs(5),
         "batch-1 to expire and prod-1 to go",

@@ -5,55 +5,25 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{TestServer, wait_until};
+use common::{
+    TestServer,
+    api::{
+        InstanceExt, deregister, deregister_instance, deregister_lease, ids, instance, register,
+        register_request, resolve,
+    },
+    wait_until,
+};
 use registry_api::v1::{
-    DeregisterRequest, HeartbeatRequest, Instance, InstanceKey, ListServicesRequest,
-    RegisterRequest, RegisterResponse, ResolveRequest, ResolveResponse, StatusRequest,
-    deregister_request::Target, registry_client::RegistryClient,
+    DeregisterRequest, HeartbeatRequest, InstanceKey, ListServicesRequest, ResolveRequest,
+    StatusRequest, deregister_request::Target,
 };
 use tonic::{Code, transport::Channel};
-
-type Client = RegistryClient<Channel>;
-
-fn instance(service: &str, id: &str, address: &str) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: address.into(),
-        ..Default::default()
-    }
-}
-
-async fn register(c: &mut Client, inst: Instance, ttl_ms: u64, lease_id: u64) -> RegisterResponse {
-    c.register(RegisterRequest {
-        instance: Some(inst),
-        ttl_ms,
-        lease_id,
-    })
-    .await
-    .expect("register")
-    .into_inner()
-}
-
-async fn resolve(c: &mut Client, service: &str) -> ResolveResponse {
-    c.resolve(ResolveRequest {
-        service: service.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("resolve")
-    .into_inner()
-}
-
-fn ids(r: &ResolveResponse) -> Vec<&str> {
-    r.instances.iter().map(|i| i.id.as_str()).collect()
-}
 
 #[tokio::test]
 async fn register_then_resolve_round_trip() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let mut inst = instance("prod", "prod-1", "127.0.0.1:8002");
+    let mut inst = instance("prod", "prod-1").at("127.0.0.1:8002");
     inst.metadata.insert("version".into(), "1.4.2".into());
     let reg = register(&mut c, inst, 10_000, 0).await;
     assert_ne!(reg.lease_id, 0);
@@ -79,7 +49,7 @@ async fn selector_filters_by_metadata() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     for (id, zone, version) in [("a", "z1", "1"), ("b", "z2", "1"), ("c", "z1", "2")] {
-        let mut inst = instance("prod", id, "10.0.0.1:80");
+        let mut inst = instance("prod", id);
         inst.metadata.insert("zone".into(), zone.into());
         inst.metadata.insert("version".into(), version.into());
         register(&mut c, inst, 10_000, 0).await;
@@ -116,8 +86,8 @@ async fn selector_filters_by_metadata() {
 async fn reregister_replaces_the_old_entry() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let first = register(&mut c, instance("prod", "p1", "10.0.0.1:80"), 10_000, 0).await;
-    let mut updated = instance("prod", "p1", "10.0.0.2:81");
+    let first = register(&mut c, instance("prod", "p1"), 10_000, 0).await;
+    let mut updated = instance("prod", "p1").at("10.0.0.2:81");
     updated.metadata.insert("version".into(), "2".into());
     updated.weight = 5;
     let second = register(&mut c, updated, 10_000, 0).await;
@@ -133,13 +103,7 @@ async fn reregister_replaces_the_old_entry() {
     assert_eq!(got.lease_id, second.lease_id, "moved to the new lease");
 
     // Revoking the old lease must not take the moved instance with it.
-    let out = c
-        .deregister(DeregisterRequest {
-            target: Some(Target::LeaseId(first.lease_id)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = deregister(&mut c, deregister_lease(first.lease_id)).await;
     assert_eq!(out.removed, 0);
     assert_eq!(resolve(&mut c, "prod").await.instances.len(), 1);
 }
@@ -148,9 +112,15 @@ async fn reregister_replaces_the_old_entry() {
 async fn many_instances_share_one_lease() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let lease = register(&mut c, instance("api", "a1", "10.0.0.1:80"), 1_000, 0).await;
+    let lease = register(&mut c, instance("api", "a1"), 1_000, 0).await;
     for (svc, id) in [("api", "a2"), ("web", "w1"), ("web", "w2")] {
-        let reg = register(&mut c, instance(svc, id, "10.0.0.1:81"), 0, lease.lease_id).await;
+        let reg = register(
+            &mut c,
+            instance(svc, id).at("10.0.0.1:81"),
+            0,
+            lease.lease_id,
+        )
+        .await;
         assert_eq!(reg.lease_id, lease.lease_id);
         assert_eq!(reg.ttl_ms, 1_000, "attaching keeps the lease's TTL");
     }
@@ -170,13 +140,7 @@ async fn many_instances_share_one_lease() {
 
     // Revoking the lease removes all of them in one revision.
     let before = resolve(&mut c, "api").await.revision;
-    let out = c
-        .deregister(DeregisterRequest {
-            target: Some(Target::LeaseId(lease.lease_id)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = deregister(&mut c, deregister_lease(lease.lease_id)).await;
     assert_eq!(out.removed, 4);
     assert_eq!(out.revision, before + 1);
     assert!(resolve(&mut c, "api").await.instances.is_empty());
@@ -187,7 +151,7 @@ async fn many_instances_share_one_lease() {
 async fn heartbeat_keeps_instance_alive_past_several_ttls() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let reg = register(&mut c, instance("prod", "p1", "10.0.0.1:80"), 300, 0).await;
+    let reg = register(&mut c, instance("prod", "p1"), 300, 0).await;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let hb = c
@@ -209,7 +173,7 @@ async fn instance_disappears_within_ttl_plus_100ms_after_heartbeats_stop() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let ttl = Duration::from_millis(300);
-    register(&mut c, instance("prod", "p1", "10.0.0.1:80"), 300, 0).await;
+    register(&mut c, instance("prod", "p1"), 300, 0).await;
     let registered_at = tokio::time::Instant::now();
     let mut seen_gone = None;
     while registered_at.elapsed() < Duration::from_secs(3) {
@@ -240,7 +204,7 @@ async fn instance_disappears_within_ttl_plus_100ms_after_heartbeats_stop() {
 async fn heartbeat_of_unknown_lease() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let reg = register(&mut c, instance("prod", "p1", "10.0.0.1:80"), 10_000, 0).await;
+    let reg = register(&mut c, instance("prod", "p1"), 10_000, 0).await;
     // Unary with a single unknown lease: NOT_FOUND, so the client re-registers.
     let err = c
         .heartbeat(HeartbeatRequest {
@@ -268,8 +232,8 @@ async fn heartbeat_of_unknown_lease() {
 async fn keepalive_stream_renews_in_batches() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let a = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 300, 0).await;
-    let b = register(&mut c, instance("prod", "b", "10.0.0.1:81"), 300, 0).await;
+    let a = register(&mut c, instance("prod", "a"), 300, 0).await;
+    let b = register(&mut c, instance("prod", "b").at("10.0.0.1:81"), 300, 0).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut responses = c
         .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -303,25 +267,16 @@ async fn keepalive_stream_renews_in_batches() {
 async fn deregister_by_instance_and_by_lease() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let reg = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 10_000, 0).await;
+    let reg = register(&mut c, instance("prod", "a"), 10_000, 0).await;
     register(
         &mut c,
-        instance("prod", "b", "10.0.0.1:81"),
+        instance("prod", "b").at("10.0.0.1:81"),
         0,
         reg.lease_id,
     )
     .await;
 
-    let out = c
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: "prod".into(),
-                id: "a".into(),
-            })),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = deregister(&mut c, deregister_instance("prod", "a")).await;
     assert_eq!(out.removed, 1);
     assert_eq!(ids(&resolve(&mut c, "prod").await), ["b"]);
 
@@ -332,13 +287,7 @@ async fn deregister_by_instance_and_by_lease() {
     .await
     .unwrap();
 
-    let out = c
-        .deregister(DeregisterRequest {
-            target: Some(Target::LeaseId(reg.lease_id)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = deregister(&mut c, deregister_lease(reg.lease_id)).await;
     assert_eq!(out.removed, 1);
     assert!(resolve(&mut c, "prod").await.instances.is_empty());
 
@@ -377,12 +326,8 @@ async fn unknown_service_differs_from_empty_service() {
     assert!(!unknown.service_known);
     assert!(unknown.instances.is_empty());
 
-    let reg = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 10_000, 0).await;
-    c.deregister(DeregisterRequest {
-        target: Some(Target::LeaseId(reg.lease_id)),
-    })
-    .await
-    .unwrap();
+    let reg = register(&mut c, instance("prod", "a"), 10_000, 0).await;
+    deregister(&mut c, deregister_lease(reg.lease_id)).await;
     let empty = resolve(&mut c, "prod").await;
     assert!(empty.service_known, "known service with zero instances");
     assert!(empty.instances.is_empty());
@@ -401,14 +346,10 @@ async fn list_services_counts_instances() {
             .is_empty()
     );
     for (svc, id) in [("web", "1"), ("api", "1"), ("api", "2"), ("api", "3")] {
-        register(&mut c, instance(svc, id, "10.0.0.1:80"), 10_000, 0).await;
+        register(&mut c, instance(svc, id), 10_000, 0).await;
     }
-    let gone = register(&mut c, instance("old", "1", "10.0.0.1:80"), 10_000, 0).await;
-    c.deregister(DeregisterRequest {
-        target: Some(Target::LeaseId(gone.lease_id)),
-    })
-    .await
-    .unwrap();
+    let gone = register(&mut c, instance("old", "1"), 10_000, 0).await;
+    deregister(&mut c, deregister_lease(gone.lease_id)).await;
     let list = c
         .list_services(ListServicesRequest {})
         .await
@@ -432,27 +373,24 @@ async fn revision_increases_on_every_change() {
         assert_eq!(rev, *last + 1, "{what} must advance the revision by one");
         *last = rev;
     }
-    let a = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 200, 0).await;
+    let a = register(&mut c, instance("prod", "a"), 200, 0).await;
     check(&mut last, a.revision, "register");
-    let b = register(&mut c, instance("prod", "b", "10.0.0.1:80"), 10_000, 0).await;
+    let b = register(&mut c, instance("prod", "b"), 10_000, 0).await;
     check(&mut last, b.revision, "register");
-    let replace = register(&mut c, instance("prod", "b", "10.0.0.1:99"), 0, b.lease_id).await;
+    let replace = register(
+        &mut c,
+        instance("prod", "b").at("10.0.0.1:99"),
+        0,
+        b.lease_id,
+    )
+    .await;
     check(&mut last, replace.revision, "replace");
     assert_eq!(
         resolve(&mut c, "prod").await.revision,
         last,
         "reads change nothing"
     );
-    let dereg = c
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: "prod".into(),
-                id: "b".into(),
-            })),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dereg = deregister(&mut c, deregister_instance("prod", "b")).await;
     check(&mut last, dereg.revision, "deregister");
     // Expiry of lease a is a change too.
     wait_until(Duration::from_secs(2), "expiry of a", || {
@@ -468,11 +406,7 @@ async fn register_on_unknown_lease_is_not_found_and_changes_nothing() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let err = c
-        .register(RegisterRequest {
-            instance: Some(instance("prod", "a", "10.0.0.1:80")),
-            ttl_ms: 0,
-            lease_id: 12345,
-        })
+        .register(register_request(instance("prod", "a"), 0, 12345))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -485,15 +419,9 @@ async fn register_on_unknown_lease_is_not_found_and_changes_nothing() {
 async fn status_reports_sizes() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
-    let reg = register(&mut c, instance("prod", "a", "10.0.0.1:80"), 10_000, 0).await;
-    register(
-        &mut c,
-        instance("prod", "b", "10.0.0.1:80"),
-        0,
-        reg.lease_id,
-    )
-    .await;
-    register(&mut c, instance("web", "a", "10.0.0.1:80"), 10_000, 0).await;
+    let reg = register(&mut c, instance("prod", "a"), 10_000, 0).await;
+    register(&mut c, instance("prod", "b"), 0, reg.lease_id).await;
+    register(&mut c, instance("web", "a"), 10_000, 0).await;
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(
         (

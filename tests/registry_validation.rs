@@ -6,38 +6,23 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    api::{
+        Client, InstanceExt, instance, register_request, resolve, resolve_request, try_register,
+    },
+};
 use registry::Config;
 use registry_api::v1::{
     HeartbeatRequest, Instance, RegisterRequest, ResolveRequest, StatusRequest, WatchRequest,
-    registry_client::RegistryClient,
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-type Client = RegistryClient<Channel>;
-
-fn instance(service: &str, id: &str, address: &str) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: address.into(),
-        ..Default::default()
-    }
-}
-
-async fn try_register(c: &mut Client, inst: Instance, ttl_ms: u64) -> Result<u64, tonic::Status> {
-    c.register(RegisterRequest {
-        instance: Some(inst),
-        ttl_ms,
-        lease_id: 0,
-    })
-    .await
-    .map(|r| r.into_inner().lease_id)
-}
-
+/// Register on a new lease that must fail with `code`, its message naming
+/// `needle`.
 async fn expect_code(c: &mut Client, inst: Instance, ttl_ms: u64, code: Code, needle: &str) {
     let what = format!("{}/{}/{}", inst.service, inst.id, inst.address);
-    let err = try_register(c, inst, ttl_ms)
+    let err = try_register(c, inst, ttl_ms, 0)
         .await
         .expect_err(&format!("{what} should be rejected"));
     assert_eq!(err.code(), code, "{what}: {}", err.message());
@@ -74,7 +59,7 @@ async fn service_names() {
     ] {
         expect_code(
             &mut c,
-            instance(name, "i", "10.0.0.1:80"),
+            instance(name, "i"),
             10_000,
             Code::InvalidArgument,
             needle,
@@ -83,16 +68,12 @@ async fn service_names() {
     }
     assert_nothing_registered(&mut c).await;
     let ok = "a".repeat(253);
-    try_register(&mut c, instance(&ok, "i", "10.0.0.1:80"), 10_000)
+    try_register(&mut c, instance(&ok, "i"), 10_000, 0)
         .await
         .unwrap();
-    try_register(
-        &mut c,
-        instance("payments.v2_x-y", "i", "10.0.0.1:80"),
-        10_000,
-    )
-    .await
-    .unwrap();
+    try_register(&mut c, instance("payments.v2_x-y", "i"), 10_000, 0)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -108,7 +89,7 @@ async fn instance_ids() {
     ] {
         expect_code(
             &mut c,
-            instance("prod", &id, "10.0.0.1:80"),
+            instance("prod", &id),
             10_000,
             Code::InvalidArgument,
             needle,
@@ -116,13 +97,9 @@ async fn instance_ids() {
         .await;
     }
     assert_nothing_registered(&mut c).await;
-    try_register(
-        &mut c,
-        instance("prod", &"x".repeat(128), "10.0.0.1:80"),
-        10_000,
-    )
-    .await
-    .unwrap();
+    try_register(&mut c, instance("prod", &"x".repeat(128)), 10_000, 0)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -155,7 +132,7 @@ async fn addresses() {
     ] {
         expect_code(
             &mut c,
-            instance("prod", "i", addr),
+            instance("prod", "i").at(addr),
             10_000,
             Code::InvalidArgument,
             needle,
@@ -169,7 +146,7 @@ async fn addresses() {
         "[2001:db8::7]:80",
         "prod-1.svc.cluster.local:8002",
     ] {
-        try_register(&mut c, instance("prod", ok, ok), 10_000)
+        try_register(&mut c, instance("prod", ok).at(ok), 10_000, 0)
             .await
             .unwrap();
     }
@@ -195,16 +172,16 @@ async fn metadata_limits() {
         ),
     ];
     for (metadata, needle) in cases {
-        let mut inst = instance("prod", "i", "10.0.0.1:80");
+        let mut inst = instance("prod", "i");
         inst.metadata = metadata;
         expect_code(&mut c, inst, 10_000, Code::InvalidArgument, needle).await;
     }
     assert_nothing_registered(&mut c).await;
-    let mut inst = instance("prod", "i", "10.0.0.1:80");
+    let mut inst = instance("prod", "i");
     inst.metadata = (0..64)
         .map(|i| (format!("k{i}"), "v".repeat(1024)))
         .collect();
-    try_register(&mut c, inst, 10_000).await.unwrap();
+    try_register(&mut c, inst, 10_000, 0).await.unwrap();
 }
 
 #[tokio::test]
@@ -216,7 +193,7 @@ async fn ttl_bounds() {
     })
     .await;
     let mut c = server.client().await;
-    let inst = || instance("prod", "i", "10.0.0.1:80");
+    let inst = || instance("prod", "i");
     expect_code(
         &mut c,
         inst(),
@@ -235,8 +212,8 @@ async fn ttl_bounds() {
     )
     .await;
     assert_nothing_registered(&mut c).await;
-    try_register(&mut c, inst(), 1_000).await.unwrap();
-    try_register(&mut c, inst(), 60_000).await.unwrap();
+    try_register(&mut c, inst(), 1_000, 0).await.unwrap();
+    try_register(&mut c, inst(), 60_000, 0).await.unwrap();
 }
 
 #[tokio::test]
@@ -254,13 +231,7 @@ async fn missing_instance_and_bad_selectors() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("instance is required"));
 
-    let err = c
-        .resolve(ResolveRequest {
-            service: "Bad".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.resolve(resolve_request("Bad")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("\"Bad\""), "{}", err.message());
 
@@ -306,29 +277,29 @@ async fn caps_are_resource_exhausted_and_change_nothing() {
     let mut c = server.client().await;
 
     // Per service.
-    try_register(&mut c, instance("a", "1", "10.0.0.1:80"), 10_000)
+    try_register(&mut c, instance("a", "1"), 10_000, 0)
         .await
         .unwrap();
-    try_register(&mut c, instance("a", "2", "10.0.0.1:80"), 10_000)
+    try_register(&mut c, instance("a", "2"), 10_000, 0)
         .await
         .unwrap();
     expect_code(
         &mut c,
-        instance("a", "3", "10.0.0.1:80"),
+        instance("a", "3"),
         10_000,
         Code::ResourceExhausted,
         "limit is 2 (max_instances_per_service)",
     )
     .await;
     // Replacing an existing instance is not growth.
-    try_register(&mut c, instance("a", "2", "10.0.0.2:80"), 10_000)
+    try_register(&mut c, instance("a", "2").at("10.0.0.2:80"), 10_000, 0)
         .await
         .unwrap();
 
     // Total leases (a/1, a/2's new lease; the old a/2 lease still exists).
     expect_code(
         &mut c,
-        instance("b", "1", "10.0.0.1:80"),
+        instance("b", "1"),
         10_000,
         Code::ResourceExhausted,
         "limit is 3 (max_leases)",
@@ -337,29 +308,12 @@ async fn caps_are_resource_exhausted_and_change_nothing() {
 
     // Per lease.
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
-    let lease = c
-        .resolve(ResolveRequest {
-            service: "a".into(),
-            ..Default::default()
-        })
+    let lease = resolve(&mut c, "a").await.instances[0].lease_id;
+    c.register(register_request(instance("c", "1"), 0, lease))
         .await
-        .unwrap()
-        .into_inner()
-        .instances[0]
-        .lease_id;
-    c.register(RegisterRequest {
-        instance: Some(instance("c", "1", "10.0.0.1:80")),
-        ttl_ms: 0,
-        lease_id: lease,
-    })
-    .await
-    .unwrap();
+        .unwrap();
     let err = c
-        .register(RegisterRequest {
-            instance: Some(instance("c", "2", "10.0.0.1:80")),
-            ttl_ms: 0,
-            lease_id: lease,
-        })
+        .register(register_request(instance("c", "2"), 0, lease))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -391,7 +345,7 @@ async fn huge_names_are_quoted_briefly() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let name = "X".repeat(10_000);
-    let err = try_register(&mut c, instance(&name, "i", "10.0.0.1:80"), 10_000)
+    let err = try_register(&mut c, instance(&name, "i"), 10_000, 0)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -23,7 +23,6 @@ use std::{
 };
 
 use common::{TestServer, wait_until};
-use registry::Config;
 use registry_api::prod::{ProductRequest, prod_service_client::ProdServiceClient};
 use registry_client::{RegistryClient, balanced_channel};
 use tokio::{
@@ -103,16 +102,8 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_loses_no_call() {
-    let prod_service = tokio::task::spawn_blocking(|| {
-        common::built_artifact(env!("CARGO_PKG_NAME"), "example", "prod_service")
-    })
-    .await
-    .unwrap();
-    let server = TestServer::start_with(Config {
-        warmup: Duration::ZERO,
-        ..TestServer::test_config()
-    })
-    .await;
+    let prod_service = common::artifacts::example("prod_service").await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut services: Vec<Option<Service>> = Vec::new();
     for id in IDS {
         services.push(Some(Service::start(&prod_service, &server.url, id).await));

@@ -13,17 +13,13 @@
 
 mod common;
 
-use std::{collections::HashMap, path::PathBuf, process::Stdio, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use common::{
+    api::{InstanceExt, instance, register_request, resolve, resolve_request},
+    artifacts::{ExampleProcess, example},
     binary::BinaryServer,
     otlp::{Collector, KIND_CLIENT, KIND_SERVER, Span, hex},
-};
-use registry_api::v1::{Instance, RegisterRequest, ResolveRequest};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-    time::timeout,
 };
 
 /// How long spans may take to arrive once their process is told to stop.
@@ -35,14 +31,6 @@ fn traceparent(
     parent: &str,
 ) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
     format!("00-{trace}-{parent}-01").parse().unwrap()
-}
-
-fn sigterm(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid}");
 }
 
 fn find(spans: &[Span], what: impl Fn(&Span) -> bool) -> Option<&Span> {
@@ -58,26 +46,18 @@ async fn registry_spans_of_register_and_resolve_join_the_callers_trace() {
     let (register_parent, resolve_parent, bad_parent) =
         ("00f067aa0ba902b7", "b7ad6b7169203331", "53995c3f42cd8ad8");
 
-    let mut request = tonic::Request::new(RegisterRequest {
-        instance: Some(Instance {
-            service: "traced".into(),
-            id: "t-1".into(),
-            address: "127.0.0.1:9".into(),
-            ..Default::default()
-        }),
-        ttl_ms: 60_000,
-        lease_id: 0,
-    });
+    let mut request = tonic::Request::new(register_request(
+        instance("traced", "t-1").at("127.0.0.1:9"),
+        60_000,
+        0,
+    ));
     let md = request.metadata_mut();
     md.insert("traceparent", traceparent(trace, register_parent));
     // Without an auth file the token is ignored; it must not be recorded.
     md.insert("authorization", "Bearer sekrit-token-19".parse().unwrap());
     let registered = client.register(request).await.unwrap().into_inner();
 
-    let mut request = tonic::Request::new(ResolveRequest {
-        service: "traced".into(),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(resolve_request("traced"));
     request
         .metadata_mut()
         .insert("traceparent", traceparent(trace, resolve_parent));
@@ -85,10 +65,7 @@ async fn registry_spans_of_register_and_resolve_join_the_callers_trace() {
     assert_eq!(resolved.instances.len(), 1);
 
     // A caller's mistake is recorded, but is not an error of the registry.
-    let mut request = tonic::Request::new(ResolveRequest {
-        service: "no spaces allowed".into(),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(resolve_request("no spaces allowed"));
     request
         .metadata_mut()
         .insert("traceparent", traceparent(trace, bad_parent));
@@ -96,16 +73,10 @@ async fn registry_spans_of_register_and_resolve_join_the_callers_trace() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
     // Outside any trace: a trace of its own.
-    client
-        .resolve(ResolveRequest {
-            service: "untraced".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    resolve(&mut client, "untraced").await;
     drop(client);
 
-    sigterm(server.pid());
+    server.signal("-TERM");
     let name = |method: &str| format!("registry.v1.Registry/{method}");
     let in_trace =
         |s: &Span, parent: &str| hex(&s.trace_id) == trace && hex(&s.parent_span_id) == parent;
@@ -171,48 +142,8 @@ async fn registry_spans_of_register_and_resolve_join_the_callers_trace() {
     }
 }
 
-/// An example process whose stdout is read line by line.
-struct Proc {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Proc {
-    /// Starts `path` with no inherited `OTEL_*` variable, then `env`.
-    fn spawn(path: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(path);
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
-            command.env_remove(key);
-        }
-        let mut child = command
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn example");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
-    }
-
-    async fn line(&mut self) -> String {
-        timeout(Duration::from_secs(20), self.lines.next_line())
-            .await
-            .expect("example printed nothing in time")
-            .expect("read example stdout")
-            .expect("example closed stdout")
-    }
-
-    async fn exits_cleanly(&mut self) {
-        let status = timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("example did not exit in time")
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-    }
-}
+/// How long an example may take to print a line or to exit.
+const EXAMPLE_WAIT: Duration = Duration::from_secs(20);
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
@@ -222,12 +153,7 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
-    let (service_bin, client_bin) = tokio::task::spawn_blocking(|| {
-        let example = |name| common::built_artifact(env!("CARGO_PKG_NAME"), "example", name);
-        (example("prod_service"), example("prod_client"))
-    })
-    .await
-    .unwrap();
+    let (service_bin, client_bin) = (example("prod_service").await, example("prod_client").await);
     let collector = Collector::start().await;
     let registry = BinaryServer::start(&["--otlp-endpoint", &collector.url]).await;
     let url = registry.url.clone();
@@ -237,12 +163,12 @@ async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
     let mut services = Vec::new();
     for id in ["tr-a", "tr-b"] {
         let resource = format!("service.instance.id={id}");
-        let mut p = Proc::spawn(
+        let mut p = ExampleProcess::spawn_with_env(
             &service_bin,
             &["--registry", &url, "--id", id, "--ttl", "2s"],
             &[endpoint, ("OTEL_RESOURCE_ATTRIBUTES", &resource)],
         );
-        let line = p.line().await;
+        let line = p.line(EXAMPLE_WAIT).await;
         assert!(
             line.starts_with(&format!("prod_service id={id} ")),
             "{line}"
@@ -253,19 +179,19 @@ async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
 
     // No endpoint configured (a service name alone is not one): nothing is
     // exported, and the call works as ever.
-    let mut silent = Proc::spawn(
+    let mut silent = ExampleProcess::spawn_with_env(
         &client_bin,
         &["--registry", &url],
         &[("OTEL_SERVICE_NAME", "silent-client")],
     );
-    let line = silent.line().await;
+    let line = silent.line(EXAMPLE_WAIT).await;
     assert!(
         line.starts_with("prod_id=233 prod_stock=631 instance=tr-"),
         "{line}"
     );
-    silent.exits_cleanly().await;
+    silent.exits_cleanly(EXAMPLE_WAIT).await;
     // The standard switch: an endpoint, but the SDK disabled.
-    let mut disabled = Proc::spawn(
+    let mut disabled = ExampleProcess::spawn_with_env(
         &client_bin,
         &["--registry", &url],
         &[
@@ -274,21 +200,22 @@ async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
             ("OTEL_SDK_DISABLED", "true"),
         ],
     );
-    disabled.line().await;
-    disabled.exits_cleanly().await;
+    disabled.line(EXAMPLE_WAIT).await;
+    disabled.exits_cleanly(EXAMPLE_WAIT).await;
 
     // The traced call. The client flushes its spans as it exits.
-    let mut traced = Proc::spawn(&client_bin, &["--registry", &url], &[endpoint]);
-    let line = traced.line().await;
+    let mut traced =
+        ExampleProcess::spawn_with_env(&client_bin, &["--registry", &url], &[endpoint]);
+    let line = traced.line(EXAMPLE_WAIT).await;
     let answered = field(&line, "instance=").to_owned();
-    traced.exits_cleanly().await;
+    traced.exits_cleanly(EXAMPLE_WAIT).await;
 
     for p in &services {
-        sigterm(p.child.id().unwrap());
+        p.terminate();
     }
-    sigterm(registry.pid());
+    registry.signal("-TERM");
 
-    let call = "prod.ProdService/GetProductStock";
+    let call = "prod.v1.ProdService/GetProductStock";
     let client_span = |s: &Span| s.service == "prod_client" && s.name == call;
     let spans = collector
         .wait_for(
@@ -366,6 +293,6 @@ async fn one_prod_client_call_is_one_trace_through_registry_and_prod_service() {
         );
     }
     for p in &mut services {
-        p.exits_cleanly().await;
+        p.exits_cleanly(EXAMPLE_WAIT).await;
     }
 }

@@ -5,103 +5,22 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{TestServer, wait_until};
+use common::{
+    TestServer,
+    api::{
+        Client, deregister, deregister_instance, events, instance, next, register, snapshot, watch,
+    },
+    wait_until,
+};
 use registry::Config;
 use registry_api::v1::{
-    DeleteReason, DeregisterRequest, Event, EventType, Instance, InstanceKey, RegisterRequest,
-    RegisterResponse, ResetReason, ResolveRequest, Snapshot, StatusRequest, WatchRequest,
-    WatchResponse, deregister_request::Target, registry_client::RegistryClient,
+    DeleteReason, DeregisterRequest, Event, EventType, Instance, ResetReason, ResolveRequest,
+    StatusRequest, WatchRequest, deregister_request::Target, registry_client::RegistryClient,
     watch_response::Kind,
 };
-use tonic::{Code, Streaming, transport::Channel};
-
-type Client = RegistryClient<Channel>;
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn instance(service: &str, id: &str) -> Instance {
-    Instance {
-        service: service.into(),
-        id: id.into(),
-        address: "10.0.0.1:80".into(),
-        ..Default::default()
-    }
-}
-
-async fn register(c: &mut Client, inst: Instance, ttl_ms: u64, lease_id: u64) -> RegisterResponse {
-    c.register(RegisterRequest {
-        instance: Some(inst),
-        ttl_ms,
-        lease_id,
-    })
-    .await
-    .expect("register")
-    .into_inner()
-}
-
-async fn deregister_id(c: &mut Client, service: &str, id: &str) -> u64 {
-    c.deregister(DeregisterRequest {
-        target: Some(Target::Instance(InstanceKey {
-            service: service.into(),
-            id: id.into(),
-        })),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .revision
-}
-
-async fn watch(c: &mut Client, req: WatchRequest) -> Streaming<WatchResponse> {
-    c.watch(req).await.expect("watch").into_inner()
-}
-
-async fn next(stream: &mut Streaming<WatchResponse>) -> Kind {
-    tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("watch message within 5s")
-        .expect("watch stream error")
-        .expect("watch stream ended")
-        .kind
-        .expect("message kind")
-}
-
-/// Reads a whole (possibly chunked) snapshot.
-async fn snapshot(stream: &mut Streaming<WatchResponse>) -> Snapshot {
-    let mut whole: Option<Snapshot> = None;
-    loop {
-        match next(stream).await {
-            Kind::Snapshot(s) => {
-                let more = s.more;
-                match &mut whole {
-                    None => whole = Some(s),
-                    Some(w) => {
-                        assert_eq!(w.revision, s.revision, "chunks share a revision");
-                        w.instances.extend(s.instances);
-                    }
-                }
-                if !more {
-                    return whole.unwrap();
-                }
-            }
-            other => panic!("expected a snapshot, got {other:?}"),
-        }
-    }
-}
-
-/// Reads event messages until `n` events have arrived; progress is skipped.
-async fn events(stream: &mut Streaming<WatchResponse>, n: usize) -> Vec<Event> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        match next(stream).await {
-            Kind::Events(b) => out.extend(b.events),
-            Kind::Progress(_) => {}
-            Kind::Snapshot(s) => panic!("unexpected snapshot {s:?}"),
-        }
-    }
-    assert_eq!(out.len(), n, "more events than expected: {out:?}");
-    out
-}
 
 fn summary(events: &[Event]) -> Vec<(EventType, String, u64, DeleteReason)> {
     events
@@ -140,7 +59,9 @@ async fn snapshot_then_put_and_delete_events_with_reasons() {
 
     let b = register(&mut c, instance("prod", "b"), 200, 0).await;
     register(&mut c, instance("other", "y"), 10_000, 0).await; // not ours
-    let dereg = deregister_id(&mut c, "prod", "a").await;
+    let dereg = deregister(&mut c, deregister_instance("prod", "a"))
+        .await
+        .revision;
     let got = events(&mut w, 3).await; // PUT b, DELETE a, then b expires
     use DeleteReason as R;
     use EventType as T;
@@ -245,7 +166,9 @@ async fn resume_from_last_revision_plus_one_sees_exactly_what_was_missed() {
     // Missed while disconnected.
     register(&mut c, instance("prod", "b"), 10_000, 0).await;
     register(&mut c, instance("elsewhere", "z"), 10_000, 0).await;
-    let d = deregister_id(&mut c, "prod", "a").await;
+    let d = deregister(&mut c, deregister_instance("prod", "a"))
+        .await
+        .revision;
     let mut w = watch(
         &mut c,
         WatchRequest {
@@ -379,7 +302,7 @@ async fn watch_all_spans_services() {
     let names: Vec<_> = snap.instances.iter().map(|i| i.service.as_str()).collect();
     assert_eq!(names, ["api", "web"]);
     register(&mut c, instance("db", "1"), 10_000, 0).await;
-    deregister_id(&mut c, "api", "1").await;
+    deregister(&mut c, deregister_instance("api", "1")).await;
     let got = events(&mut w, 2).await;
     let services: Vec<_> = got
         .iter()

@@ -62,6 +62,8 @@ const LATENCY_SLACK: Duration = Duration::from_millis(1);
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Instance `i` of the catalog (not `common::api::instance`: each carries
+/// 1 KiB of metadata of its own, which the memory bounds are about).
 fn instance(i: usize) -> Instance {
     let mut metadata = std::collections::HashMap::new();
     // 1 KiB per instance, distinct, so nothing can be shared between them.

@@ -8,7 +8,10 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    api::{self, Client, InstanceExt, deregister_instance, instance},
+};
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -33,10 +36,6 @@ use envoy_types::pb::{
 };
 use prost::Message;
 use registry::Config;
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
-    registry_client::RegistryClient,
-};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Streaming, transport::Channel};
@@ -50,14 +49,6 @@ const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 const EXPECT: Duration = Duration::from_secs(3);
 /// How long a test listens to conclude that nothing is coming.
 const SILENCE: Duration = Duration::from_millis(300);
-
-/// The test config without warm-up, so absence is answered at once.
-fn config() -> Config {
-    Config {
-        warmup: Duration::ZERO,
-        ..TestServer::test_config()
-    }
-}
 
 /// One ADS stream, driven by hand.
 struct Ads {
@@ -220,53 +211,33 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Vec<(String, u32, Vec<String>)> {
         .collect()
 }
 
-/// Registers an instance on a fresh lease; returns (lease, revision).
+/// Registers an instance on a fresh 30 s lease; returns (lease, revision).
+/// What xDS turns into an endpoint: address, weight, zone (locality).
 async fn register(
-    client: &mut RegistryClient<Channel>,
+    client: &mut Client,
     service: &str,
     id: &str,
     address: &str,
     weight: u32,
     zone: Option<&str>,
 ) -> (u64, u64) {
-    let resp = client
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: address.into(),
-                weight,
-                metadata: zone
-                    .map(|z| [("zone".to_owned(), z.to_owned())].into())
-                    .unwrap_or_default(),
-                ..Default::default()
-            }),
-            ttl_ms: 30_000,
-            lease_id: 0,
-        })
-        .await
-        .expect("register")
-        .into_inner();
+    let mut instance = instance(service, id).at(address).weight(weight);
+    if let Some(zone) = zone {
+        instance = instance.meta("zone", zone);
+    }
+    let resp = api::register(client, instance, 30_000, 0).await;
     (resp.lease_id, resp.revision)
 }
 
-async fn deregister(client: &mut RegistryClient<Channel>, service: &str, id: &str) -> u64 {
-    client
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: service.into(),
-                id: id.into(),
-            })),
-        })
-        .await
-        .expect("deregister")
-        .into_inner()
-        .revision
+/// Deregisters one instance; the revision.
+async fn deregister(client: &mut Client, service: &str, id: &str) -> u64 {
+    let request = deregister_instance(service, id);
+    api::deregister(client, request).await.revision
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxyless_flow_listener_route_cluster_assignment() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 3, Some("z1")).await;
     register(&mut reg, "prod", "b", "127.0.0.1:7002", 1, Some("z2")).await;
@@ -361,7 +332,7 @@ async fn proxyless_flow_listener_route_cluster_assignment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_carries_the_clients_outlier_and_locality_rules() {
     use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, Some("z1")).await;
     let mut ads = Ads::open(&server.url, "outlier").await;
@@ -414,7 +385,7 @@ async fn cluster_carries_the_clients_outlier_and_locality_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_pushes_a_new_assignment_at_the_new_revision() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
     let mut ads = Ads::open(&server.url, "push").await;
@@ -441,7 +412,7 @@ async fn change_pushes_a_new_assignment_at_the_new_revision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_is_survived_and_the_next_change_still_arrives() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
     let mut ads = Ads::open(&server.url, "nack").await;
@@ -477,7 +448,7 @@ async fn nack_is_survived_and_the_next_change_still_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_is_answered_as_absent_without_ending_the_stream() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     let mut ads = Ads::open(&server.url, "unknown").await;
 
@@ -513,7 +484,7 @@ async fn unknown_service_is_answered_as_absent_without_ending_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_instance_leaving_removes_listener_and_cluster_and_empties_assignment() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
     register(&mut reg, "prod", "b", "127.0.0.1:7002", 1, None).await;
@@ -553,7 +524,7 @@ async fn last_instance_leaving_removes_listener_and_cluster_and_empties_assignme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_subscribers_each_get_every_push() {
     const STREAMS: usize = 60;
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
     // Several streams per connection, as one gRPC process with many
@@ -592,7 +563,7 @@ async fn many_subscribers_each_get_every_push() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_clusters_follow_services_coming_and_going() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "alpha", "a", "127.0.0.1:7001", 1, None).await;
     let mut ads = Ads::open(&server.url, "envoy").await;
@@ -639,7 +610,7 @@ async fn wildcard_clusters_follow_services_coming_and_going() {
 async fn a_client_that_stops_reading_does_not_block_registration() {
     let server = TestServer::start_with(Config {
         watch_buffer: 4,
-        ..config()
+        ..TestServer::no_warmup_config()
     })
     .await;
     let mut reg = server.client().await;
@@ -703,7 +674,7 @@ async fn a_client_that_stops_reading_does_not_block_registration() {
 async fn warm_up_withholds_absence_until_the_window_closes() {
     let server = TestServer::start_with(Config {
         warmup: Duration::from_millis(800),
-        ..config()
+        ..TestServer::no_warmup_config()
     })
     .await;
     let opened = tokio::time::Instant::now();
@@ -732,8 +703,8 @@ async fn warm_up_withholds_absence_until_the_window_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_instance_is_pushed_as_draining_and_back_as_healthy() {
     use envoy_types::pb::envoy::config::core::v3::HealthStatus;
-    use registry_api::v1::{AdminState, SetInstanceStateRequest};
-    let server = TestServer::start_with(config()).await;
+    use registry_api::v1::{AdminState, InstanceKey, SetInstanceStateRequest};
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
     register(&mut reg, "prod", "b", "127.0.0.1:7002", 1, None).await;

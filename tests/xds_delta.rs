@@ -9,7 +9,10 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    api::{self, Client, InstanceExt, deregister_instance, instance},
+};
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -25,10 +28,6 @@ use envoy_types::pb::{
 };
 use prost::Message;
 use registry::Config;
-use registry_api::v1::{
-    DeregisterRequest, Instance, InstanceKey, RegisterRequest, deregister_request::Target,
-    registry_client::RegistryClient,
-};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Streaming, transport::Channel};
@@ -39,13 +38,6 @@ const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 
 const EXPECT: Duration = Duration::from_secs(3);
 const SILENCE: Duration = Duration::from_millis(300);
-
-fn config() -> Config {
-    Config {
-        warmup: Duration::ZERO,
-        ..TestServer::test_config()
-    }
-}
 
 /// One delta ADS stream, driven by hand.
 struct Delta {
@@ -161,39 +153,20 @@ fn endpoint_count(cla: &ClusterLoadAssignment) -> usize {
     cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum()
 }
 
-async fn register(client: &mut RegistryClient<Channel>, service: &str, id: &str) -> u64 {
-    client
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                service: service.into(),
-                id: id.into(),
-                address: format!("127.0.0.1:{}", 9000 + id.len()),
-                ..Default::default()
-            }),
-            ttl_ms: 30_000,
-            lease_id: 0,
-        })
-        .await
-        .expect("register")
-        .into_inner()
-        .revision
+/// Registers an instance on a fresh 30 s lease, its port derived from its
+/// id (so endpoints differ); the revision.
+async fn register(client: &mut Client, service: &str, id: &str) -> u64 {
+    let instance = instance(service, id).at(format!("127.0.0.1:{}", 9000 + id.len()));
+    api::register(client, instance, 30_000, 0).await.revision
 }
 
-async fn deregister(client: &mut RegistryClient<Channel>, service: &str, id: &str) {
-    client
-        .deregister(DeregisterRequest {
-            target: Some(Target::Instance(InstanceKey {
-                service: service.into(),
-                id: id.into(),
-            })),
-        })
-        .await
-        .expect("deregister");
+async fn deregister(client: &mut Client, service: &str, id: &str) {
+    api::deregister(client, deregister_instance(service, id)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_only_what_changed_and_names_what_went_away() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a").await;
     let rev = register(&mut reg, "prod", "bb").await;
@@ -248,7 +221,7 @@ async fn pushes_only_what_changed_and_names_what_went_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_names_are_removed_and_a_nack_does_not_end_the_stream() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     let mut ads = Delta::open(&server.url).await;
 
@@ -276,7 +249,7 @@ async fn unknown_names_are_removed_and_a_nack_does_not_end_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribed_names_are_no_longer_pushed() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a").await;
     register(&mut reg, "cart", "a").await;
@@ -308,7 +281,7 @@ async fn unsubscribed_names_are_no_longer_pushed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_client_gets_only_what_it_lacks() {
-    let server = TestServer::start_with(config()).await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut reg = server.client().await;
     register(&mut reg, "prod", "a").await;
     register(&mut reg, "cart", "a").await;

@@ -18,7 +18,6 @@ use std::{
 };
 
 use common::{TestServer, prod::ProdInstance};
-use registry::Config;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader},
     process::{Child, ChildStdout, Command},
@@ -128,11 +127,7 @@ async fn python_grpc_client_balances_and_drops_a_deregistered_instance() {
     std::fs::create_dir_all(&dir).unwrap();
     generate_stubs(&python, &dir).await;
 
-    let server = TestServer::start_with(Config {
-        warmup: Duration::ZERO,
-        ..TestServer::test_config()
-    })
-    .await;
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut instances = Vec::new();
     for id in ["prod-a", "prod-b", "prod-c"] {
         instances.push(ProdInstance::start(&server.url, id, TTL).await);

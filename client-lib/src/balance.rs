@@ -227,8 +227,8 @@ impl RetryPolicy {
 
     /// These methods are safe to run twice, so a failed call (a broken
     /// connection, `UNAVAILABLE`) is retried on another instance. Full gRPC
-    /// paths (`/prod.ProdService/GetProductStock`) or whole services
-    /// (`/prod.ProdService/`).
+    /// paths (`/prod.v1.ProdService/GetProductStock`) or whole services
+    /// (`/prod.v1.ProdService/`).
     pub fn idempotent_methods<S: Into<String>>(
         mut self,
         methods: impl IntoIterator<Item = S>,
@@ -1450,9 +1450,9 @@ mod tests {
     #[test]
     fn idempotent_method_matching() {
         let r = RetryPolicy::default()
-            .idempotent_methods(["/prod.ProdService/GetProductStock", "/other.Svc/"]);
-        assert!(r.is_idempotent("/prod.ProdService/GetProductStock"));
-        assert!(!r.is_idempotent("/prod.ProdService/SetProductStock"));
+            .idempotent_methods(["/prod.v1.ProdService/GetProductStock", "/other.Svc/"]);
+        assert!(r.is_idempotent("/prod.v1.ProdService/GetProductStock"));
+        assert!(!r.is_idempotent("/prod.v1.ProdService/SetProductStock"));
         assert!(r.is_idempotent("/other.Svc/Anything"));
         assert!(!RetryPolicy::default().is_idempotent("/other.Svc/Anything"));
         assert!(

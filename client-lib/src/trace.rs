@@ -3,7 +3,7 @@
 //! registry.
 //!
 //! - **Callers.** With the feature on, every [`BalancedChannel`] call gets a
-//!   client span (`prod.ProdService/GetProductStock`, kind client) that
+//!   client span (`prod.v1.ProdService/GetProductStock`, kind client) that
 //!   names the instance the call went to (`registry.instance_id`,
 //!   `registry.instance_address`, `server.address`, `server.port`; after a
 //!   retry, the instance that answered, with `registry.attempts`), and the
@@ -60,8 +60,8 @@ pub const TARGET: &str = "registry_client::trace";
 /// Longest wait at shutdown for the last spans to reach the collector.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `("prod.ProdService", "GetProductStock")` of
-/// `/prod.ProdService/GetProductStock`.
+/// `("prod.v1.ProdService", "GetProductStock")` of
+/// `/prod.v1.ProdService/GetProductStock`.
 fn rpc_parts(path: &str) -> (&str, &str) {
     let name = path.strip_prefix('/').unwrap_or(path);
     name.split_once('/').unwrap_or((name, ""))
@@ -622,8 +622,8 @@ mod tests {
     #[test]
     fn method_names_split_the_opentelemetry_way() {
         assert_eq!(
-            rpc_parts("/prod.ProdService/GetProductStock"),
-            ("prod.ProdService", "GetProductStock")
+            rpc_parts("/prod.v1.ProdService/GetProductStock"),
+            ("prod.v1.ProdService", "GetProductStock")
         );
     }
 

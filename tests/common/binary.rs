@@ -1,24 +1,14 @@
 //! The real `registry` binary as a child process, for tests that need what
 //! only a process gives: `kill -9` (nothing runs after it, no destructor,
 //! no final snapshot), a restart on the same port and data directory, and
-//! the daemon's own RSS.
-//!
-//! Locating the binary: `env!("CARGO_BIN_EXE_registry")` exists only in the
-//! `registry` package's tests, and these tests belong to `registry-api`. So,
-//! as `tests/examples_run.rs` does for the examples, the binary is built by
-//! the same cargo (`env!("CARGO")`, same target directory: a no-op when it
-//! is fresh) and its path taken from the `executable` cargo reports. The
-//! build also names one example of this package: that makes cargo resolve
-//! features with this package's dev-dependencies (tokio's `test-util`...)
-//! as `cargo test --test <name>` does, so the registry library it links is
-//! the one the test build already compiled instead of a second variant.
+//! the daemon's own RSS, signals and exit codes.
 
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::{Arc, Mutex, OnceLock},
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -30,76 +20,7 @@ use tokio::{
 };
 use tonic::transport::Channel;
 
-/// Builds the `registry` binary (if needed) once per test process and
-/// returns its path.
-pub fn registry_binary() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        // The same profile as this test (`cargo test --release` soaks).
-        let profile: &[&str] = if cfg!(debug_assertions) {
-            &[]
-        } else {
-            &["--release"]
-        };
-        let output = std::process::Command::new(env!("CARGO"))
-            .args(profile)
-            .args([
-                "build",
-                "--quiet",
-                "--package",
-                "registry",
-                "--bin",
-                "registry",
-                "--package",
-                env!("CARGO_PKG_NAME"),
-                "--example",
-                "prod_service",
-                "--message-format=json",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| !set_by_cargo_for_tests(k)))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run cargo build --bin registry");
-        assert!(output.status.success(), "cargo build --bin registry failed");
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        for line in stdout.lines() {
-            if line.contains("\"reason\":\"compiler-artifact\"")
-                && line.contains("\"kind\":[\"bin\"]")
-                && line.contains("\"name\":\"registry\"")
-                && let Some(start) = line.find("\"executable\":\"")
-            {
-                let rest = &line[start + "\"executable\":\"".len()..];
-                let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
-                assert!(path.exists(), "{path:?}");
-                return path;
-            }
-        }
-        panic!("cargo reported no executable for the registry binary");
-    })
-}
-
-/// Variables cargo sets for a test process. Passed on to the nested cargo
-/// they would invalidate build scripts that watch them (`ring` reruns on a
-/// change of `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME`), and every crate
-/// above `ring` would be rebuilt by each cargo in turn.
-fn set_by_cargo_for_tests(key: &str) -> bool {
-    key.starts_with("CARGO_PKG_")
-        || key.starts_with("CARGO_BIN_EXE_")
-        || matches!(
-            key,
-            "CARGO_MANIFEST_DIR"
-                | "CARGO_MANIFEST_PATH"
-                | "CARGO_MANIFEST_LINKS"
-                | "CARGO_CRATE_NAME"
-                | "CARGO_BIN_NAME"
-                | "CARGO_PRIMARY_PACKAGE"
-                | "CARGO_TARGET_TMPDIR"
-                | "CARGO_RUSTC_CURRENT_DIR"
-                | "OUT_DIR"
-        )
-}
+use super::artifacts::registry_binary;
 
 /// Log lines kept for a failure message.
 const LOG_TAIL: usize = 40;
@@ -111,6 +32,10 @@ pub struct BinaryServer {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:port`, what clients dial.
     pub url: String,
+    /// The operations endpoint (`/metrics`, `/healthz`), when the flags
+    /// name `--metrics-listen`; learned from the log at each start.
+    pub ops: Option<SocketAddr>,
+    binary: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
     log: Arc<Mutex<VecDeque<String>>>,
@@ -118,11 +43,20 @@ pub struct BinaryServer {
 
 impl BinaryServer {
     /// Starts the binary on a free loopback port with these extra flags.
+    /// The HTTP API is off unless they name `--http-listen` (its default
+    /// is a fixed port, and tests bind none).
     pub async fn start(args: &[&str]) -> Self {
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if !args.iter().any(|a| a == "--http-listen") {
+            args.extend(["--http-listen".to_owned(), "off".to_owned()]);
+        }
+        let binary = registry_binary().await;
         let mut server = Self {
             addr: "127.0.0.1:0".parse().unwrap(),
             url: String::new(),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            ops: None,
+            binary,
+            args,
             child: None,
             log: Arc::default(),
         };
@@ -180,10 +114,43 @@ impl BinaryServer {
         }
     }
 
+    /// Sends `signal` (`-TERM`, `-HUP`, ...).
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits at most `limit` for the process to exit on its own.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("registry process is running");
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status.expect("wait for the registry process"),
+            Err(_) => {
+                self.child = Some(child);
+                panic!(
+                    "registry did not exit within {limit:?}; its log:\n{}",
+                    self.log_tail()
+                )
+            }
+        }
+    }
+
     /// `kill -9`, then a start with the same flags on the same address.
     pub async fn restart(&mut self) {
         self.kill9().await;
+        self.start_again().await;
+    }
+
+    /// After [`BinaryServer::kill9`] or an exit: a new process with the
+    /// same flags on the same address (and data directory, if any).
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the registry process still runs");
         self.spawn().await;
+    }
+
+    /// Every line the daemon logged that is still kept (the last
+    /// [`LOG_TAIL`]).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().iter().cloned().collect()
     }
 
     /// Starts the process on `self.addr`, retrying while the port is still
@@ -191,10 +158,11 @@ impl BinaryServer {
     async fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some((child, addr)) = self.try_spawn().await {
+            if let Some((child, addr, ops)) = self.try_spawn().await {
                 self.child = Some(child);
                 self.addr = addr;
                 self.url = format!("http://{addr}");
+                self.ops = ops;
                 return;
             }
             assert!(
@@ -207,10 +175,11 @@ impl BinaryServer {
         }
     }
 
-    async fn try_spawn(&self) -> Option<(Child, SocketAddr)> {
-        let mut child = Command::new(registry_binary())
+    /// One process: its gRPC address and operations endpoint as logged,
+    /// or `None` if it exited before it logged them (port still taken).
+    async fn try_spawn(&self) -> Option<(Child, SocketAddr, Option<SocketAddr>)> {
+        let mut child = Command::new(&self.binary)
             .args(["--listen", &self.addr.to_string()])
-            .args(["--http-listen", "off"])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -227,17 +196,17 @@ impl BinaryServer {
             }
             log.push_back(line);
         };
-        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        let want_ops = self.args.iter().any(|a| a == "--metrics-listen");
+        let addrs = tokio::time::timeout(Duration::from_secs(20), async {
+            let (mut grpc, mut ops) = (None, None);
             while let Ok(Some(line)) = lines.next_line().await {
-                let addr = line
-                    .contains("registry listening")
-                    .then(|| line.split("addr=").nth(1))
-                    .flatten()
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                grpc = grpc.or_else(|| logged_addr(&line, "registry listening"));
+                ops = ops.or_else(|| logged_addr(&line, "metrics and health endpoint listening"));
                 push(line);
-                if addr.is_some() {
-                    return addr;
+                if let Some(grpc) = grpc
+                    && (ops.is_some() || !want_ops)
+                {
+                    return Some((grpc, ops));
                 }
             }
             None
@@ -249,15 +218,37 @@ impl BinaryServer {
                 self.log_tail()
             )
         });
-        let addr = addr?;
+        let (grpc, ops) = addrs?;
         // Keep draining stderr so the daemon never blocks on a full pipe.
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 push(line);
             }
         });
-        Some((child, addr))
+        Some((child, grpc, ops))
     }
+}
+
+/// The `addr` of a log line whose message is `message`, in either log
+/// format (`--log-format json` or text: `... message addr=host:port`).
+fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = &v["fields"];
+        if fields["message"].as_str() != Some(message) {
+            return None;
+        }
+        return fields["addr"].as_str()?.parse().ok();
+    }
+    if !line.contains(message) {
+        return None;
+    }
+    line.split("addr=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Drop for BinaryServer {
@@ -266,6 +257,15 @@ impl Drop for BinaryServer {
             let _ = child.start_kill();
         }
     }
+}
+
+/// `kill <signal> <pid>`; panics if it fails.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// Waits until the daemon answers Status (a restarted process logs its

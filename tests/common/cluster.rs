@@ -10,16 +10,13 @@
 //! path printed) after a failing one, or always with
 //! `REGISTRY_TEST_KEEP_LOGS=1`.
 //!
-//! The `registry` binary: `CARGO_BIN_EXE_registry` is only set for the
-//! `registry` package's own tests, so, as `tests/examples_run.rs` does for
-//! the examples, we ask cargo for it ([`registry_binary`]: a no-op when it
-//! is fresh) and take the path cargo reports. `REGISTRY_BIN` overrides that.
+//! The `registry` binary comes from [`registry_binary`] (`REGISTRY_BIN`
+//! overrides it).
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
     path::{Path, PathBuf},
     process::Stdio,
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -29,94 +26,10 @@ use registry_api::v1::{
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use super::proxy::Proxy;
+use super::{artifacts::registry_binary, binary::send_signal, proxy::Proxy};
 
 /// Key prefix the test nodes use in etcd.
 pub const PREFIX: &str = "/registry-faults";
-
-/// The `registry` daemon binary, built once per test process.
-pub fn registry_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("REGISTRY_BIN") {
-            return p.into();
-        }
-        // Built as the registry package's own integration tests build it
-        // (`cargo test -p registry` builds the binary for
-        // `CARGO_BIN_EXE_registry`), so the feature resolution is the one
-        // `cargo test --workspace` uses: in CI the binary is already fresh
-        // and this is a no-op rather than a second build of tokio, tonic
-        // and the daemon with other features. If that test target is ever
-        // renamed, a plain build of the binary still works.
-        let attempts: [&[&str]; 2] = [
-            &[
-                "test",
-                "--package",
-                "registry",
-                "--test",
-                "daemon_binary",
-                "--no-run",
-            ],
-            &["build", "--package", "registry", "--bin", "registry"],
-        ];
-        for args in attempts {
-            if let Some(path) = cargo_artifact(args) {
-                return path;
-            }
-        }
-        panic!("cargo built no registry binary (see the cargo output above)");
-    })
-    .clone()
-}
-
-/// Runs `cargo <args> --message-format=json` and returns the executable of
-/// the `registry` bin target it reports.
-fn cargo_artifact(args: &[&str]) -> Option<PathBuf> {
-    let mut cargo = std::process::Command::new(env!("CARGO"));
-    cargo
-        .args(args)
-        .args(["--quiet", "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit());
-    // Variables cargo sets for a running test are not ours to pass on: some
-    // build scripts (ring's) rerun when CARGO_MANIFEST_DIR appears or
-    // vanishes, which would rebuild half the graph on every alternation.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_PKG_")
-            || matches!(
-                &*key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-                    | "OUT_DIR"
-            )
-        {
-            cargo.env_remove(&*key);
-        }
-    }
-    let output = cargo.output().expect("run cargo");
-    if !output.status.success() {
-        return None;
-    }
-    let stdout = String::from_utf8(output.stdout).ok()?;
-    stdout.lines().find_map(|line| {
-        if !(line.contains("\"reason\":\"compiler-artifact\"")
-            && line.contains("\"kind\":[\"bin\"]")
-            && line.contains("\"name\":\"registry\""))
-        {
-            return None;
-        }
-        let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
-        let rest = &line[start..];
-        let path = PathBuf::from(&rest[..rest.find('"')?]);
-        path.exists().then_some(path)
-    })
-}
 
 /// A free loopback port (free when asked; a start retries if it is taken
 /// meanwhile).
@@ -128,6 +41,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A suffix for scratch names: this process and a random number.
 fn unique_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -137,14 +51,6 @@ fn unique_suffix() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("{}-{:08x}", std::process::id(), h.finish() as u32)
-}
-
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid}");
 }
 
 /// A scratch directory (etcd data, node logs), removed on drop; logs are
@@ -196,7 +102,7 @@ fn etcd_binary() -> Option<PathBuf> {
 }
 
 /// Outside CI a missing etcd skips the test loudly; under `CI=true` it fails.
-fn etcd_unavailable(why: &str) -> Option<Etcd> {
+fn etcd_unavailable<T>(why: &str) -> Option<T> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("etcd is required in CI and could not be started: {why}");
     }
@@ -313,12 +219,12 @@ impl Etcd {
 
     /// Freezes etcd (SIGSTOP): sockets stay open, nothing answers.
     pub fn pause(&self) {
-        signal(self.pid(), "-STOP");
+        send_signal(self.pid(), "-STOP");
     }
 
     /// Lets a paused etcd run again (SIGCONT).
     pub fn resume(&self) {
-        signal(self.pid(), "-CONT");
+        send_signal(self.pid(), "-CONT");
     }
 
     /// `kill -9`, and waits until it is gone.
@@ -524,7 +430,7 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("open node log");
-        let child = Command::new(registry_binary())
+        let child = Command::new(registry_binary().await)
             .args(["--http-listen", "off"])
             .args(&self.args)
             .env("RUST_LOG", "info")
@@ -559,12 +465,12 @@ impl Node {
 
     /// SIGSTOP: the process stops dead, sockets open, timers frozen.
     pub fn freeze(&self) {
-        signal(self.pid(), "-STOP");
+        send_signal(self.pid(), "-STOP");
     }
 
     /// SIGCONT after [`Node::freeze`].
     pub fn thaw(&self) {
-        signal(self.pid(), "-CONT");
+        send_signal(self.pid(), "-CONT");
     }
 
     /// `kill -9`: no lease revoked, no goodbye. Waits until it is gone.

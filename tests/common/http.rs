@@ -9,14 +9,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use registry::{Config, frontends::Listeners};
 use registry_api::v1::registry_client::RegistryClient;
-use tokio::{
-    net::{TcpListener, TcpStream, UdpSocket},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tonic::transport::Channel;
 
-use super::TestServer;
+use super::{OwnRuntime, TestServer};
 
 /// A registry serving gRPC, HTTP and DNS on its own runtime.
 pub struct HttpServer {
@@ -26,19 +22,13 @@ pub struct HttpServer {
     pub http: SocketAddr,
     /// DNS address (UDP and TCP).
     pub dns: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    served: OwnRuntime,
 }
 
 impl HttpServer {
-    /// Starts with [`TestServer::test_config`] and no warm-up.
+    /// Starts with [`TestServer::no_warmup_config`].
     pub async fn start() -> Self {
-        Self::start_with(Config {
-            warmup: Duration::ZERO,
-            ..TestServer::test_config()
-        })
-        .await
+        Self::start_with(TestServer::no_warmup_config()).await
     }
 
     /// Starts with `config` (its listen addresses are ignored: every socket
@@ -54,13 +44,7 @@ impl HttpServer {
             http.local_addr().unwrap(),
             udp.local_addr().unwrap(),
         );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = runtime.spawn(async move {
+        let served = OwnRuntime::spawn(|stop| async move {
             let registry = registry::Registry::open(config).await.unwrap();
             let listeners = Listeners {
                 http: Some(TcpListener::from_std(http).unwrap()),
@@ -72,7 +56,7 @@ impl HttpServer {
                 registry,
                 listeners,
                 async {
-                    let _ = rx.await;
+                    let _ = stop.await;
                 },
             )
             .await
@@ -82,9 +66,7 @@ impl HttpServer {
             grpc: addrs.0,
             http: addrs.1,
             dns: addrs.2,
-            shutdown: Some(tx),
-            handle: Some(handle),
-            runtime: Some(runtime),
+            served,
         }
     }
 
@@ -102,26 +84,7 @@ impl HttpServer {
 
     /// Graceful stop; returns once the server task has finished.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(handle) = self.handle.take() {
-            tokio::time::timeout(Duration::from_secs(10), handle)
-                .await
-                .expect("registry did not shut down within 10s")
-                .expect("registry task panicked");
-        }
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.served.stop().await;
     }
 }
 

@@ -1,18 +1,26 @@
 //! Shared by the end-to-end tests: start a real registry on an ephemeral
-//! loopback port, connect raw clients, stop it.
+//! loopback port (in this process, or the real binary), connect raw
+//! clients, build and send requests ([`api`]), read the operations
+//! endpoint ([`ops`]), stop it.
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod api;
+pub mod artifacts;
 pub mod binary;
+// Real-process clusters and a TCP proxy for the fault tests (issue 15).
+pub mod cluster;
 pub mod etcd;
 pub mod history;
 pub mod hostile;
 pub mod http;
+pub mod ops;
 pub mod otlp;
 pub mod prod;
+pub mod proxy;
 pub mod python;
 
-use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use registry::Config;
 use registry_api::v1::registry_client::RegistryClient;
@@ -27,9 +35,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:port`, what clients dial.
     pub url: String,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    served: OwnRuntime,
 }
 
 impl TestServer {
@@ -41,6 +47,15 @@ impl TestServer {
             // would be per test, not per client. Tests of it set it themselves.
             rate_limit: 0,
             ..Config::default()
+        }
+    }
+
+    /// [`TestServer::test_config`] without warm-up: absence is answered at
+    /// once, and readiness does not wait.
+    pub fn no_warmup_config() -> Config {
+        Config {
+            warmup: Duration::ZERO,
+            ..Self::test_config()
         }
     }
 
@@ -58,16 +73,10 @@ impl TestServer {
     pub async fn start_on(addr: SocketAddr, config: Config) -> Self {
         let listener = bind_retrying(addr).await.into_std().unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let handle = runtime.spawn(async move {
+        let served = OwnRuntime::spawn(|stop| async move {
             let listener = TcpListener::from_std(listener).unwrap();
             registry::server::run(listener, config, async {
-                let _ = rx.await;
+                let _ = stop.await;
             })
             .await
             .expect("registry server failed");
@@ -75,9 +84,7 @@ impl TestServer {
         Self {
             addr,
             url: format!("http://{addr}"),
-            shutdown: Some(tx),
-            handle: Some(handle),
-            runtime: Some(runtime),
+            served,
         }
     }
 
@@ -90,6 +97,51 @@ impl TestServer {
 
     /// Graceful stop; returns once the server task has finished.
     pub async fn stop(mut self) {
+        self.served.stop().await;
+    }
+
+    /// Stops abruptly, as a crash would: the server's runtime is shut down,
+    /// so its tasks and connections vanish without a goodbye.
+    pub async fn kill(mut self) {
+        self.served.kill();
+        // Give the OS a moment to close the sockets before a restart binds.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A server task on a tokio runtime of its own (two workers): stopping the
+/// runtime ends every task and socket of the server at once. Shut down
+/// when dropped.
+pub struct OwnRuntime {
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl OwnRuntime {
+    /// Runs `serve(stop)` on a new runtime; `stop` resolves when
+    /// [`OwnRuntime::stop`] asks for a graceful stop.
+    pub fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = runtime.spawn(serve(rx));
+        Self {
+            shutdown: Some(tx),
+            handle: Some(handle),
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Graceful stop; returns once the server task has finished.
+    pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -99,29 +151,22 @@ impl TestServer {
                 .expect("registry did not shut down within 10s")
                 .expect("registry task panicked");
         }
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.kill();
     }
 
-    /// Stops abruptly, as a crash would: the server's runtime is shut down,
-    /// so its tasks and connections vanish without a goodbye.
-    pub async fn kill(mut self) {
-        self.shutdown.take();
-        self.handle.take();
+    /// Shuts the runtime down at once: a crash.
+    pub fn kill(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
-        // Give the OS a moment to close the sockets before a restart binds.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.handle.take();
+        self.shutdown.take();
     }
 }
 
-impl Drop for TestServer {
+impl Drop for OwnRuntime {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.kill();
     }
 }
 
@@ -140,90 +185,35 @@ async fn bind_retrying(addr: SocketAddr) -> TcpListener {
     panic!("cannot bind {addr}: {last:?}");
 }
 
-/// Waits for `cond` to become true, polling every 10 ms, failing after `limit`.
-pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+/// Polls `cond` every `every` until it is true: how long that took, or
+/// `None` once `limit` has passed.
+pub async fn poll_until<F, Fut>(limit: Duration, every: Duration, mut cond: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + limit;
+    let start = tokio::time::Instant::now();
     loop {
         if cond().await {
-            return;
+            return Some(start.elapsed());
         }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {limit:?} waiting for {what}");
+        if start.elapsed() >= limit {
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
-// Real-process clusters and a TCP proxy for the fault tests (issue 15).
-pub mod cluster;
-pub mod proxy;
-/// Builds (if needed) and returns the path of a binary or example of the
-/// workspace that is not part of the test's own package, e.g.
-/// `built_artifact("registry", "bin", "registry")`.
-///
-/// `env!("CARGO_BIN_EXE_*")` exists only for the `[[bin]]` targets of the
-/// test's own package, and `cargo test --test x` does not build examples at
-/// all. So this asks cargo itself: `cargo build --message-format=json`
-/// (the same cargo, via `env!("CARGO")`, and the same target directory, so
-/// it is a no-op when the artifact is fresh) and takes the path from the
-/// `executable` field cargo reports. That is exact whatever
-/// `CARGO_TARGET_DIR`, profile or target triple is in use, unlike guessing
-/// paths from the test binary's location. Blocking: call it from
-/// `spawn_blocking` in async tests.
-pub fn built_artifact(package: &str, kind: &str, name: &str) -> PathBuf {
-    let target = match kind {
-        "example" => "--examples".to_owned(),
-        "bin" => format!("--bin={name}"),
-        other => panic!("unsupported artifact kind {other}"),
-    };
-    let mut cargo = std::process::Command::new(env!("CARGO"));
-    // The variables cargo set for this test (CARGO_PKG_NAME,
-    // CARGO_MANIFEST_DIR, ...) must not reach the nested cargo: build
-    // scripts such as ring's declare `rerun-if-env-changed` on them, so
-    // inheriting them would rebuild half the dependency tree here and again
-    // in the next `cargo test`.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_MANIFEST_")
-            || name.starts_with("CARGO_CRATE_")
-            || name.starts_with("CARGO_BIN_")
-            || name == "CARGO_PRIMARY_PACKAGE"
-            || name == "CARGO_TARGET_TMPDIR"
-            || name == "OUT_DIR"
-        {
-            cargo.env_remove(&*name);
-        }
+/// Waits for `cond` to become true, polling every 10 ms, failing after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if poll_until(limit, Duration::from_millis(10), cond)
+        .await
+        .is_none()
+    {
+        panic!("timed out after {limit:?} waiting for {what}");
     }
-    let output = cargo
-        .args(["build", "--quiet", "--package", package, &target])
-        .arg("--message-format=json")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(
-        output.status.success(),
-        "cargo build {package} {target} failed"
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let name_field = format!("\"name\":\"{name}\"");
-    let kind_field = format!("\"kind\":[\"{kind}\"]");
-    for line in stdout.lines() {
-        if line.contains("\"reason\":\"compiler-artifact\"")
-            && line.contains(&kind_field)
-            && line.contains(&name_field)
-            && let Some(start) = line.find("\"executable\":\"")
-        {
-            let rest = &line[start + "\"executable\":\"".len()..];
-            let path = PathBuf::from(&rest[..rest.find('"').unwrap()]);
-            assert!(path.exists(), "{path:?}");
-            return path;
-        }
-    }
-    panic!("cargo reported no executable for {kind} {name} of {package}");
 }

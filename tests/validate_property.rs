@@ -142,6 +142,8 @@ fn ttl() -> impl Strategy<Value = (u64, Option<bool>)> {
     ]
 }
 
+/// The TTL bounds the `ttl()` generator's verdicts are built for; not the
+/// shared test config (whose 100 ms minimum would change them).
 fn config() -> Config {
     Config {
         min_ttl: Duration::from_secs(1),
