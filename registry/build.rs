@@ -88,6 +88,15 @@ fn main() {
                 .build(),
         )
         .method(method("status", "Status", "StatusRequest", &api("StatusResponse")).build())
+        .method(
+            method(
+                "set_instance_state",
+                "SetInstanceState",
+                "SetInstanceStateRequest",
+                &api("SetInstanceStateResponse"),
+            )
+            .build(),
+        )
         .build();
     Builder::new()
         .build_client(false)

@@ -83,6 +83,8 @@ async fn displaced_process_reports_replaced_and_takes_over_when_the_other_leaves
     // B stops (SIGTERM: it deregisters). A takes the key back within a TTL.
     b.terminate();
     let line = b.line(Duration::from_secs(5)).await;
+    assert_eq!(line, "prod_service id=cart-3 draining");
+    let line = b.line(Duration::from_secs(5)).await;
     assert_eq!(line, "prod_service id=cart-3 deregistered");
     let gone = Instant::now();
     loop {

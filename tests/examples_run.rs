@@ -1,7 +1,7 @@
 //! Runs the compiled `prod_service` and `prod_client` examples as real
 //! processes against an in-process registry: two services register, the
-//! client's calls reach both, one service gets SIGTERM, deregisters, and the
-//! client carries on with the other.
+//! client's calls reach both, one service gets SIGTERM, drains, deregisters,
+//! and the client carries on with the other.
 //!
 //! The examples are located with `common::artifacts::example`, which asks
 //! cargo to build them and report their paths.
@@ -73,8 +73,10 @@ async fn examples_register_serve_fail_over_and_deregister() {
         seen.insert(who.to_owned());
     }
 
-    // SIGTERM: ex-a deregisters, then exits cleanly.
+    // SIGTERM: ex-a drains, deregisters, then exits cleanly.
     a.terminate();
+    let line = a.line(Duration::from_secs(5)).await;
+    assert_eq!(line, "prod_service id=ex-a draining");
     let line = a.line(Duration::from_secs(5)).await;
     assert_eq!(line, "prod_service id=ex-a deregistered");
     let status = timeout(Duration::from_secs(5), a.child.wait())
@@ -100,6 +102,10 @@ async fn examples_register_serve_fail_over_and_deregister() {
 
     looping.child.kill().await.unwrap();
     b.terminate();
+    assert_eq!(
+        b.line(Duration::from_secs(5)).await,
+        "prod_service id=ex-b draining"
+    );
     assert_eq!(
         b.line(Duration::from_secs(5)).await,
         "prod_service id=ex-b deregistered"

@@ -123,6 +123,7 @@ async fn hundred_thousand_metadata_entries_are_invalid_argument() {
             service: "wide".into(),
             selector: entries.clone(),
             include_lease_ttl: false,
+            include_not_serving: false,
         })
         .await,
         Code::InvalidArgument,

@@ -61,6 +61,7 @@ async fn selector_filters_by_metadata() {
             service: "prod".into(),
             selector: selector.clone(),
             include_lease_ttl: true,
+            include_not_serving: false,
         })
         .await
         .unwrap()
@@ -73,6 +74,7 @@ async fn selector_filters_by_metadata() {
             service: "prod".into(),
             selector,
             include_lease_ttl: false,
+            include_not_serving: false,
         })
         .await
         .unwrap()

@@ -240,6 +240,7 @@ async fn missing_instance_and_bad_selectors() {
             service: "prod".into(),
             selector: [("".to_string(), "x".to_string())].into(),
             include_lease_ttl: false,
+            include_not_serving: false,
         })
         .await
         .unwrap_err();

@@ -1,8 +1,10 @@
 //! Property: for any sequence of register / replace / deregister / lease
-//! revoke / expiry, a watcher that applies its snapshot and then its events
-//! holds exactly what Resolve returns at the same revision — for a
-//! single-service watcher, a watch-all watcher, a selector watcher, and a
-//! watcher that disconnects mid-way and resumes from its last revision + 1.
+//! revoke / expiry / health change / drain and maintenance, a watcher that
+//! applies its snapshot and then its events holds exactly what Resolve
+//! returns at the same revision — for a single-service watcher, a watch-all
+//! watcher, a selector watcher, and a watcher that disconnects mid-way and
+//! resumes from its last revision + 1; each both serving-only (the default:
+//! the served set, panic mode included) and with `include_not_serving`.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -11,7 +13,10 @@ use proptest::prelude::*;
 use registry::{
     Config, Registry,
     catalog::WatchFilter,
-    pb::v1::{EventType, Instance, RegisterRequest, WatchResponse, watch_response::Kind},
+    pb::v1::{
+        AdminState, EventType, HealthCheck, HealthState, Instance, RegisterRequest, TcpCheck,
+        WatchResponse, health_check, watch_response::Kind,
+    },
     watch,
 };
 
@@ -22,6 +27,19 @@ enum Op {
         id: u8,
         zone: u8,
         attach: Option<u8>,
+        checked: bool,
+    },
+    /// A health check result (instances registered with a check only).
+    Health {
+        svc: u8,
+        id: u8,
+        state: u8,
+    },
+    /// Drain, disable or re-activate.
+    Admin {
+        svc: u8,
+        id: u8,
+        state: u8,
     },
     DeregisterId {
         svc: u8,
@@ -40,8 +58,10 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..3u8, 0..6u8, 0..2u8, proptest::option::of(0..8u8))
-            .prop_map(|(svc, id, zone, attach)| Op::Register { svc, id, zone, attach }),
+        4 => (0..3u8, 0..6u8, 0..2u8, proptest::option::of(0..8u8), proptest::bool::ANY)
+            .prop_map(|(svc, id, zone, attach, checked)| Op::Register { svc, id, zone, attach, checked }),
+        3 => (0..3u8, 0..6u8, 0..3u8).prop_map(|(svc, id, state)| Op::Health { svc, id, state }),
+        1 => (0..3u8, 0..6u8, 0..3u8).prop_map(|(svc, id, state)| Op::Admin { svc, id, state }),
         2 => (0..3u8, 0..6u8).prop_map(|(svc, id)| Op::DeregisterId { svc, id }),
         1 => (0..8u8).prop_map(|idx| Op::RevokeLease { idx }),
         1 => (0..8u8).prop_map(|idx| Op::Heartbeat { idx }),
@@ -153,7 +173,7 @@ fn expected(registry: &Registry, filter: &WatchFilter) -> BTreeMap<Key, Instance
     let mut out = BTreeMap::new();
     for s in services {
         for i in registry
-            .resolve(&s, &selector, false, None)
+            .resolve_with(&s, &selector, false, filter.include_not_serving, None)
             .unwrap()
             .instances
         {
@@ -170,23 +190,35 @@ fn run(ops: Vec<Op>) {
         .build()
         .unwrap();
     rt.block_on(async move {
+        // svc0 at the default 50%, svc1 panics as soon as one is not
+        // serving, svc2 never panics.
         let registry = Registry::new(Config {
             history_events: 10_000,
+            panic: registry::serving::PanicThresholds::default()
+                .with_service("svc1", 100.0)
+                .with_service("svc2", 0.0),
             ..Config::default()
         });
-        let filters = [
+        let base = [
             WatchFilter {
                 service: Some("svc0".into()),
-                selector: vec![],
-                reader: None,
+                ..WatchFilter::default()
             },
             WatchFilter::default(),
             WatchFilter {
                 service: Some("svc1".into()),
                 selector: vec![("zone".into(), "z1".into())],
-                reader: None,
+                ..WatchFilter::default()
             },
         ];
+        let filters: Vec<WatchFilter> = base
+            .iter()
+            .cloned()
+            .chain(base.iter().cloned().map(|f| WatchFilter {
+                include_not_serving: true,
+                ..f
+            }))
+            .collect();
         let mut views: Vec<View> = filters.iter().map(|_| View::default()).collect();
         let mut streams = Vec::new();
         for f in &filters {
@@ -195,8 +227,7 @@ fn run(ops: Vec<Op>) {
         // A watcher that will disconnect half-way and resume.
         let resumed_filter = WatchFilter {
             service: Some("svc2".into()),
-            selector: vec![],
-            reader: None,
+            ..WatchFilter::default()
         };
         let mut resumed_view = View::default();
         let mut resumed = Some(open(&registry, resumed_filter.clone(), 0).await);
@@ -210,11 +241,18 @@ fn run(ops: Vec<Op>) {
                     id,
                     zone,
                     attach,
+                    checked,
                 } => {
                     let mut inst = Instance {
                         service: format!("svc{svc}"),
                         id: format!("i{id}"),
                         address: format!("10.0.0.{id}:80"),
+                        check: checked.then(|| {
+                            Box::new(HealthCheck {
+                                kind: Some(health_check::Kind::Tcp(TcpCheck::default())),
+                                ..Default::default()
+                            })
+                        }),
                         ..Default::default()
                     };
                     inst.metadata.insert("zone".into(), format!("z{zone}"));
@@ -235,6 +273,41 @@ fn run(ops: Vec<Op>) {
                         Err(registry::Error::NotFound(_)) => {} // attached to an expired lease
                         Err(e) => panic!("{e}"),
                     }
+                }
+                Op::Health { svc, id, state } => {
+                    let (service, id) = (format!("svc{svc}"), format!("i{id}"));
+                    let current = registry
+                        .resolve_with(&service, &Default::default(), false, true, None)
+                        .unwrap()
+                        .instances
+                        .into_iter()
+                        .find(|i| i.id == id);
+                    if let Some(target) = current.as_ref().and_then(registry::health::Target::of) {
+                        let health = HealthState::try_from(state as i32).unwrap();
+                        registry
+                            .record_check(registry::core::CheckRecord {
+                                service,
+                                id,
+                                target,
+                                health,
+                                output: format!("{health:?}"),
+                                at_unix_ms: n as u64,
+                            })
+                            .await
+                            .unwrap();
+                    }
+                }
+                Op::Admin { svc, id, state } => {
+                    let state = AdminState::try_from(state as i32).unwrap();
+                    let _ = registry
+                        .set_instance_state(
+                            &format!("svc{svc}"),
+                            &format!("i{id}"),
+                            state,
+                            "test",
+                            None,
+                        )
+                        .await;
                 }
                 Op::DeregisterId { svc, id } => {
                     let _ = registry

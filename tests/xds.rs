@@ -696,3 +696,75 @@ async fn warm_up_withholds_absence_until_the_window_closes() {
     assert_eq!(decode_all::<Listener>(&absent).len(), 1, "only prod exists");
     server.stop().await;
 }
+
+/// Drain (issue 17): a draining instance is pushed at once with EDS
+/// `health_status` DRAINING (xDS clients stop picking it while its lease
+/// stays), and set active again it is pushed back as HEALTHY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_instance_is_pushed_as_draining_and_back_as_healthy() {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    use registry_api::v1::{AdminState, InstanceKey, SetInstanceStateRequest};
+    let server = TestServer::start_with(TestServer::no_warmup_config()).await;
+    let mut reg = server.client().await;
+    register(&mut reg, "prod", "a", "127.0.0.1:7001", 1, None).await;
+    register(&mut reg, "prod", "b", "127.0.0.1:7002", 1, None).await;
+    let mut ads = Ads::open(&server.url, "drain").await;
+    ads.subscribe(EDS, &["prod"]).await;
+    let first = ads.recv_type(EDS).await;
+    ads.ack(&first, &["prod"]).await;
+    let statuses = |resp: &DiscoveryResponse| {
+        let cla: Vec<ClusterLoadAssignment> = decode_all(resp);
+        let mut s: Vec<(u32, i32)> = cla[0]
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| {
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!("endpoint without address");
+                };
+                let Some(address::Address::SocketAddress(sa)) =
+                    &ep.address.as_ref().unwrap().address
+                else {
+                    panic!("not a socket address");
+                };
+                let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                    panic!("no port");
+                };
+                (port, e.health_status)
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    let healthy = HealthStatus::Healthy as i32;
+    assert_eq!(statuses(&first), [(7001, healthy), (7002, healthy)]);
+
+    let set = |state: AdminState| SetInstanceStateRequest {
+        instance: Some(InstanceKey {
+            service: "prod".into(),
+            id: "a".into(),
+        }),
+        state: state as i32,
+        reason: "deploy".into(),
+    };
+    let revision = reg
+        .set_instance_state(set(AdminState::Draining))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let pushed = ads.recv_type(EDS).await;
+    assert_eq!(pushed.version_info, revision.to_string());
+    assert_eq!(
+        statuses(&pushed),
+        [(7001, HealthStatus::Draining as i32), (7002, healthy)]
+    );
+    ads.ack(&pushed, &["prod"]).await;
+
+    reg.set_instance_state(set(AdminState::Active))
+        .await
+        .unwrap();
+    let back = ads.recv_type(EDS).await;
+    assert_eq!(statuses(&back), [(7001, healthy), (7002, healthy)]);
+    server.stop().await;
+}

@@ -31,6 +31,18 @@
 //!    to the first draw). Sequential calls therefore split exactly by
 //!    weight, and concurrent ones also steer away from a slow instance.
 //!    Weights, zones and addresses follow re-registrations live.
+//!    With [`ChannelBuilder::slow_start`], an instance that joins after the
+//!    channel first heard from the registry (a new or restarted instance,
+//!    or one serving again after a failed health check) starts at 10% of
+//!    its weight and ramps up linearly over the window, as Envoy's
+//!    `slow_start_config` does, so a cold instance (empty caches, JIT,
+//!    connection pools) is not handed its full share at once.
+//!
+//! **Health and drain.** The channel follows the registry's served set:
+//! its watch leaves out critical instances (unless the service is in
+//! panic mode, when the registry serves every active one) and draining or
+//! disabled ones, and removes an instance the moment it stops serving; a
+//! draining instance is never chosen, even if a stale answer lists it.
 //!
 //! tower's `Balance` fits neither weights nor ejection (its two choices are
 //! uniform and its readiness is tonic's buffer, which is always ready even
@@ -84,9 +96,13 @@ use tower::{
 };
 
 use crate::{
-    Query, RegistryClient, Resolver, ResolverState, ServiceStatus,
+    AdminState, Query, RegistryClient, Resolver, ResolverState, ServiceStatus,
     error::{flat, root_cause},
 };
+
+/// Share of its weight a slow-starting instance begins with (Envoy's
+/// default `min_weight_percent`): enough calls to warm it up, never none.
+const SLOW_START_MIN_SHARE: f64 = 0.1;
 
 /// Dialing an instance that just died fails fast; one that drops packets
 /// should not hold a call (or a probe) for long either.
@@ -277,6 +293,8 @@ struct Options {
     outlier: OutlierDetection,
     retry: RetryPolicy,
     wait_for_instances: bool,
+    /// Ramp-up window of joining instances (`None`: off).
+    slow_start: Option<Duration>,
 }
 
 impl fmt::Debug for ChannelBuilder {
@@ -298,6 +316,7 @@ impl ChannelBuilder {
                 outlier: OutlierDetection::default(),
                 retry: RetryPolicy::default(),
                 wait_for_instances: false,
+                slow_start: None,
             },
             configure: None,
         }
@@ -332,6 +351,14 @@ impl ChannelBuilder {
     /// Retry settings.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.options.retry = retry;
+        self
+    }
+
+    /// Slow start: an instance that joins once the channel is running
+    /// starts at 10% of its weight and ramps up linearly to all of it over
+    /// `window` (see the module docs). Off by default; zero turns it off.
+    pub fn slow_start(mut self, window: Duration) -> Self {
+        self.options.slow_start = (!window.is_zero()).then_some(window);
         self
     }
 
@@ -454,6 +481,9 @@ pub struct EndpointStats {
     pub zone: Option<String>,
     /// Its weight (0 counted as 1).
     pub weight: u32,
+    /// Share of that weight it gets now, in percent: below 100 while it
+    /// ramps up under [`ChannelBuilder::slow_start`].
+    pub weight_percent: u32,
     /// Calls in flight on it now.
     pub in_flight: usize,
     /// Attempts sent to it.
@@ -476,6 +506,8 @@ impl BalancedChannel {
     pub fn stats(&self) -> ChannelStats {
         let table = self.shared.table.lock().expect("balancer table poisoned");
         let c = &self.shared.counters;
+        let now = Instant::now();
+        let options = &self.shared.options;
         ChannelStats {
             service: self.shared.service.clone(),
             calls: c.calls.load(Ordering::Relaxed),
@@ -491,6 +523,9 @@ impl BalancedChannel {
                     address: e.address.clone(),
                     zone: e.zone.clone(),
                     weight: e.weight,
+                    weight_percent: (100.0 * effective_weight(e, options, now)
+                        / f64::from(e.weight.max(1)))
+                    .round() as u32,
                     in_flight: e.in_flight,
                     calls: e.calls,
                     failures: e.failures,
@@ -564,6 +599,9 @@ struct Table {
     failed: bool,
     /// Every candidate ejected: routing over all of them.
     panic: bool,
+    /// The registry has answered once: instances joining from now on
+    /// slow-start.
+    seeded: bool,
 }
 
 struct Ep {
@@ -573,6 +611,8 @@ struct Ep {
     zone: Option<String>,
     weight: u32,
     channel: Channel,
+    /// When it joined, if it slow-starts.
+    joined: Option<Instant>,
     in_flight: usize,
     consecutive_failures: u32,
     /// Set while ejected: when the next probe is due.
@@ -732,22 +772,42 @@ fn pick(
         }
         None => ready,
     };
-    Some(weighted_p2c(endpoints, &candidates, rng))
+    Some(weighted_p2c(endpoints, &candidates, options, rng))
 }
 
-/// Weighted power of two choices over `candidates` (non-empty).
-fn weighted_p2c(endpoints: &[Ep], candidates: &[usize], rng: &mut impl Rng) -> usize {
+/// An instance's weight now: its registered weight (0 counted as 1),
+/// scaled down while it slow-starts (see [`ChannelBuilder::slow_start`]).
+fn effective_weight(ep: &Ep, options: &Options, now: Instant) -> f64 {
+    let weight = f64::from(ep.weight.max(1));
+    match (options.slow_start, ep.joined) {
+        (Some(window), Some(joined)) => {
+            let share = now.saturating_duration_since(joined).as_secs_f64() / window.as_secs_f64();
+            weight * share.clamp(SLOW_START_MIN_SHARE, 1.0)
+        }
+        _ => weight,
+    }
+}
+
+/// Weighted power of two choices over `candidates` (non-empty), by
+/// effective weight.
+fn weighted_p2c(
+    endpoints: &[Ep],
+    candidates: &[usize],
+    options: &Options,
+    rng: &mut impl Rng,
+) -> usize {
     if candidates.len() == 1 {
         return candidates[0];
     }
-    let total: u64 = candidates
+    let now = Instant::now();
+    let weights: Vec<f64> = candidates
         .iter()
-        .map(|&i| u64::from(endpoints[i].weight.max(1)))
-        .sum();
+        .map(|&i| effective_weight(&endpoints[i], options, now))
+        .collect();
+    let total: f64 = weights.iter().sum();
     let mut draw = || {
-        let mut at = rng.random_range(0..total);
-        for &i in candidates {
-            let w = u64::from(endpoints[i].weight.max(1));
+        let mut at = rng.random_range(0.0..total);
+        for (&i, &w) in candidates.iter().zip(&weights) {
             if at < w {
                 return i;
             }
@@ -756,7 +816,8 @@ fn weighted_p2c(endpoints: &[Ep], candidates: &[usize], rng: &mut impl Rng) -> u
         *candidates.last().expect("non-empty")
     };
     let (a, b) = (draw(), draw());
-    let load = |i: usize| endpoints[i].in_flight as f64 / f64::from(endpoints[i].weight.max(1));
+    let load =
+        |i: usize| endpoints[i].in_flight as f64 / effective_weight(&endpoints[i], options, now);
     if load(b) < load(a) { b } else { a }
 }
 
@@ -1056,11 +1117,15 @@ fn sync(shared: &Shared, state: &ResolverState, configure: Option<&Configure>) {
     table.warming_up = state.warming_up;
     table.error = state.error.clone();
     table.failed = state.failed;
+    // Draining and disabled instances are never served (the registry's
+    // watch leaves them out already; this guards against a stale answer).
     let wanted: HashMap<Key, &crate::Instance> = state
         .instances
         .iter()
+        .filter(|i| i.admin_state == AdminState::Active)
         .map(|i| ((i.id.clone(), i.address.clone()), i))
         .collect();
+    let joined = (table.seeded && shared.options.slow_start.is_some()).then(Instant::now);
     table.endpoints.retain(|e| {
         let keep = wanted.contains_key(&e.key);
         if !keep {
@@ -1097,6 +1162,7 @@ fn sync(shared: &Shared, state: &ResolverState, configure: Option<&Configure>) {
             zone,
             weight: instance.weight.max(1),
             channel: endpoint.connect_lazy(),
+            joined,
             in_flight: 0,
             consecutive_failures: 0,
             ejected_until: None,
@@ -1107,6 +1173,9 @@ fn sync(shared: &Shared, state: &ResolverState, configure: Option<&Configure>) {
             failures: 0,
             total_ejections: 0,
         });
+    }
+    if table.status.is_some() {
+        table.seeded = true;
     }
     drop(table);
     shared.version.send_modify(|v| *v += 1);
@@ -1258,6 +1327,7 @@ mod tests {
             zone: zone.map(str::to_owned),
             weight,
             channel: Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            joined: None,
             in_flight: 0,
             consecutive_failures: 0,
             ejected_until: None,
@@ -1277,6 +1347,7 @@ mod tests {
             outlier: OutlierDetection::default(),
             retry: RetryPolicy::default(),
             wait_for_instances: false,
+            slow_start: None,
         }
     }
 
@@ -1349,6 +1420,31 @@ mod tests {
         eps.push(ep("a3", Some("a"), 1));
         let c = shares(&eps, &o, 1000);
         assert_eq!(c[1] + c[4], 1000, "{c:?}");
+    }
+
+    /// A joining instance starts at 10% of its weight and reaches all of
+    /// it after the window; the ones present from the start are not slowed.
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_joining_instance_up() {
+        let o = Options {
+            slow_start: Some(Duration::from_secs(10)),
+            ..options(None)
+        };
+        let mut eps = vec![ep("old", None, 1), ep("new", None, 1)];
+        eps[1].joined = Some(Instant::now());
+        let share = |eps: &[Ep]| shares(eps, &o, 10_000)[1] as f64 / 10_000.0;
+        // Weights 1 : 0.1 -> 1/11 of the draws; p2c on an idle pair keeps
+        // the first draw, so the split follows the weights.
+        let at_start = share(&eps);
+        assert!((0.07..=0.11).contains(&at_start), "{at_start}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let half = share(&eps);
+        assert!((0.30..=0.37).contains(&half), "1 : 0.5 -> 1/3: {half}");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let full = share(&eps);
+        assert!((0.47..=0.53).contains(&full), "{full}");
+        let off = shares(&eps, &options(None), 10_000)[1] as f64 / 10_000.0;
+        assert!((0.47..=0.53).contains(&off), "without slow start: {off}");
     }
 
     #[test]

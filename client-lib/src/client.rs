@@ -13,7 +13,8 @@ use registry_api::v1::{self as pb, registry_client::RegistryClient as Grpc};
 use tonic::transport::ClientTlsConfig;
 
 use crate::{
-    Error, Instance, Query, Registration, Resolution, Resolver, ServerInfo, Watch, WatchOptions,
+    AdminState, Error, Instance, Query, Registration, Resolution, Resolver, ServerInfo, Watch,
+    WatchOptions,
     balance::ChannelBuilder,
     endpoints::{
         DEFAULT_REGISTRY_ADDR, Endpoints, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV, REGISTRY_KEY_ENV,
@@ -331,7 +332,34 @@ impl RegistryClient {
             client: self,
             query: query.into(),
             lease_ttl: false,
+            include_not_serving: false,
         }
+    }
+
+    /// Drains (`Draining`), disables for maintenance (`Disabled`) or
+    /// re-activates (`Active`) an instance, whoever registered it (with
+    /// auth on, the registry allows its owner or an admin of the service):
+    /// it leaves (or rejoins) callers' balancers, xDS and DNS at once while
+    /// its registration stays. `regctl drain` and `regctl maint` use this;
+    /// a service drains itself with [`Registration::drain`]. In a cluster
+    /// the node the instance registered through makes the change; the
+    /// client finds it.
+    pub async fn set_instance_state(
+        &self,
+        service: impl Into<String>,
+        id: impl Into<String>,
+        state: AdminState,
+        reason: impl Into<String>,
+    ) -> Result<InstanceState, Error> {
+        let request = pb::SetInstanceStateRequest {
+            instance: Some(pb::InstanceKey {
+                service: service.into(),
+                id: id.into(),
+            }),
+            state: state.to_pb() as i32,
+            reason: reason.into(),
+        };
+        set_instance_state(&self.inner.endpoints, None, request).await
     }
 
     /// Every known service (including those with zero instances) with its
@@ -489,6 +517,7 @@ pub struct ResolveBuilder<'a> {
     client: &'a RegistryClient,
     query: Query,
     lease_ttl: bool,
+    include_not_serving: bool,
 }
 
 impl ResolveBuilder<'_> {
@@ -497,6 +526,15 @@ impl ResolveBuilder<'_> {
     /// instance, so it is off by default.
     pub fn with_lease_ttl(mut self) -> Self {
         self.lease_ttl = true;
+        self
+    }
+
+    /// Also answer instances callers are not sent to: critical, draining
+    /// and disabled ones. By default only serving instances are answered
+    /// (or every active one while the service is in panic mode, see
+    /// [`Resolution::panicked`]).
+    pub fn include_not_serving(mut self) -> Self {
+        self.include_not_serving = true;
         self
     }
 }
@@ -511,6 +549,7 @@ impl<'a> IntoFuture for ResolveBuilder<'a> {
                 service: self.query.service.clone(),
                 selector: self.query.selector_map(),
                 include_lease_ttl: self.lease_ttl,
+                include_not_serving: self.include_not_serving,
             };
             let resp = call(&self.client.inner.endpoints, move |mut grpc| {
                 let request = request.clone();
@@ -522,9 +561,69 @@ impl<'a> IntoFuture for ResolveBuilder<'a> {
                 service_known: resp.service_known,
                 revision: resp.revision,
                 server: ServerInfo::from(resp.server),
+                panicked: resp.panicked,
             })
         })
     }
+}
+
+/// The answer to [`RegistryClient::set_instance_state`] and
+/// [`Registration::drain`].
+#[derive(Debug, Clone)]
+pub struct InstanceState {
+    /// Revision of the change (the current one when nothing changed).
+    pub revision: u64,
+    /// The instance as it now is.
+    pub instance: Instance,
+}
+
+/// Sends a `SetInstanceState`, first to `preferred` (the node a lease
+/// lives on, when known), then to the current node and on: in a cluster
+/// only the node an instance registered through may change it, and the
+/// others answer `FAILED_PRECONDITION`, so that answer moves on to the next
+/// node like an unreachable one.
+pub(crate) async fn set_instance_state(
+    endpoints: &Endpoints,
+    preferred: Option<usize>,
+    request: pb::SetInstanceStateRequest,
+) -> Result<InstanceState, Error> {
+    let timeout = endpoints.settings().request_timeout;
+    let first = preferred.unwrap_or_else(|| endpoints.current().0);
+    let mut last = None;
+    for k in 0..endpoints.len() {
+        let node = (first + k) % endpoints.len();
+        let mut client = grpc(endpoints.node(node));
+        let call = client.set_instance_state(request.clone());
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            ))),
+        };
+        match result {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                return Ok(InstanceState {
+                    revision: resp.revision,
+                    instance: resp.instance.map(Instance::from).ok_or_else(|| {
+                        Error::from_status(
+                            endpoints.uri(node),
+                            tonic::Status::internal("SetInstanceState answered no instance"),
+                        )
+                    })?,
+                });
+            }
+            Err(status) => {
+                let elsewhere = status.code() == tonic::Code::FailedPrecondition;
+                let err = Error::from_status(endpoints.uri(node), status);
+                if !(err.is_unavailable() || elsewhere) {
+                    return Err(err);
+                }
+                last = Some(err);
+            }
+        }
+    }
+    Err(last.expect("at least one node is configured"))
 }
 
 /// What [`RegistryClient::deregister`] removes.

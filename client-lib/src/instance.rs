@@ -37,6 +37,271 @@ pub struct Instance {
     /// Output only: time left on its lease, when asked for
     /// ([`crate::ResolveBuilder::with_lease_ttl`]).
     pub lease_remaining: Option<Duration>,
+    /// Output only: its health from the registry's checks (`Passing`
+    /// without a check).
+    pub health: HealthState,
+    /// Output only: the last check result the registry recorded.
+    pub last_check: Option<CheckResult>,
+    /// `Active`, `Draining` or `Disabled` (maintenance); see
+    /// [`crate::Registration::drain`]. Registering with `Draining` or
+    /// `Disabled` registers the instance out of rotation.
+    pub admin_state: AdminState,
+    /// Why it is draining or disabled.
+    pub admin_reason: String,
+    /// The health check the registry runs against it, if any
+    /// ([`Instance::with_check`]).
+    pub check: Option<HealthCheck>,
+}
+
+/// An instance's health, from the checks the registry runs (see
+/// [`HealthCheck`]). `Passing` and `Warning` instances are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HealthState {
+    /// The last checks passed, or the instance has no check.
+    #[default]
+    Passing,
+    /// Serving, with a warning (an HTTP check answered 429).
+    Warning,
+    /// Failing its checks: callers are not sent to it (unless its service
+    /// is in panic mode).
+    Critical,
+}
+
+impl HealthState {
+    /// Lower-case name, as regctl prints it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthState::Passing => "passing",
+            HealthState::Warning => "warning",
+            HealthState::Critical => "critical",
+        }
+    }
+
+    fn from_pb(v: i32) -> Self {
+        match pb::HealthState::try_from(v) {
+            Ok(pb::HealthState::Warning) => HealthState::Warning,
+            Ok(pb::HealthState::Critical) => HealthState::Critical,
+            _ => HealthState::Passing,
+        }
+    }
+
+    fn to_pb(self) -> pb::HealthState {
+        match self {
+            HealthState::Passing => pb::HealthState::Passing,
+            HealthState::Warning => pb::HealthState::Warning,
+            HealthState::Critical => pb::HealthState::Critical,
+        }
+    }
+}
+
+/// What the instance's owner or an operator wants for it, whatever its
+/// health: only `Active` instances are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AdminState {
+    /// In rotation (if healthy).
+    #[default]
+    Active,
+    /// Going away: callers move off (graceful shutdown, [`crate::Shutdown`]).
+    Draining,
+    /// Maintenance: out of rotation until set active again.
+    Disabled,
+}
+
+impl AdminState {
+    /// Lower-case name, as regctl prints it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+
+    pub(crate) fn from_pb(v: i32) -> Self {
+        match pb::AdminState::try_from(v) {
+            Ok(pb::AdminState::Draining) => AdminState::Draining,
+            Ok(pb::AdminState::Disabled) => AdminState::Disabled,
+            _ => AdminState::Active,
+        }
+    }
+
+    pub(crate) fn to_pb(self) -> pb::AdminState {
+        match self {
+            AdminState::Active => pb::AdminState::Active,
+            AdminState::Draining => pb::AdminState::Draining,
+            AdminState::Disabled => pb::AdminState::Disabled,
+        }
+    }
+}
+
+/// A check result the registry recorded on an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    /// When it ran.
+    pub at: std::time::SystemTime,
+    /// What it said.
+    pub output: String,
+}
+
+/// The kind of a [`HealthCheck`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CheckKind {
+    /// grpc.health.v1 `Check` of this service name (`""`: the whole
+    /// server); SERVING passes.
+    Grpc {
+        /// The service name asked about.
+        service: String,
+    },
+    /// HTTP/1.1 GET of this path: 2xx passes, 429 warns, anything else
+    /// fails (redirects are not followed).
+    Http {
+        /// Path and query, starting with `/`.
+        path: String,
+    },
+    /// A TCP connect.
+    Tcp,
+}
+
+/// A health check the registry runs against an instance, every
+/// `interval`: build one with [`HealthCheck::grpc`], [`HealthCheck::http`]
+/// or [`HealthCheck::tcp`] and give it to [`Instance::with_check`]. Unset
+/// settings take the registry's defaults (interval 10 s, timeout the
+/// interval up to 5 s, 3 failures before critical, 1 success before
+/// passing, initially critical); the registry stores the check with them
+/// filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What to check.
+    pub kind: CheckKind,
+    /// `host:port` to check instead of the instance's own address.
+    pub address: Option<String>,
+    /// Time between checks.
+    pub interval: Option<Duration>,
+    /// Time one check may take.
+    pub timeout: Option<Duration>,
+    /// Failed checks in a row before a serving instance turns critical.
+    pub failures_before_critical: Option<u32>,
+    /// Passing checks in a row before a critical instance serves again.
+    pub successes_before_passing: Option<u32>,
+    /// State before the first result.
+    pub initial_state: Option<HealthState>,
+}
+
+impl HealthCheck {
+    fn new(kind: CheckKind) -> Self {
+        Self {
+            kind,
+            address: None,
+            interval: None,
+            timeout: None,
+            failures_before_critical: None,
+            successes_before_passing: None,
+            initial_state: None,
+        }
+    }
+
+    /// A grpc.health.v1 check of `service` (`""` for the whole server),
+    /// what a tonic server with `tonic-health` answers.
+    pub fn grpc(service: impl Into<String>) -> Self {
+        Self::new(CheckKind::Grpc {
+            service: service.into(),
+        })
+    }
+
+    /// An HTTP GET of `path`.
+    pub fn http(path: impl Into<String>) -> Self {
+        Self::new(CheckKind::Http { path: path.into() })
+    }
+
+    /// A TCP connect.
+    pub fn tcp() -> Self {
+        Self::new(CheckKind::Tcp)
+    }
+
+    /// Checks `host:port` instead of the instance's address.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// Time between checks.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    /// Time one check may take, connecting included.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Failed checks in a row before a serving instance turns critical.
+    pub fn failures_before_critical(mut self, n: u32) -> Self {
+        self.failures_before_critical = Some(n);
+        self
+    }
+
+    /// Passing checks in a row before a critical instance serves again.
+    pub fn successes_before_passing(mut self, n: u32) -> Self {
+        self.successes_before_passing = Some(n);
+        self
+    }
+
+    /// State before the first result (default critical).
+    pub fn initial_state(mut self, state: HealthState) -> Self {
+        self.initial_state = Some(state);
+        self
+    }
+
+    pub(crate) fn to_pb(&self) -> pb::HealthCheck {
+        use pb::health_check::Kind;
+        let address = self.address.clone().unwrap_or_default();
+        let ms =
+            |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        pb::HealthCheck {
+            kind: Some(match &self.kind {
+                CheckKind::Grpc { service } => Kind::Grpc(pb::GrpcCheck {
+                    service: service.clone(),
+                    address,
+                }),
+                CheckKind::Http { path } => Kind::Http(pb::HttpCheck {
+                    path: path.clone(),
+                    address,
+                }),
+                CheckKind::Tcp => Kind::Tcp(pb::TcpCheck { address }),
+            }),
+            interval_ms: ms(self.interval),
+            timeout_ms: ms(self.timeout),
+            failures_before_critical: self.failures_before_critical.unwrap_or(0),
+            successes_before_passing: self.successes_before_passing.unwrap_or(0),
+            initial_state: self.initial_state.map(|s| s.to_pb() as i32),
+        }
+    }
+
+    fn from_pb(p: pb::HealthCheck) -> Option<Self> {
+        use pb::health_check::Kind;
+        let (kind, address) = match p.kind? {
+            Kind::Grpc(g) => (CheckKind::Grpc { service: g.service }, g.address),
+            Kind::Http(h) => (CheckKind::Http { path: h.path }, h.address),
+            Kind::Tcp(t) => (CheckKind::Tcp, t.address),
+        };
+        let nonzero = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        Some(Self {
+            kind,
+            address: (!address.is_empty()).then_some(address),
+            interval: nonzero(p.interval_ms),
+            timeout: nonzero(p.timeout_ms),
+            failures_before_critical: (p.failures_before_critical > 0)
+                .then_some(p.failures_before_critical),
+            successes_before_passing: (p.successes_before_passing > 0)
+                .then_some(p.successes_before_passing),
+            initial_state: p.initial_state.map(HealthState::from_pb),
+        })
+    }
 }
 
 impl Instance {
@@ -52,7 +317,26 @@ impl Instance {
             lease_id: 0,
             revision: 0,
             lease_remaining: None,
+            health: HealthState::Passing,
+            last_check: None,
+            admin_state: AdminState::Active,
+            admin_reason: String::new(),
+            check: None,
         }
+    }
+
+    /// Has the registry check this instance (see [`HealthCheck`]): it is
+    /// served only while the check passes, so a process that is alive but
+    /// cannot serve leaves callers' balancers within a few intervals.
+    pub fn with_check(mut self, check: HealthCheck) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// Whether the registry sends callers to it: active, and passing or
+    /// warning (its service's panic mode aside).
+    pub fn serving(&self) -> bool {
+        self.admin_state == AdminState::Active && self.health != HealthState::Critical
     }
 
     /// Uses `id` instead of the generated one, e.g. a stable pod name.
@@ -100,6 +384,11 @@ impl Instance {
             lease_id: 0,
             revision: 0,
             lease_remaining_ms: 0,
+            health: 0,
+            last_check: None,
+            admin_state: self.admin_state.to_pb() as i32,
+            admin_reason: self.admin_reason.clone(),
+            check: self.check.as_ref().map(|c| Box::new(c.to_pb())),
         }
     }
 }
@@ -116,6 +405,14 @@ impl From<pb::Instance> for Instance {
             revision: p.revision,
             lease_remaining: (p.lease_remaining_ms > 0)
                 .then(|| Duration::from_millis(p.lease_remaining_ms)),
+            health: HealthState::from_pb(p.health),
+            last_check: p.last_check.map(|c| CheckResult {
+                at: std::time::UNIX_EPOCH + Duration::from_millis(c.unix_ms),
+                output: c.output,
+            }),
+            admin_state: AdminState::from_pb(p.admin_state),
+            admin_reason: p.admin_reason,
+            check: p.check.and_then(|c| HealthCheck::from_pb(*c)),
         }
     }
 }
@@ -168,6 +465,10 @@ pub struct Resolution {
     pub revision: u64,
     /// Which registry life answered, and whether it is still warming up.
     pub server: ServerInfo,
+    /// The service is in panic mode: fewer than its panic threshold of its
+    /// active instances are serving, so every active one was answered,
+    /// critical ones included (see [`crate::ResolveBuilder`]).
+    pub panicked: bool,
 }
 
 /// `hostname-pid-random`: readable in logs, unique across restarts and
@@ -208,8 +509,19 @@ mod tests {
         let a = Instance::new("prod", "127.0.0.1:1")
             .with_id("x")
             .with_metadata("version", "1")
-            .with_weight(3);
+            .with_weight(3)
+            .with_check(
+                HealthCheck::http("/healthz")
+                    .interval(Duration::from_secs(2))
+                    .failures_before_critical(2)
+                    .initial_state(HealthState::Passing),
+            );
         let back = Instance::from(a.to_pb());
         assert_eq!(a, back);
+        let mut drained = a.clone();
+        drained.admin_state = AdminState::Draining;
+        drained.admin_reason = "deploy".into();
+        assert_eq!(Instance::from(drained.to_pb()), drained);
+        assert!(!drained.serving() && a.serving());
     }
 }

@@ -61,7 +61,7 @@ use tokio_stream::{StreamMap, wrappers::ReceiverStream};
 use tonic::Code;
 
 use crate::{
-    Deregistered, Error, Instance, Query, ServerInfo, WatchEvent, WatchOptions,
+    AdminState, Deregistered, Error, Instance, Query, ServerInfo, WatchEvent, WatchOptions,
     backoff::{Backoff, jitter},
     client::{call, grpc},
     endpoints::Endpoints,
@@ -166,6 +166,40 @@ impl Registration {
         *self.state.borrow()
     }
 
+    /// Marks the instance `Draining` (with a reason): callers' balancers,
+    /// xDS clients and DNS stop sending it new calls at once, while it stays
+    /// registered and its lease renewed. The first step of a graceful
+    /// shutdown ([`crate::Shutdown`] does it for you): drain, wait for
+    /// callers to move off, then [`Registration::deregister`]. A
+    /// re-registration (after a registry restart) keeps it draining.
+    pub async fn drain(&self, reason: impl Into<String>) -> Result<(), Error> {
+        self.set_state(AdminState::Draining, reason).await
+    }
+
+    /// Sets the instance `Draining`, `Disabled` (maintenance) or `Active`
+    /// again, with a reason; kept across re-registrations. Returns once the
+    /// registry has it (or, while the instance is not registered, at once:
+    /// it is registered in that state).
+    pub async fn set_state(
+        &self,
+        state: AdminState,
+        reason: impl Into<String>,
+    ) -> Result<(), Error> {
+        let handle = self.handle.as_ref().ok_or(Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        handle
+            .tx
+            .send(Command::SetState {
+                token: self.token,
+                key: key_of(&self.instance),
+                state,
+                reason: reason.into(),
+                reply,
+            })
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
     /// Removes the instance from the registry now and stops renewing it,
     /// returning the revision of the removal and how many instances it
     /// removed (`removed: 0` when there was nothing left to remove, e.g.
@@ -236,6 +270,14 @@ enum Command {
         key: Key,
         /// `None` from `Drop`: best effort, nobody waits.
         reply: Option<oneshot::Sender<Result<Deregistered, Error>>>,
+    },
+    /// Drain, disable or re-activate (see [`Registration::set_state`]).
+    SetState {
+        token: u64,
+        key: Key,
+        state: AdminState,
+        reason: String,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
 }
 
@@ -496,7 +538,72 @@ impl Keeper {
                     let _ = reply.send(result);
                 }
             }
+            Command::SetState {
+                token,
+                key,
+                state,
+                reason,
+                reply,
+            } => {
+                let result = self.set_state(token, &key, state, reason).await;
+                let _ = reply.send(result);
+            }
         }
+    }
+
+    /// Records the admin state on the entry (so re-registrations carry it)
+    /// and tells the node its lease lives on.
+    async fn set_state(
+        &mut self,
+        token: u64,
+        key: &Key,
+        state: AdminState,
+        reason: String,
+    ) -> Result<(), Error> {
+        let lease = self.groups_lease(key);
+        let Some(entry) = self.entries.get_mut(key).filter(|e| e.token == token) else {
+            return Err(Error::Closed);
+        };
+        let reason = if state == AdminState::Active {
+            String::new()
+        } else {
+            reason
+        };
+        entry.instance.admin_state = state.to_pb() as i32;
+        entry.instance.admin_reason = reason.clone();
+        if !entry.registered || entry.replaced_by.is_some() {
+            // Registered in this state when it is registered again.
+            return Ok(());
+        }
+        let request = pb::SetInstanceStateRequest {
+            instance: Some(pb::InstanceKey {
+                service: key.0.clone(),
+                id: key.1.clone(),
+            }),
+            state: state.to_pb() as i32,
+            reason,
+        };
+        match crate::client::set_instance_state(&self.endpoints, lease.map(|l| l.node), request)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::Rejected(s)) if s.code() == Code::NotFound => {
+                // Gone behind our back: registering it again carries the
+                // state.
+                if let Some(entry) = self.entries.get_mut(key) {
+                    entry.registered = false;
+                }
+                self.reconcile().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The lease `key`'s group holds, if any.
+    fn groups_lease(&self, key: &Key) -> Option<Lease> {
+        let ttl = self.entries.get(key)?.ttl;
+        self.groups.get(&ttl)?.lease
     }
 
     /// Starts the ownership watch of `service` unless it runs.
@@ -504,10 +611,12 @@ impl Keeper {
         if self.watches.contains_key(service) {
             return;
         }
+        // Every instance, served or not: a drained or critical instance of
+        // ours is still ours, not "removed behind our back".
         let session = Session::new(
             self.endpoints.clone(),
             Query::new(service),
-            WatchOptions::default(),
+            WatchOptions::default().include_not_serving(true),
         );
         self.watches
             .insert(service.to_owned(), Box::pin(session.into_stream()));

@@ -38,7 +38,8 @@
 //! - [`BalancedChannel`] (`balance`): a tonic-compatible channel over a
 //!   resolver's instances: weighted, zone-aware, with outlier ejection and
 //!   retries.
-//! - [`Shutdown`] (`shutdown`): deregister, drain, then stop serving.
+//! - [`Shutdown`] (`shutdown`): mark draining, wait, deregister, then stop
+//!   serving.
 //! - [`Error`] (`error`): the crate's one error type, printed on one line.
 //! - `trace` (feature `otel`, off by default): OpenTelemetry tracing across
 //!   calls. Balanced channels and registry calls send the caller's trace
@@ -68,19 +69,22 @@ pub use balance::{
     balanced_channel,
 };
 pub use client::{
-    ClientBuilder, DEFAULT_TTL, DeregisterTarget, Deregistered, Health, REGISTRY_ADDR_ENV,
-    REGISTRY_ZONE_ENV, RegisterBuilder, RegistryClient, RegistryStatus, ResolveBuilder,
-    ServiceList, ServiceSummary,
+    ClientBuilder, DEFAULT_TTL, DeregisterTarget, Deregistered, Health, InstanceState,
+    REGISTRY_ADDR_ENV, REGISTRY_ZONE_ENV, RegisterBuilder, RegistryClient, RegistryStatus,
+    ResolveBuilder, ServiceList, ServiceSummary,
 };
 pub use endpoints::{
     DEFAULT_REGISTRY_ADDR, REGISTRY_CACERT_ENV, REGISTRY_CERT_ENV, REGISTRY_KEY_ENV,
     REGISTRY_TLS_DOMAIN_ENV, REGISTRY_TOKEN_ENV, tls_from_files,
 };
 pub use error::Error;
-pub use instance::{Instance, Resolution, ServerInfo, ZONE_LABEL};
+pub use instance::{
+    AdminState, CheckKind, CheckResult, HealthCheck, HealthState, Instance, Resolution, ServerInfo,
+    ZONE_LABEL,
+};
 pub use keeper::{Registration, RegistrationState};
 pub use resolver::{Resolver, ResolverState, ServiceStatus};
-pub use shutdown::{DEFAULT_DRAIN, Shutdown, shutdown_signal};
+pub use shutdown::{DEFAULT_DRAIN, DEFAULT_GRACE, Shutdown, shutdown_signal};
 /// TLS settings for [`ClientBuilder::tls`], re-exported from tonic.
 pub use tonic::transport::ClientTlsConfig;
 pub use watch::{DeleteReason, Query, ResetReason, Snapshot, Watch, WatchEvent, WatchOptions};

@@ -2,6 +2,14 @@
 //! serving, so callers drop the instance before its port closes and no call
 //! is lost. Every service needs it; this is the one copy.
 //!
+//! On the signal: mark every registration **draining** (callers' balanced
+//! channels, xDS clients and DNS stop sending new calls at once, while the
+//! instance keeps serving the calls already on their way), wait the
+//! **grace** (default 2 s) for callers to move off, **deregister**, wait
+//! the short **drain** (default 500 ms) for anyone who only follows
+//! registrations, then release the server, which finishes its in-flight
+//! calls and stops.
+//!
 //! ```no_run
 //! # async fn f(client: registry_client::RegistryClient, listener: tokio::net::TcpListener,
 //! #            service: registry_api::prod::prod_service_server::ProdServiceServer<impl registry_api::prod::prod_service_server::ProdService>)
@@ -33,6 +41,13 @@ use tokio::sync::watch;
 
 use crate::{Deregistered, Error, Registration};
 
+/// Time between marking the instances draining and deregistering them:
+/// callers' balanced channels and xDS clients move off within
+/// milliseconds of the change; the rest covers callers that re-resolve
+/// periodically (DNS with its TTL, Prometheus SD) and calls already routed
+/// here.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+
 /// Time between deregistering and stopping the server. Callers' balanced
 /// channels drop the instance as soon as the Watch DELETE reaches them
 /// (milliseconds); the rest covers calls they had already routed here.
@@ -63,10 +78,12 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Orders a service's shutdown: on a signal, deregister, wait
-/// [`Shutdown::drain`], then stop serving (see the module example).
+/// Orders a service's shutdown: on a signal, mark draining, wait
+/// [`Shutdown::grace`], deregister, wait [`Shutdown::drain`], then stop
+/// serving (see the module docs and example).
 #[derive(Debug)]
 pub struct Shutdown {
+    grace: Duration,
     drain: Duration,
     stopped: watch::Sender<bool>,
 }
@@ -78,12 +95,20 @@ impl Default for Shutdown {
 }
 
 impl Shutdown {
-    /// A shutdown with the [`DEFAULT_DRAIN`].
+    /// A shutdown with the [`DEFAULT_GRACE`] and [`DEFAULT_DRAIN`].
     pub fn new() -> Self {
         Self {
+            grace: DEFAULT_GRACE,
             drain: DEFAULT_DRAIN,
             stopped: watch::channel(false).0,
         }
+    }
+
+    /// Time between marking the instances draining and deregistering them
+    /// (zero: deregister at once, without draining).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     /// Time between deregistering and stopping the server.
@@ -105,10 +130,12 @@ impl Shutdown {
         }
     }
 
-    /// Waits for `signal` (e.g. [`shutdown_signal`]), deregisters every
-    /// registration (a failure is logged: the instance then expires after
-    /// its TTL), waits the drain time, then releases
-    /// [`Shutdown::serving_stopped`]. Returns each deregistration's outcome.
+    /// Waits for `signal` (e.g. [`shutdown_signal`]), marks every
+    /// registration draining and waits the grace (a failure is logged: the
+    /// instance is then only deregistered), deregisters every registration
+    /// (a failure is logged: the instance then expires after its TTL),
+    /// waits the drain time, then releases [`Shutdown::serving_stopped`].
+    /// Returns each deregistration's outcome.
     pub async fn run(
         self,
         signal: impl Future<Output = ()>,
@@ -116,8 +143,18 @@ impl Shutdown {
     ) -> Vec<Result<Deregistered, Error>> {
         let registrations: Vec<Registration> = registrations.into_iter().collect();
         signal.await;
-        tracing::info!(registrations = registrations.len(), drain = ?self.drain,
-            "shutting down: deregistering, then stopping the server");
+        tracing::info!(registrations = registrations.len(), grace = ?self.grace, drain = ?self.drain,
+            "shutting down: draining, deregistering, then stopping the server");
+        if !self.grace.is_zero() {
+            let drains = registrations.iter().map(|r| async move {
+                if let Err(e) = r.drain("shutting down").await {
+                    tracing::warn!(service = %r.instance().service, id = %r.instance().id,
+                        error = %e, "could not mark the instance draining; deregistering after the grace");
+                }
+            });
+            futures::future::join_all(drains).await;
+            tokio::time::sleep(self.grace).await;
+        }
         let mut outcomes = Vec::with_capacity(registrations.len());
         for registration in registrations {
             let (service, id) = (

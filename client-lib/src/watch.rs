@@ -115,6 +115,7 @@ impl From<&Query> for Query {
 pub struct WatchOptions {
     resume: Option<(u64, u64)>,
     progress_interval: Duration,
+    include_not_serving: bool,
 }
 
 impl Default for WatchOptions {
@@ -122,6 +123,7 @@ impl Default for WatchOptions {
         Self {
             resume: None,
             progress_interval: PROGRESS_INTERVAL,
+            include_not_serving: false,
         }
     }
 }
@@ -139,6 +141,16 @@ impl WatchOptions {
     /// 5 s). A stream silent for five intervals is reopened.
     pub fn progress_interval(mut self, interval: Duration) -> Self {
         self.progress_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Also watch instances callers are not sent to (critical, draining,
+    /// disabled). By default a watch follows the served set: an instance
+    /// that stops serving arrives as a [`DeleteReason::NotServing`] delete
+    /// and one that serves again as a put, so the watched state always
+    /// equals a default resolve.
+    pub fn include_not_serving(mut self, include: bool) -> Self {
+        self.include_not_serving = include;
         self
     }
 }
@@ -188,6 +200,10 @@ pub enum DeleteReason {
     Expired,
     /// Replaced by an instance that no longer matches the watch's selector.
     Replaced,
+    /// Still registered, but no longer served: it turned critical, was set
+    /// draining or disabled, or its service left panic mode (watches
+    /// without [`WatchOptions::include_not_serving`] only).
+    NotServing,
     /// A reason this client does not know.
     Other,
 }
@@ -199,6 +215,7 @@ impl DeleteReason {
             DeleteReason::Deregistered => "deregistered",
             DeleteReason::Expired => "expired",
             DeleteReason::Replaced => "replaced",
+            DeleteReason::NotServing => "not_serving",
             DeleteReason::Other => "unspecified",
         }
     }
@@ -208,6 +225,7 @@ impl DeleteReason {
             pb::DeleteReason::Deregistered => DeleteReason::Deregistered,
             pb::DeleteReason::Expired => DeleteReason::Expired,
             pb::DeleteReason::Replaced => DeleteReason::Replaced,
+            pb::DeleteReason::NotServing => DeleteReason::NotServing,
             pb::DeleteReason::Unspecified => DeleteReason::Other,
         }
     }
@@ -320,6 +338,7 @@ pub(crate) struct Session {
     service: String,
     selector: HashMap<String, String>,
     progress_interval: Duration,
+    include_not_serving: bool,
     /// Last revision seen (0: none yet, start with a snapshot).
     revision: u64,
     /// Registry life `revision` belongs to.
@@ -340,6 +359,7 @@ impl Session {
             selector: query.selector_map(),
             service: query.service,
             progress_interval: options.progress_interval,
+            include_not_serving: options.include_not_serving,
             revision,
             epoch,
             stream: None,
@@ -495,6 +515,7 @@ impl Session {
             epoch: self.epoch,
             progress_interval_ms: u64::try_from(self.progress_interval.as_millis())
                 .unwrap_or(u64::MAX),
+            include_not_serving: self.include_not_serving,
         };
         // Chunks of a snapshot in progress belong to the stream that broke.
         self.chunks.clear();
@@ -541,6 +562,7 @@ impl Session {
             service: self.service.clone(),
             selector: self.selector.clone(),
             include_lease_ttl: false,
+            include_not_serving: true,
         };
         match call(&self.endpoints, move |mut grpc| {
             let request = request.clone();

@@ -567,3 +567,74 @@ async fn register_json_reports_the_real_deregistration_when_stopped() {
     assert_eq!(after.revision, revision, "the removal is the latest change");
     assert_eq!(child.wait().await.unwrap().code(), Some(0));
 }
+
+/// `register --check` registers the check (defaults filled by the
+/// registry); the check flags need `--check`.
+#[tokio::test]
+async fn register_with_a_check() {
+    let s = server().await;
+    let c = client(&s).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regctl"))
+        .args(["--registry", &s.url, "register", "chk", &addr, "--id", "c1"])
+        .args(["--check", "tcp", "--check-interval", "2s"])
+        .args(["--failures-before-critical", "2", "--initially-passing"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("register prints a line")
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with("registered chk/c1"), "{first}");
+    let got = c
+        .clone()
+        .resolve(ResolveRequest {
+            service: "chk".into(),
+            include_not_serving: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(got.len(), 1);
+    let check = got[0].check.as_deref().expect("registered with its check");
+    assert!(matches!(
+        check.kind,
+        Some(registry_api::v1::health_check::Kind::Tcp(_))
+    ));
+    assert_eq!(check.interval_ms, 2_000);
+    assert_eq!(check.timeout_ms, 2_000, "default: the interval, at most 5s");
+    assert_eq!(check.failures_before_critical, 2);
+    assert_eq!(check.successes_before_passing, 1);
+    assert_eq!(
+        got[0].health,
+        registry_api::v1::HealthState::Passing as i32,
+        "--initially-passing"
+    );
+    sigint(child.id().unwrap());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after SIGINT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let out = regctl(&s, &["register", "chk", &addr, "--check-interval", "2s"]).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--check"), "{}", out.stderr);
+    let out = regctl(&s, &["register", "chk", &addr, "--check", "udp"]).await;
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr
+            .contains("expected grpc, grpc:SERVICE, http:/PATH or tcp"),
+        "{}",
+        out.stderr
+    );
+    drop(listener);
+}

@@ -42,6 +42,7 @@ fn catalog_config() -> CatalogConfig {
         max_watchers_per_connection: 10_000,
         watch_buffer: 256,
         max_services: 100_000,
+        panic: Default::default(),
     }
 }
 

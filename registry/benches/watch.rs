@@ -33,6 +33,7 @@ fn catalog() -> Arc<Catalog> {
         max_watchers_per_connection: 100_000,
         watch_buffer: 16,
         max_services: 1000,
+        panic: Default::default(),
     }))
 }
 
@@ -44,8 +45,7 @@ fn fan_out(c: &mut Criterion) {
             let catalog = catalog();
             let filter = WatchFilter {
                 service: Some("svc".into()),
-                selector: vec![],
-                reader: None,
+                ..WatchFilter::default()
             };
             let mut handles: Vec<_> = (0..n)
                 .map(|_| catalog.watch(filter.clone(), 0, true, None).unwrap().0)
@@ -78,8 +78,7 @@ fn translate_batch(c: &mut Criterion) {
     let catalog = catalog();
     let filter = WatchFilter {
         service: Some("svc".into()),
-        selector: vec![],
-        reader: None,
+        ..WatchFilter::default()
     };
     let (mut handle, _) = catalog.watch(filter.clone(), 0, true, None).unwrap();
     let mut txn = catalog.txn();
@@ -102,10 +101,10 @@ fn translate_batch(c: &mut Criterion) {
             || {
                 RevisionBatch::for_test(
                     1,
-                    vec![CatalogEvent {
-                        kind: EventKind::Put { prev: None },
-                        instance: instance.clone(),
-                    }],
+                    vec![CatalogEvent::all_served(
+                        EventKind::Put { prev: None },
+                        instance.clone(),
+                    )],
                 )
             },
             |batch| black_box(batch_bytes(&filter, &batch)),

@@ -77,6 +77,23 @@ pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_DNS_DOMAIN: &str = "registry.";
 // --- end HTTP API and DNS ---
 
+// --- health checks (issue 17) ---
+/// Shortest check interval accepted by default: Consul's minimum. Faster
+/// checks cost the instance more than they tell its callers.
+pub const DEFAULT_MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Checks in flight at once by default. Each holds a socket and a small
+/// task; at the default interval (10 s) and a typical few milliseconds per
+/// check this is far above steady state, and it bounds what hanging targets
+/// (each held until its timeout) can take: file descriptors, memory, and
+/// the delay they add to everyone else's checks.
+pub const DEFAULT_MAX_CHECKS_IN_FLIGHT: usize = 512;
+/// How often an unchanged check result (time and output) is written to the
+/// catalog by default: Consul's `check_update_interval`. State changes are
+/// written at once; rewriting every result would turn every check into a
+/// revision for every watcher.
+pub const DEFAULT_CHECK_REFRESH: Duration = Duration::from_secs(300);
+// --- end health checks ---
+
 /// Tunables of one registry daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -187,6 +204,19 @@ pub struct Config {
     pub dns_domain: String,
     /// TTL of DNS answers.
     pub dns_ttl: Duration,
+    /// Panic thresholds (see `crate::serving`): the default and per-service
+    /// overrides.
+    pub panic: crate::serving::PanicThresholds,
+    /// Health checks asking for a shorter interval are refused.
+    pub min_check_interval: Duration,
+    /// Cap on health checks in flight at once (see `crate::health`).
+    pub max_checks_in_flight: usize,
+    /// An unchanged check result is written to the catalog at most this
+    /// often (zero: only state changes are written).
+    pub check_refresh: Duration,
+    /// xDS clusters ramp a new endpoint's weight up over this window
+    /// (Envoy's `slow_start_config`); zero: off.
+    pub slow_start_window: Duration,
     /// OTLP/gRPC collector the RPC spans are exported to
     /// (`http://host:4317`; Jaeger, Tempo and the OpenTelemetry Collector
     /// all accept it). `None`: no export, no trace propagation. The binary
@@ -226,10 +256,14 @@ impl Config {
                 self.max_watchers_per_connection,
             ),
             ("watch_buffer", self.watch_buffer),
+            ("max_checks_in_flight", self.max_checks_in_flight),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if self.min_check_interval.is_zero() {
+            return bad("min_check_interval must be above 0".into());
         }
         if self.max_concurrent_streams == 0 {
             return bad("max_concurrent_streams must be at least 1".into());
@@ -342,6 +376,11 @@ impl Default for Config {
             dns_listen: None,
             dns_domain: DEFAULT_DNS_DOMAIN.to_string(),
             dns_ttl: DEFAULT_DNS_TTL,
+            panic: crate::serving::PanicThresholds::default(),
+            min_check_interval: DEFAULT_MIN_CHECK_INTERVAL,
+            max_checks_in_flight: DEFAULT_MAX_CHECKS_IN_FLIGHT,
+            check_refresh: DEFAULT_CHECK_REFRESH,
+            slow_start_window: Duration::ZERO,
             otlp_endpoint: None,
         }
     }

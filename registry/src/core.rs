@@ -23,8 +23,8 @@ use std::{
 };
 
 use registry_api::v1::{
-    DeleteReason, Instance, LeaseStatus, ListServicesResponse, RegisterRequest, RegisterResponse,
-    ResolveResponse, ServerInfo, ServiceSummary, StatusResponse,
+    AdminState, DeleteReason, HealthState, Instance, LeaseStatus, ListServicesResponse,
+    RegisterRequest, RegisterResponse, ResolveResponse, ServerInfo, ServiceSummary, StatusResponse,
 };
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -83,6 +83,7 @@ fn catalog_config(config: &Config) -> CatalogConfig {
         max_watchers_per_connection: config.max_watchers_per_connection,
         watch_buffer: config.watch_buffer,
         max_services: config.max_services,
+        panic: config.panic.clone(),
     }
 }
 
@@ -380,6 +381,14 @@ impl Registry {
         validate::instance_id("instance.id", &instance.id)?;
         validate::address("instance.address", &instance.address)?;
         validate::metadata("instance.metadata", &instance.metadata)?;
+        if let Some(check) = instance.check.as_mut() {
+            validate::health_check("instance.check", check, config.min_check_interval)?;
+        }
+        validate::admin_state(
+            "instance.admin_state",
+            instance.admin_state,
+            &instance.admin_reason,
+        )?;
         let ttl = if req.lease_id == 0 {
             Some(validate::ttl(req.ttl_ms, config.min_ttl, config.max_ttl)?)
         } else {
@@ -465,6 +474,9 @@ impl Registry {
             }
         }
 
+        // The health and admin state the replaced instance had (issue 17).
+        let previous = existing.and_then(|_| txn.get(&instance.service, &instance.id));
+
         // Apply to the lease table, then hand the batch to the store.
         let mut undo = Undo::default();
         let mut batch = Batch::default();
@@ -502,6 +514,11 @@ impl Registry {
             undo.attached.push((lease.id, key.clone()));
         }
         instance.lease_id = lease.id;
+        carry_states(
+            &mut instance,
+            previous.as_deref(),
+            existing == Some(lease.id),
+        );
         batch.changes.push(Change::Put { key, instance });
         let pending = self.shared.store.submit(txn, batch, undo);
         metrics::inc(&self.shared.metrics.registrations, 1);
@@ -691,8 +708,136 @@ impl Registry {
         Ok(pending)
     }
 
-    /// Live instances of a service matching a selector. With auth on, the
-    /// caller needs `read` on the service.
+    /// Sets an instance `DRAINING`, `DISABLED` (maintenance) or `ACTIVE`
+    /// again, with a reason, as a PUT at a new revision; its lease stays.
+    /// Returns the revision and the instance as it now is; a state it
+    /// already has changes nothing (the current revision). With auth on:
+    /// the owner of its lease with `register` on the service, or an admin
+    /// of the service. In a cluster only the node the instance registered
+    /// through may change it (`FAILED_PRECONDITION` elsewhere: that node
+    /// owns its etcd key).
+    pub async fn set_instance_state(
+        &self,
+        service: &str,
+        id: &str,
+        state: AdminState,
+        reason: &str,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, Instance)> {
+        let (revision, mut instance, pending) =
+            self.plan_set_instance_state(service, id, state, reason, caller)?;
+        match pending {
+            Some(pending) => {
+                let revision = pending.wait().await?;
+                instance.revision = revision;
+                Ok((revision, instance))
+            }
+            None => Ok((revision, instance)),
+        }
+    }
+
+    fn plan_set_instance_state(
+        &self,
+        service: &str,
+        id: &str,
+        state: AdminState,
+        reason: &str,
+        caller: Option<&Identity>,
+    ) -> Result<(u64, Instance, Option<Pending>)> {
+        validate::service_name("instance.service", service)?;
+        validate::instance_id("instance.id", id)?;
+        validate::admin_state("state", state as i32, reason)?;
+        if let Some(c) = caller {
+            c.check(Action::Register, service)?;
+        }
+        self.shared.store.check_writable()?;
+        let txn = self.shared.catalog.txn();
+        let current = txn.get(service, id).ok_or_else(|| {
+            Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
+        })?;
+        let lease = self.shared.leases.get(current.lease_id);
+        if let Some(c) = caller {
+            let owner = lease.as_ref().and_then(|l| l.owner.clone());
+            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, service) {
+                return Err(Error::PermissionDenied(format!(
+                    "instance {id:?} of service {service:?} is registered by another identity; only it or an admin may change its state"
+                )));
+            }
+        }
+        if self.shared.store.etcd().is_some() && lease.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "instance {id:?} of service {service:?} is registered through another registry node; change its state on that node"
+            )));
+        }
+        let reason = if state == AdminState::Active {
+            ""
+        } else {
+            reason
+        };
+        if current.admin_state == state as i32 && current.admin_reason == reason {
+            let revision = txn.current_revision();
+            return Ok((revision, Instance::clone(&current), None));
+        }
+        let mut instance = Instance::clone(&current);
+        instance.admin_state = state as i32;
+        instance.admin_reason = reason.to_owned();
+        instance.revision = 0;
+        instance.lease_remaining_ms = 0;
+        let key = txn.key_for(&instance);
+        let batch = Batch {
+            changes: vec![Change::Put {
+                key,
+                instance: instance.clone(),
+            }],
+            leases: Vec::new(),
+        };
+        let pending = self.shared.store.submit(txn, batch, Undo::default());
+        metrics::inc(&self.shared.metrics.admin_state_changes, 1);
+        Ok((0, instance, Some(pending)))
+    }
+
+    /// Records a health check result on an instance (the checker of
+    /// [`crate::health`] calls it), as a PUT at a new revision. The result
+    /// is dropped (`Ok(None)`) if the instance is gone or was registered
+    /// again with another address or check since the check started.
+    pub async fn record_check(&self, result: CheckRecord) -> Result<Option<u64>> {
+        let Some(pending) = self.plan_record_check(result)? else {
+            return Ok(None);
+        };
+        pending.wait().await.map(Some)
+    }
+
+    /// [`Registry::record_check`] up to handing the write to the store,
+    /// synchronously: the checker plans its writes in order.
+    pub(crate) fn plan_record_check(&self, result: CheckRecord) -> Result<Option<Pending>> {
+        self.shared.store.check_writable()?;
+        let txn = self.shared.catalog.txn();
+        let Some(current) = txn.get(&result.service, &result.id) else {
+            return Ok(None);
+        };
+        if crate::health::Target::of(&current).as_ref() != Some(&result.target) {
+            return Ok(None);
+        }
+        let mut instance = Instance::clone(&current);
+        instance.health = result.health as i32;
+        instance.last_check = Some(Box::new(registry_api::v1::CheckResult {
+            unix_ms: result.at_unix_ms,
+            output: validate::truncate(&result.output, validate::MAX_REASON).to_owned(),
+        }));
+        instance.revision = 0;
+        instance.lease_remaining_ms = 0;
+        let key = txn.key_for(&instance);
+        let batch = Batch {
+            changes: vec![Change::Put { key, instance }],
+            leases: Vec::new(),
+        };
+        Ok(Some(self.shared.store.submit(txn, batch, Undo::default())))
+    }
+
+    /// Served instances of a service matching a selector (see
+    /// [`crate::serving`]: the serving ones, or every active one while the
+    /// service panics). With auth on, the caller needs `read` on the
+    /// service.
     pub fn resolve(
         &self,
         service: &str,
@@ -700,13 +845,33 @@ impl Registry {
         include_lease_ttl: bool,
         caller: Option<&Identity>,
     ) -> Result<ResolveResponse> {
+        self.resolve_with(service, selector, include_lease_ttl, false, caller)
+    }
+
+    /// [`Registry::resolve`], or with `include_not_serving` every live
+    /// instance whatever its health and admin state.
+    pub fn resolve_with(
+        &self,
+        service: &str,
+        selector: &HashMap<String, String>,
+        include_lease_ttl: bool,
+        include_not_serving: bool,
+        caller: Option<&Identity>,
+    ) -> Result<ResolveResponse> {
         Self::check_resolve(service, selector, caller)?;
         let (snap, revision) = self.shared.catalog.resolve(service);
+        let served = snap
+            .as_ref()
+            .filter(|_| !include_not_serving)
+            .map(|s| s.served());
         let instances = match &snap {
             None => Vec::new(),
             Some(snap) => snap
                 .instances()
                 .iter()
+                .enumerate()
+                .filter(|(n, _)| served.is_none_or(|s| s.includes(*n)))
+                .map(|(_, i)| i)
                 .filter(|i| selector.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
                 .map(|i| {
                     let mut out = Instance::clone(i);
@@ -723,6 +888,7 @@ impl Registry {
             revision,
             service_known: snap.is_some(),
             server: Some(self.server_info()),
+            panicked: served.is_some_and(|s| s.panicked()),
         })
     }
 
@@ -748,23 +914,37 @@ impl Registry {
         service: &str,
         selector: &HashMap<String, String>,
         include_lease_ttl: bool,
+        include_not_serving: bool,
         caller: Option<&Identity>,
     ) -> Result<ResolveFrame> {
         if !selector.is_empty() || include_lease_ttl {
             return self
-                .resolve(service, selector, include_lease_ttl, caller)
+                .resolve_with(
+                    service,
+                    selector,
+                    include_lease_ttl,
+                    include_not_serving,
+                    caller,
+                )
                 .map(ResolveFrame::message);
         }
         Self::check_resolve(service, selector, caller)?;
         let (snap, revision) = self.shared.catalog.resolve(service);
-        let rest = ResolveResponse {
+        let mut rest = ResolveResponse {
             instances: Vec::new(),
             revision,
             service_known: snap.is_some(),
             server: Some(self.server_info()),
+            panicked: false,
         };
         Ok(match snap {
-            Some(snap) => ResolveFrame::shared(snap.encoded_instances(), rest),
+            Some(snap) if include_not_serving => {
+                ResolveFrame::shared(snap.encoded_instances(), rest)
+            }
+            Some(snap) => {
+                rest.panicked = snap.served().panicked();
+                ResolveFrame::shared(snap.encoded_served(), rest)
+            }
             None => ResolveFrame::message(rest),
         })
     }
@@ -879,6 +1059,55 @@ impl Registry {
     /// instances leave the cluster now rather than after the lease TTL).
     pub async fn close(&self) {
         self.shared.store.close().await;
+    }
+}
+
+/// A health check result to record on an instance (see
+/// [`Registry::record_check`]): what was checked, and what it said.
+#[derive(Debug, Clone)]
+pub struct CheckRecord {
+    /// The instance's service.
+    pub service: String,
+    /// The instance's id.
+    pub id: String,
+    /// What was checked (the instance's check and the address it used).
+    pub target: crate::health::Target,
+    /// The instance's health from now on.
+    pub health: HealthState,
+    /// What the check said.
+    pub output: String,
+    /// When, Unix time in ms.
+    pub at_unix_ms: u64,
+}
+
+/// The health and admin state a registration gets (issue 17). Health: kept
+/// from the instance it replaces when the address and check are the same
+/// (a re-registration must not reset a checked state), otherwise the
+/// check's initial state (PASSING without a check). Admin state: what the
+/// request asks for; an `ACTIVE` request under the lease the replaced
+/// instance lived under keeps that one's state, so a process
+/// re-registering itself does not undo a drain or a maintenance.
+fn carry_states(instance: &mut Instance, previous: Option<&Instance>, same_lease: bool) {
+    match previous.filter(|p| p.address == instance.address && p.check == instance.check) {
+        Some(p) => {
+            instance.health = p.health;
+            instance.last_check = p.last_check.clone();
+        }
+        None => {
+            instance.health = instance
+                .check
+                .as_ref()
+                .and_then(|c| c.initial_state)
+                .unwrap_or(HealthState::Passing as i32);
+            instance.last_check = None;
+        }
+    }
+    if instance.admin_state == AdminState::Active as i32 {
+        instance.admin_reason.clear();
+        if let Some(p) = previous.filter(|_| same_lease) {
+            instance.admin_state = p.admin_state;
+            instance.admin_reason = p.admin_reason.clone();
+        }
     }
 }
 

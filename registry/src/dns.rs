@@ -59,7 +59,6 @@ use tracing::{info, warn};
 use crate::{
     core::Registry,
     error::{Error, Result},
-    http::api::health_of,
 };
 
 /// A TCP client that sends nothing for this long is disconnected.
@@ -275,11 +274,9 @@ impl Handler {
         let Ok(resolved) = self.registry.resolve(&service, &selector, false, None) else {
             return self.nxdomain();
         };
-        let mut serving: Vec<&Instance> = resolved
-            .instances
-            .iter()
-            .filter(|i| health_of(i).serving())
-            .collect();
+        // Resolve answers the served set: serving instances, or every
+        // active one while the service panics (see `crate::serving`).
+        let mut serving: Vec<&Instance> = resolved.instances.iter().collect();
         serving.shuffle(&mut rand::rng());
         let mut answer = Answer::default();
         for instance in serving {

@@ -32,6 +32,11 @@ pub enum Error {
     /// registered it meanwhile); retrying decides afresh.
     #[error("{0}")]
     Aborted(String),
+    /// The request cannot be served by this node as things stand (an
+    /// instance registered through another cluster node, whose state only
+    /// that node may change).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Binding or serving the listener failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -59,6 +64,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Aborted(_) => Code::Aborted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Transport(_) | Error::Io(_) | Error::DataDir(_) | Error::Reflection(_) => {

@@ -128,6 +128,7 @@ mod tests {
             revision: 9,
             service_known: true,
             server: None,
+            panicked: false,
         };
         let frame = ResolveFrame::shared(
             encode_instances(instances.iter()),

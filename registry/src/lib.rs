@@ -18,6 +18,12 @@
 //!   data directory, durable before acknowledged), or etcd.
 //! - [`watch`]: turns a watcher's queue into the Watch response stream
 //!   (snapshot chunks, filtered events, reset snapshots, progress).
+//! - [`serving`]: which instances callers are sent to: serving (active and
+//!   passing or warning) ones, or every active one while a service is in
+//!   panic mode.
+//! - [`health`]: the health checks the registry runs (grpc, http, tcp) on
+//!   the instances registered through it, flap-damped, capped and spread;
+//!   state changes are written through the store like any write.
 //! - [`auth`]: who is calling (bearer tokens, mTLS names), what each role
 //!   may do, the tower layer enforcing it on every RPC, per-identity rate
 //!   limits.
@@ -64,6 +70,7 @@ pub mod etcd;
 pub mod expiry;
 pub mod frame;
 pub mod frontends;
+pub mod health;
 pub mod http;
 pub mod lease;
 pub mod limits;
@@ -72,6 +79,7 @@ pub mod ops;
 pub mod persist;
 pub mod server;
 pub mod service;
+pub mod serving;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

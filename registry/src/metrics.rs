@@ -38,7 +38,7 @@ pub const RPC_LATENCY_BUCKETS: [f64; 14] = [
 /// Any other path (a service added later, a bad request) is counted under
 /// [`OTHER_METHOD`], so the tables stay fixed-size and lock-free. A new
 /// gRPC service served by the daemon should add its methods here.
-pub const RPC_METHODS: [(&str, &str); 12] = [
+pub const RPC_METHODS: [(&str, &str); 13] = [
     ("registry.v1.Registry", "Register"),
     ("registry.v1.Registry", "Heartbeat"),
     ("registry.v1.Registry", "KeepAlive"),
@@ -47,6 +47,7 @@ pub const RPC_METHODS: [(&str, &str); 12] = [
     ("registry.v1.Registry", "ListServices"),
     ("registry.v1.Registry", "Watch"),
     ("registry.v1.Registry", "Status"),
+    ("registry.v1.Registry", "SetInstanceState"),
     ("grpc.health.v1.Health", "Check"),
     ("grpc.health.v1.Health", "Watch"),
     (
@@ -248,6 +249,93 @@ pub struct Metrics {
     pub(crate) restored_leases: AtomicU64,
     /// Per-RPC latency and status codes.
     pub(crate) rpc: RpcMetrics,
+    /// Admin-state changes (drain, maintenance, back to active).
+    pub(crate) admin_state_changes: AtomicU64,
+    /// The health checker's counters (see [`crate::health`]).
+    pub(crate) health: HealthMetrics,
+}
+
+/// Result labels of health checks and states, indexed by
+/// `HealthState as usize`.
+const HEALTH_LABELS: [&str; 3] = ["passing", "warning", "critical"];
+
+/// What the health checker does: checks by result, state changes, check
+/// latency and how late checks start (its loop's latency), checks in
+/// flight and instances checked.
+#[derive(Debug)]
+pub struct HealthMetrics {
+    checks: [AtomicU64; 3],
+    transitions: [AtomicU64; 3],
+    latency: AtomicHistogram,
+    lag: AtomicHistogram,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) checked: AtomicUsize,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl HealthMetrics {
+    fn new() -> Self {
+        Self {
+            checks: std::array::from_fn(|_| AtomicU64::new(0)),
+            transitions: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: AtomicHistogram::new(),
+            lag: AtomicHistogram::new(),
+            in_flight: AtomicUsize::new(0),
+            checked: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a finished check with its result (a `HealthState` value) and
+    /// how long it took.
+    pub fn check_done(&self, result: usize, took: Duration) {
+        self.checks[result.min(2)].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+    }
+
+    /// Counts a change of an instance's health to `state`.
+    pub fn transition(&self, state: usize) {
+        self.transitions[state.min(2)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how long after its due time a check started.
+    pub fn lag(&self, late: Duration) {
+        self.lag.observe(late);
+    }
+
+    /// Checks run so far, by result (`passing`, `warning`, `critical`).
+    pub fn checks(&self) -> [u64; 3] {
+        std::array::from_fn(|i| self.checks[i].load(Ordering::Relaxed))
+    }
+
+    /// State changes so far, by new state.
+    pub fn transitions(&self) -> [u64; 3] {
+        std::array::from_fn(|i| self.transitions[i].load(Ordering::Relaxed))
+    }
+
+    /// Checks in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Instances this node checks now.
+    pub fn checked(&self) -> usize {
+        self.checked.load(Ordering::Relaxed)
+    }
+
+    /// The largest check start lag observed so far, as the upper bound of
+    /// its histogram bucket (`None` before any check; `f64::MAX` past the
+    /// last bucket).
+    pub fn max_lag_bound(&self) -> Option<f64> {
+        let (_, count, buckets) = self.lag.get();
+        (count > 0).then(|| {
+            buckets
+                .iter()
+                .rev()
+                .find(|(_, n)| *n > 0)
+                .map_or(0.0, |(le, _)| *le)
+        })
+    }
 }
 
 impl Default for Metrics {
@@ -274,6 +362,8 @@ impl Default for Metrics {
             restored_instances: AtomicU64::new(0),
             restored_leases: AtomicU64::new(0),
             rpc: RpcMetrics::new(),
+            admin_state_changes: AtomicU64::new(0),
+            health: HealthMetrics::new(),
         }
     }
 }
@@ -312,6 +402,11 @@ impl Metrics {
     /// Leases whose expiry the storm guard has deferred so far.
     pub fn storm_throttled(&self) -> u64 {
         self.storm_throttled.load(Ordering::Relaxed)
+    }
+
+    /// The health checker's counters.
+    pub fn health(&self) -> &HealthMetrics {
+        &self.health
     }
 }
 
@@ -540,6 +635,74 @@ impl Collector for Scrape {
             "registry_restored_leases",
             "Leases restored (with a fresh TTL) from the data directory at start",
             load(&m.restored_leases) as i64,
+        )?;
+
+        counter(
+            &mut e,
+            "registry_admin_state_changes",
+            "Instances set draining, disabled or active again",
+            load(&m.admin_state_changes),
+        )?;
+        let h = &m.health;
+        {
+            let c = ConstCounter::new(0u64);
+            let mut family = e.encode_descriptor(
+                "registry_health_checks",
+                "Health checks run by this node, by result",
+                None,
+                c.metric_type(),
+            )?;
+            for (i, result) in HEALTH_LABELS.iter().enumerate() {
+                ConstCounter::new(load(&h.checks[i]))
+                    .encode(family.encode_family(&[("result", *result)])?)?;
+            }
+        }
+        {
+            let c = ConstCounter::new(0u64);
+            let mut family = e.encode_descriptor(
+                "registry_health_transitions",
+                "Changes of an instance's health state, by new state",
+                None,
+                c.metric_type(),
+            )?;
+            for (i, state) in HEALTH_LABELS.iter().enumerate() {
+                ConstCounter::new(load(&h.transitions[i]))
+                    .encode(family.encode_family(&[("state", *state)])?)?;
+            }
+        }
+        for (name, help, hist) in [
+            (
+                "registry_health_check_duration_seconds",
+                "Time one health check took (connect, request, answer)",
+                &h.latency,
+            ),
+            (
+                "registry_health_check_lag_seconds",
+                "How late health checks started after their due time (the check loop's latency; grows when --max-checks-in-flight is saturated)",
+                &h.lag,
+            ),
+        ] {
+            let (sum, count, buckets) = hist.get();
+            e.encode_descriptor(name, help, None, MetricType::Histogram)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        gauge(
+            &mut e,
+            "registry_health_checks_in_flight",
+            "Health checks in flight now",
+            h.in_flight() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "registry_health_checked_instances",
+            "Instances with a health check run by this node",
+            h.checked() as i64,
+        )?;
+        counter(
+            &mut e,
+            "registry_health_results_dropped",
+            "Check results that could not be written (store unavailable); retried at the next check",
+            load(&h.dropped),
         )?;
 
         let rpc = &m.rpc;

@@ -74,6 +74,8 @@ pub async fn serve_with(
     let background = spawn_auth_maintenance(registry.clone(), auth.clone(), rate.clone());
     let frontends = Frontends::spawn(&registry, frontends, auth.clone(), rate.clone())?;
     let expiry = registry.spawn_expiry();
+    // Health checks of the instances registered through this node.
+    let checker = crate::health::spawn(registry.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -148,6 +150,7 @@ pub async fn serve_with(
     // Their streams and long-polls ended with the shutdown token.
     let _ = tokio::time::timeout(grace, frontends.stopped()).await;
     let _ = expiry.await;
+    let _ = checker.await;
     registry.close().await;
     background.abort();
     info!(

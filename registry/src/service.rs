@@ -8,7 +8,8 @@ use futures::{Stream, StreamExt};
 use registry_api::v1::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
     ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
-    StatusRequest, StatusResponse, WatchRequest, deregister_request::Target,
+    SetInstanceStateRequest, SetInstanceStateResponse, StatusRequest, StatusResponse, WatchRequest,
+    deregister_request::Target,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -153,6 +154,7 @@ impl registry_server::Registry for RegistryService {
             &req.service,
             &req.selector,
             req.include_lease_ttl,
+            req.include_not_serving,
             caller.as_deref(),
         )?;
         telemetry::record_revision(frame.revision());
@@ -196,6 +198,7 @@ impl registry_server::Registry for RegistryService {
             service,
             selector,
             reader: None,
+            include_not_serving: req.include_not_serving,
         };
         let (handle, start) = self
             .registry
@@ -214,5 +217,33 @@ impl registry_server::Registry for RegistryService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.registry.status()))
+    }
+
+    async fn set_instance_state(
+        &self,
+        request: Request<SetInstanceStateRequest>,
+    ) -> Result<Response<SetInstanceStateResponse>, Status> {
+        let caller = auth::caller(&request);
+        let req = request.into_inner();
+        let Some(key) = req.instance else {
+            return Err(Status::invalid_argument(
+                "instance is required: the service and id of the instance",
+            ));
+        };
+        telemetry::record_service(&key.service);
+        let state = registry_api::v1::AdminState::try_from(req.state).map_err(|_| {
+            Status::invalid_argument(format!(
+                "state {} is not an admin state (0 ACTIVE, 1 DRAINING, 2 DISABLED)",
+                req.state
+            ))
+        })?;
+        let (revision, instance) = self
+            .registry
+            .set_instance_state(&key.service, &key.id, state, &req.reason, caller.as_deref())
+            .await?;
+        Ok(Response::new(SetInstanceStateResponse {
+            revision,
+            instance: Some(instance),
+        }))
     }
 }

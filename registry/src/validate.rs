@@ -239,9 +239,221 @@ pub fn ttl(ttl_ms: u64, min: Duration, max: Duration) -> Result<Duration> {
     Ok(ttl)
 }
 
+// --- health checks and admin states (issue 17) ---
+
+/// Default time between health checks: Consul's and Kubernetes' usual
+/// period.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest time between health checks: a check rarer than this tells
+/// callers nothing timely.
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default (and, unless the interval is shorter, largest default) time one
+/// check may take: an instance that needs longer to say it is healthy is
+/// not serving its callers either.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default failed checks in a row before a serving instance turns
+/// CRITICAL: one lost packet or slow GC pause must not take it out
+/// (Kubernetes' readiness `failureThreshold`).
+pub const DEFAULT_FAILURES_BEFORE_CRITICAL: u32 = 3;
+/// Default passing checks in a row before a CRITICAL instance serves again.
+pub const DEFAULT_SUCCESSES_BEFORE_PASSING: u32 = 1;
+/// Most consecutive results a threshold may ask for.
+pub const MAX_CHECK_THRESHOLD: u32 = 100;
+/// Longest HTTP check path, and gRPC check service name.
+pub const MAX_CHECK_PATH: usize = 1024;
+/// Longest admin-state reason, and recorded check output, in bytes.
+pub const MAX_REASON: usize = 256;
+
+/// Checks a health check and fills in its defaults (see the proto's
+/// `HealthCheck`). `min_interval` is `--min-check-interval`.
+pub fn health_check(
+    field: &str,
+    check: &mut registry_api::v1::HealthCheck,
+    min_interval: Duration,
+) -> Result<()> {
+    use registry_api::v1::{HealthState, health_check::Kind};
+    let bad = |msg: String| Err(Error::InvalidArgument(msg));
+    let target = match &mut check.kind {
+        None => {
+            return bad(format!("{field} has no kind; set one of grpc, http or tcp"));
+        }
+        Some(Kind::Grpc(g)) => {
+            if g.service.len() > MAX_CHECK_PATH || g.service.chars().any(|c| !c.is_ascii_graphic())
+            {
+                return bad(format!(
+                    "{field}.grpc.service {} must be at most {MAX_CHECK_PATH} bytes of printable ASCII",
+                    quote(&g.service)
+                ));
+            }
+            &g.address
+        }
+        Some(Kind::Http(h)) => {
+            if h.path.is_empty() {
+                h.path = "/".into();
+            }
+            if !h.path.starts_with('/')
+                || h.path.len() > MAX_CHECK_PATH
+                || h.path.chars().any(|c| !c.is_ascii_graphic())
+            {
+                return bad(format!(
+                    "{field}.http.path {} must start with '/' and be at most {MAX_CHECK_PATH} bytes of printable ASCII without spaces",
+                    quote(&h.path)
+                ));
+            }
+            &h.address
+        }
+        Some(Kind::Tcp(t)) => &t.address,
+    };
+    if !target.is_empty() {
+        address(&format!("{field}.address"), target)?;
+    }
+    let interval = match check.interval_ms {
+        0 => DEFAULT_CHECK_INTERVAL.max(min_interval),
+        ms => Duration::from_millis(ms),
+    };
+    if interval < min_interval || interval > MAX_CHECK_INTERVAL {
+        return Err(Error::OutOfRange(format!(
+            "{field}.interval_ms {} ({}) is outside {}..={} (min_check_interval)",
+            check.interval_ms,
+            humantime::format_duration(interval),
+            humantime::format_duration(min_interval),
+            humantime::format_duration(MAX_CHECK_INTERVAL)
+        )));
+    }
+    let timeout = match check.timeout_ms {
+        0 => interval.min(DEFAULT_CHECK_TIMEOUT),
+        ms => Duration::from_millis(ms),
+    };
+    if timeout > interval {
+        return Err(Error::OutOfRange(format!(
+            "{field}.timeout_ms {} is above interval_ms {}: a check must end before the next one starts",
+            timeout.as_millis(),
+            interval.as_millis()
+        )));
+    }
+    for (name, v, default) in [
+        (
+            "failures_before_critical",
+            &mut check.failures_before_critical,
+            DEFAULT_FAILURES_BEFORE_CRITICAL,
+        ),
+        (
+            "successes_before_passing",
+            &mut check.successes_before_passing,
+            DEFAULT_SUCCESSES_BEFORE_PASSING,
+        ),
+    ] {
+        if *v == 0 {
+            *v = default;
+        }
+        if *v > MAX_CHECK_THRESHOLD {
+            return Err(Error::OutOfRange(format!(
+                "{field}.{name} {v} is above the maximum {MAX_CHECK_THRESHOLD}"
+            )));
+        }
+    }
+    let initial = check.initial_state.unwrap_or(HealthState::Critical as i32);
+    if HealthState::try_from(initial).is_err() {
+        return bad(format!(
+            "{field}.initial_state {initial} is not a health state (0 PASSING, 1 WARNING, 2 CRITICAL)"
+        ));
+    }
+    check.initial_state = Some(initial);
+    check.interval_ms = interval.as_millis() as u64;
+    check.timeout_ms = timeout.as_millis() as u64;
+    Ok(())
+}
+
+/// Checks an admin state (a known value) and its reason (at most
+/// [`MAX_REASON`] bytes).
+pub fn admin_state(field: &str, state: i32, reason: &str) -> Result<()> {
+    if registry_api::v1::AdminState::try_from(state).is_err() {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {state} is not an admin state (0 ACTIVE, 1 DRAINING, 2 DISABLED)"
+        )));
+    }
+    if reason.len() > MAX_REASON {
+        return Err(Error::InvalidArgument(format!(
+            "reason {} is {} bytes, the limit is {MAX_REASON}",
+            quote(reason),
+            reason.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_checks_get_defaults_and_bounds() {
+        use registry_api::v1::{HealthCheck, HttpCheck, health_check::Kind};
+        let min = Duration::from_secs(1);
+        let mut c = HealthCheck {
+            kind: Some(Kind::Http(HttpCheck::default())),
+            ..Default::default()
+        };
+        health_check("check", &mut c, min).unwrap();
+        assert_eq!((c.interval_ms, c.timeout_ms), (10_000, 5_000));
+        assert_eq!(
+            (c.failures_before_critical, c.successes_before_passing),
+            (3, 1)
+        );
+        assert_eq!(c.initial_state, Some(2));
+        let Some(Kind::Http(h)) = &c.kind else {
+            panic!()
+        };
+        assert_eq!(h.path, "/");
+        let msg = |mut c: HealthCheck| health_check("check", &mut c, min).unwrap_err().to_string();
+        assert!(msg(HealthCheck::default()).contains("check has no kind"));
+        let fast = HealthCheck {
+            interval_ms: 10,
+            ..c.clone()
+        };
+        assert!(msg(fast).contains("check.interval_ms 10 (10ms) is outside 1s..=1h"));
+        let slow = HealthCheck {
+            timeout_ms: 20_000,
+            ..c.clone()
+        };
+        assert!(msg(slow).contains("timeout_ms 20000 is above interval_ms 10000"));
+        let path = HealthCheck {
+            kind: Some(Kind::Http(HttpCheck {
+                path: "health".into(),
+                address: String::new(),
+            })),
+            ..c.clone()
+        };
+        assert!(msg(path).contains("must start with '/'"));
+        let addr = HealthCheck {
+            kind: Some(Kind::Http(HttpCheck {
+                path: "/".into(),
+                address: "0.0.0.0:80".into(),
+            })),
+            ..c.clone()
+        };
+        assert!(msg(addr).contains("check.address"));
+        assert!(admin_state("state", 7, "").is_err());
+        assert!(
+            admin_state("state", 1, &"x".repeat(300))
+                .unwrap_err()
+                .to_string()
+                .contains("the limit is 256")
+        );
+        assert_eq!(truncate("héllo", 2), "h");
+    }
 
     #[test]
     fn service_names() {

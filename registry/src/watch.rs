@@ -13,6 +13,18 @@
 //! concatenating their encodings: protobuf merges repeated occurrences of
 //! the same message field, so the client decodes one `EventBatch` holding
 //! all their events, in order.
+//!
+//! Served sets (issue 17): a watcher without `include_not_serving` follows
+//! the served set of its services (see [`crate::serving`]) rather than
+//! every registered instance. The catalog marks each event with whether
+//! its instance was served before and after the revision, and lists the
+//! instances a change of panic mode moved in or out; [`translate`] turns a
+//! put of an instance leaving the served set into a DELETE
+//! (`NOT_SERVING`), one entering it into a PUT, and a panic flip into PUTs
+//! or DELETEs of the critical instances it moved. Snapshots leave out what
+//! is not served. So the watched state equals the default Resolve at every
+//! revision, panic mode included. Serving-only watchers without a selector
+//! share one encoding per batch as the others do.
 
 use std::time::Duration;
 
@@ -132,6 +144,19 @@ pub fn batch_events(filter: &WatchFilter, batch: &RevisionBatch) -> Option<(Byte
             None => true,
             Some(s) => batch.single_service() == Some(&**s),
         };
+    if sees_all && !filter.include_not_serving && !batch.serves_all() {
+        // The served part of the whole batch, encoded once for every
+        // serving-only watcher without a selector.
+        return batch
+            .encoded_served
+            .get_or_init(|| {
+                let mut events = Vec::new();
+                translate(&WatchFilter::default(), batch, &mut events);
+                let n = events.len();
+                (n > 0).then(|| (events_message(events).encode_to_vec().into(), n))
+            })
+            .clone();
+    }
     if sees_all {
         return Some((
             batch
@@ -171,8 +196,12 @@ fn count_sent(registry: &Registry, seen: Option<(Bytes, usize)>) -> Option<Bytes
 pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Translates one batch into the events this filter sees: a replacement that
-/// leaves the view becomes a DELETE (REPLACED), one that enters it a PUT.
+/// leaves the view becomes a DELETE (REPLACED when it no longer matches the
+/// selector, NOT_SERVING when it is no longer served), one that enters it a
+/// PUT; a panic flip moves critical instances in (PUT) or out (DELETE,
+/// NOT_SERVING) of a serving-only view.
 pub fn translate(filter: &WatchFilter, batch: &RevisionBatch, out: &mut Vec<Event>) {
+    let all = filter.include_not_serving;
     for ev in &batch.events {
         if let Some(service) = &filter.service
             && **service != *ev.instance.service
@@ -181,19 +210,23 @@ pub fn translate(filter: &WatchFilter, batch: &RevisionBatch, out: &mut Vec<Even
         }
         match &ev.kind {
             EventKind::Put { prev } => {
-                if filter.matches(&ev.instance) {
+                let matches = filter.matches(&ev.instance);
+                if matches && (all || ev.served_after) {
                     out.push(event(EventType::Put, batch.revision, &ev.instance, None));
-                } else if let Some(prev) = prev.as_ref().filter(|p| filter.matches(p)) {
-                    out.push(event(
-                        EventType::Delete,
-                        batch.revision,
-                        prev,
-                        Some(DeleteReason::Replaced),
-                    ));
+                } else if let Some(prev) = prev
+                    .as_ref()
+                    .filter(|p| (all || ev.served_before) && filter.matches(p))
+                {
+                    let reason = if matches {
+                        DeleteReason::NotServing
+                    } else {
+                        DeleteReason::Replaced
+                    };
+                    out.push(event(EventType::Delete, batch.revision, prev, Some(reason)));
                 }
             }
             EventKind::Delete(reason) => {
-                if filter.matches(&ev.instance) {
+                if (all || ev.served_before) && filter.matches(&ev.instance) {
                     out.push(event(
                         EventType::Delete,
                         batch.revision,
@@ -202,6 +235,30 @@ pub fn translate(filter: &WatchFilter, batch: &RevisionBatch, out: &mut Vec<Even
                     ));
                 }
             }
+        }
+    }
+    if all {
+        return;
+    }
+    for flip in &batch.panic_flips {
+        if !filter.covers(&flip.service) {
+            continue;
+        }
+        for instance in flip
+            .instances
+            .iter()
+            .filter(|i| selector_matches(&filter.selector, i))
+        {
+            out.push(if flip.panicked {
+                event(EventType::Put, batch.revision, instance, None)
+            } else {
+                event(
+                    EventType::Delete,
+                    batch.revision,
+                    instance,
+                    Some(DeleteReason::NotServing),
+                )
+            });
         }
     }
 }
@@ -236,6 +293,8 @@ fn events_message(events: Vec<Event>) -> WatchResponse {
 pub struct SnapshotChunks {
     view: CatalogView,
     selector: Vec<(String, String)>,
+    /// Only the served instances of each service.
+    served_only: bool,
     reset: Option<ResetReason>,
     server: ServerInfo,
     service: usize,
@@ -255,6 +314,7 @@ impl SnapshotChunks {
         Self {
             view,
             selector: filter.selector.clone(),
+            served_only: !filter.include_not_serving,
             reset,
             server,
             service: 0,
@@ -293,6 +353,10 @@ impl Iterator for SnapshotChunks {
         let mut records = Vec::new();
         while let Some(service) = self.view.services().get(self.service) {
             while let Some(bytes) = service.get(self.instance) {
+                if self.served_only && !service.served().includes(self.instance) {
+                    self.instance += 1;
+                    continue;
+                }
                 if !self.selector.is_empty()
                     && !selector_matches(&self.selector, &crate::catalog::decode_instance(bytes))
                 {
@@ -446,14 +510,16 @@ mod tests {
     fn batch(revision: u64, ids: &[&str], service: &str) -> RevisionBatch {
         let events: Vec<CatalogEvent> = ids
             .iter()
-            .map(|id| CatalogEvent {
-                kind: EventKind::Put { prev: None },
-                instance: Arc::new(Instance {
-                    service: service.into(),
-                    id: (*id).into(),
-                    address: "10.0.0.1:80".into(),
-                    ..Default::default()
-                }),
+            .map(|id| {
+                CatalogEvent::all_served(
+                    EventKind::Put { prev: None },
+                    Arc::new(Instance {
+                        service: service.into(),
+                        id: (*id).into(),
+                        address: "10.0.0.1:80".into(),
+                        ..Default::default()
+                    }),
+                )
             })
             .collect();
         RevisionBatch::for_test(revision, events)
@@ -464,8 +530,7 @@ mod tests {
         let b = batch(7, &["a", "b"], "svc");
         let filter = WatchFilter {
             service: Some("svc".into()),
-            selector: vec![],
-            reader: None,
+            ..WatchFilter::default()
         };
         let shared = batch_bytes(&filter, &b).unwrap();
         let mut events = Vec::new();

@@ -1,5 +1,5 @@
 //! The workspace's own executables, for the tests that run them as
-//! processes: the `registry` daemon and the examples.
+//! processes: the `registry` daemon, `regctl` and the examples.
 //!
 //! `env!("CARGO_BIN_EXE_*")` exists only for the `[[bin]]` targets of a
 //! test's own package (the daemon is the `registry` package's, these tests
@@ -48,6 +48,11 @@ pub async fn registry_binary() -> PathBuf {
     artifact("bin", "registry").await
 }
 
+/// The `regctl` command line (a binary of `registry-client`).
+pub async fn regctl_binary() -> PathBuf {
+    artifact("bin", "regctl").await
+}
+
 /// An example of this package (`examples/<name>.rs`).
 pub async fn example(name: &str) -> PathBuf {
     artifact("example", name).await
@@ -83,6 +88,7 @@ fn build() -> HashMap<(String, String), PathBuf> {
     cargo
         .args(["--quiet", "--message-format=json-render-diagnostics"])
         .args(["--package", "registry", "--bin", "registry"])
+        .args(["--package", "registry-client", "--bin", "regctl"])
         .args(["--package", env!("CARGO_PKG_NAME"), "--examples"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(Stdio::inherit());

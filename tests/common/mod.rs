@@ -18,6 +18,7 @@ pub mod ops;
 pub mod otlp;
 pub mod prod;
 pub mod proxy;
+pub mod python;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -193,6 +193,30 @@ struct Args {
     #[arg(long, default_value_t = Config::default().dns_ttl.into())]
     dns_ttl: humantime::Duration,
     // --- end HTTP API and DNS ---
+    // --- health checks, panic mode, slow start (issue 17) ---
+    /// Panic threshold, in percent of a service's active instances: below
+    /// this share serving, every active instance is served, critical ones
+    /// included (0 never panics).
+    #[arg(long, default_value_t = registry::serving::DEFAULT_PANIC_THRESHOLD, value_parser = parse_percent)]
+    panic_threshold: f64,
+    /// Panic threshold of one service, `SERVICE=PERCENT` (repeatable).
+    #[arg(long, value_parser = parse_service_threshold)]
+    service_panic_threshold: Vec<(String, f64)>,
+    /// Shortest health check interval accepted.
+    #[arg(long, default_value_t = Config::default().min_check_interval.into())]
+    min_check_interval: humantime::Duration,
+    /// Cap on health checks in flight at once; further due checks wait.
+    #[arg(long, default_value_t = Config::default().max_checks_in_flight)]
+    max_checks_in_flight: usize,
+    /// Write an unchanged check result (its time and output) at most this
+    /// often; state changes are written at once (0s: only those).
+    #[arg(long, default_value_t = Config::default().check_refresh.into())]
+    check_refresh: humantime::Duration,
+    /// xDS clusters ramp a new endpoint's weight up over this window
+    /// (Envoy's slow_start_config); 0s: off.
+    #[arg(long, default_value_t = Config::default().slow_start_window.into())]
+    slow_start_window: humantime::Duration,
+    // --- end health checks ---
     /// Export a span per RPC over OTLP/gRPC to this collector (Jaeger,
     /// Tempo, an OpenTelemetry Collector), e.g. http://127.0.0.1:4317; calls
     /// carrying a W3C `traceparent` join the caller's trace. Default: the
@@ -202,6 +226,27 @@ struct Args {
     /// (default `registry`).
     #[arg(long)]
     otlp_endpoint: Option<String>,
+}
+
+/// `SERVICE=PERCENT`.
+fn parse_service_threshold(s: &str) -> Result<(String, f64), String> {
+    let (service, pct) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SERVICE=PERCENT, e.g. prod=30"))?;
+    registry::validate::service_name("service", service).map_err(|e| e.to_string())?;
+    Ok((service.to_owned(), parse_percent(pct)?))
+}
+
+/// A percentage, 0..=100 (a trailing `%` is allowed).
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let pct: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (0..=100)"))?;
+    if !(0.0..=100.0).contains(&pct) {
+        return Err(format!("{pct} is not a percentage (0..=100)"));
+    }
+    Ok(pct)
 }
 
 /// A listen address, or `off`.
@@ -282,6 +327,14 @@ impl Args {
             dns_listen: self.dns_listen.and_then(|l| l.0),
             dns_domain: self.dns_domain.clone(),
             dns_ttl: self.dns_ttl.into(),
+            panic: self.service_panic_threshold.iter().fold(
+                registry::serving::PanicThresholds::new(self.panic_threshold),
+                |t, (service, pct)| t.with_service(service.clone(), *pct),
+            ),
+            min_check_interval: self.min_check_interval.into(),
+            max_checks_in_flight: self.max_checks_in_flight,
+            check_refresh: self.check_refresh.into(),
+            slow_start_window: self.slow_start_window.into(),
             otlp_endpoint: otlp_endpoint(self.otlp_endpoint.as_deref(), |name| {
                 std::env::var(name).ok()
             }),

@@ -32,6 +32,14 @@
 //!   which turns the walk into a snapshot at exactly that revision.
 //! - Instances rest encoded (one shared allocation each); they are decoded
 //!   only for events, filtered reads and xDS, and lazily per snapshot.
+//! - **Served sets** (issue 17, see [`crate::serving`]): each service counts
+//!   its active and serving instances, so a commit knows whether it moved
+//!   the service in or out of panic mode. It marks every event with whether
+//!   its instance was served before and after the revision, and a commit
+//!   that flips panic mode lists the untouched critical instances whose
+//!   membership flipped with it ([`PanicFlip`]). A serving-only watcher's
+//!   events are derived from exactly that, so its state equals the default
+//!   Resolve at every revision. Snapshots compute their served set lazily.
 
 mod view;
 
@@ -52,7 +60,10 @@ use parking_lot::{Mutex, MutexGuard};
 use registry_api::v1::{DeleteReason, Instance, ResetReason};
 use tokio::{sync::mpsc, time::Instant};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    serving::{self, Class, Counts, PanicThresholds, Served, Threshold},
+};
 
 pub use view::{CatalogView, ViewService};
 
@@ -95,6 +106,46 @@ pub struct CatalogEvent {
     pub kind: EventKind,
     /// For a put the new instance, for a delete the removed one.
     pub instance: Arc<Instance>,
+    /// Whether the instance this event replaces or removes (a put's `prev`,
+    /// a delete's instance) was in its service's served set just before
+    /// this revision (false for a put without `prev`).
+    pub served_before: bool,
+    /// Whether a put's instance is in the served set at this revision
+    /// (false for a delete).
+    pub served_after: bool,
+}
+
+impl CatalogEvent {
+    /// An event outside any catalog (tests, benches): every instance
+    /// involved is served.
+    #[doc(hidden)]
+    pub fn all_served(kind: EventKind, instance: Arc<Instance>) -> Self {
+        let served_before = match &kind {
+            EventKind::Put { prev } => prev.is_some(),
+            EventKind::Delete(_) => true,
+        };
+        let served_after = matches!(kind, EventKind::Put { .. });
+        Self {
+            kind,
+            instance,
+            served_before,
+            served_after,
+        }
+    }
+}
+
+/// A revision that moved a service in or out of panic mode: its critical
+/// instances that this revision did not otherwise touch entered (or left)
+/// the served set with it. Serving-only watchers see them as PUTs (or
+/// DELETEs with reason `NOT_SERVING`).
+#[derive(Debug, Clone)]
+pub struct PanicFlip {
+    /// The service.
+    pub service: Arc<str>,
+    /// Whether the service is in panic mode after the revision.
+    pub panicked: bool,
+    /// Its critical instances not changed by the revision, ordered by id.
+    pub instances: Vec<Arc<Instance>>,
 }
 
 /// All the events of one revision, shared by the history and every watcher.
@@ -104,6 +155,8 @@ pub struct RevisionBatch {
     pub revision: u64,
     /// Events in the order they were applied (grouped by service).
     pub events: Vec<CatalogEvent>,
+    /// Services this revision moved in or out of panic mode (usually none).
+    pub panic_flips: Vec<PanicFlip>,
     /// Whether every event belongs to one service (the common case):
     /// watchers of that service without a selector see the whole batch. A
     /// flag rather than the name, so a history entry costs no string.
@@ -111,6 +164,9 @@ pub struct RevisionBatch {
     /// The whole batch encoded once as a `WatchResponse`, shared by every
     /// watcher that sees all of it (see `watch`).
     pub(crate) encoded: OnceLock<Bytes>,
+    /// The same for serving-only watchers without a selector (`None`: they
+    /// see nothing of it), with its event count.
+    pub(crate) encoded_served: OnceLock<Option<(Bytes, usize)>>,
     at: Instant,
 }
 
@@ -123,6 +179,28 @@ impl RevisionBatch {
         }
     }
 
+    /// Whether a serving-only watcher sees exactly what a watcher of all
+    /// instances sees: every put's instance is served, every deleted one
+    /// was, and no service flipped panic mode. A put of an instance that
+    /// was not served before is a PUT for both.
+    pub fn serves_all(&self) -> bool {
+        self.panic_flips.is_empty()
+            && self.events.iter().all(|e| match e.kind {
+                EventKind::Put { .. } => e.served_after,
+                EventKind::Delete(_) => e.served_before,
+            })
+    }
+
+    /// History weight: events plus the instances of panic flips.
+    fn weight(&self) -> usize {
+        self.events.len()
+            + self
+                .panic_flips
+                .iter()
+                .map(|f| f.instances.len())
+                .sum::<usize>()
+    }
+
     /// A batch outside any catalog, for unit tests of the watch encoding.
     #[doc(hidden)]
     pub fn for_test(revision: u64, events: Vec<CatalogEvent>) -> Self {
@@ -132,8 +210,10 @@ impl RevisionBatch {
         Self {
             revision,
             events,
+            panic_flips: Vec::new(),
             single,
             encoded: OnceLock::new(),
+            encoded_served: OnceLock::new(),
             at: Instant::now(),
         }
     }
@@ -189,16 +269,71 @@ pub struct ServiceSnapshot {
     decoded: OnceLock<Vec<Arc<Instance>>>,
     /// `ResolveResponse.instances` records, built on first use.
     resolve_records: OnceLock<Bytes>,
+    /// The service's panic threshold and its counts at this revision.
+    threshold: Threshold,
+    counts: Counts,
+    /// The served set, computed on first use.
+    served: OnceLock<Served>,
+    /// The served instances as Resolve records, built on first use.
+    served_records: OnceLock<Bytes>,
 }
 
 impl ServiceSnapshot {
-    fn new(revision: u64, entries: Vec<(Arc<str>, Arc<[u8]>)>) -> Self {
+    fn new(
+        revision: u64,
+        entries: Vec<(Arc<str>, Arc<[u8]>)>,
+        threshold: Threshold,
+        counts: Counts,
+    ) -> Self {
         Self {
             revision,
             entries,
             decoded: OnceLock::new(),
             resolve_records: OnceLock::new(),
+            threshold,
+            counts,
+            served: OnceLock::new(),
+            served_records: OnceLock::new(),
         }
+    }
+
+    /// Which instances are served by default, and whether the service is
+    /// in panic mode (see [`crate::serving`]). When every instance is
+    /// serving (the common case) nothing is scanned.
+    pub fn served(&self) -> &Served {
+        self.served.get_or_init(|| {
+            if self.counts.serving == self.entries.len() {
+                Served::all()
+            } else {
+                Served::of_encoded(self.entries.iter().map(|(_, b)| &**b), self.threshold)
+            }
+        })
+    }
+
+    /// The panic threshold of the service.
+    pub fn threshold(&self) -> Threshold {
+        self.threshold
+    }
+
+    /// The served instances as encoded Resolve records (the same buffer as
+    /// [`ServiceSnapshot::encoded_instances`] when all are served).
+    pub fn encoded_served(&self) -> Bytes {
+        let served = self.served();
+        if served.is_all() {
+            return self.encoded_instances();
+        }
+        self.served_records
+            .get_or_init(|| {
+                crate::frame::records(
+                    1,
+                    self.entries
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| served.includes(*i))
+                        .map(|(_, (_, b))| &**b),
+                )
+            })
+            .clone()
     }
 
     /// Number of instances.
@@ -241,6 +376,8 @@ struct ServiceState {
     /// Revision of the last change; 0 while the entry is new and its
     /// creating transaction has not committed (the service is not known yet).
     revision: u64,
+    /// Active and serving instances, for panic mode.
+    counts: Counts,
 }
 
 #[derive(Debug)]
@@ -248,13 +385,16 @@ struct ServiceEntry {
     state: Mutex<ServiceState>,
     /// `None` after a change until the next reader rebuilds it.
     snapshot: ArcSwapOption<ServiceSnapshot>,
+    /// The service's panic threshold (fixed for the registry's life).
+    threshold: Threshold,
 }
 
 impl ServiceEntry {
-    fn new() -> Self {
+    fn new(threshold: Threshold) -> Self {
         Self {
             state: Mutex::new(ServiceState::default()),
             snapshot: ArcSwapOption::empty(),
+            threshold,
         }
     }
 
@@ -276,6 +416,8 @@ impl ServiceEntry {
                 .iter()
                 .map(|(id, s)| (id.clone(), s.encoded.clone()))
                 .collect(),
+            self.threshold,
+            state.counts,
         ));
         self.snapshot.store(Some(snap.clone()));
         snap
@@ -309,6 +451,8 @@ pub struct CatalogConfig {
     pub watch_buffer: usize,
     /// Cap on known services.
     pub max_services: usize,
+    /// Panic thresholds of the services (see [`crate::serving`]).
+    pub panic: PanicThresholds,
 }
 
 /// A watcher's mailbox as the writer sees it.
@@ -318,6 +462,9 @@ struct WatcherSlot {
     overflowed: Arc<AtomicU8>,
     service: Option<Arc<str>>,
     conn: Option<SocketAddr>,
+    /// Counted in `stats.watchers` and the caps: false for the registry's
+    /// own watchers (the health checker), which are not clients' streams.
+    counted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -385,6 +532,9 @@ pub struct WatchFilter {
     /// With auth on, a watch-all by an identity that may not read every
     /// service: only the services it may read are in its view.
     pub reader: Option<Arc<crate::auth::Identity>>,
+    /// Also instances that are not served (critical, draining, disabled);
+    /// by default a watcher follows the served set (see `crate::watch`).
+    pub include_not_serving: bool,
 }
 
 impl WatchFilter {
@@ -423,6 +573,8 @@ pub struct WatcherHandle {
     /// while it queues): it overflowed, or the catalog was reset.
     overflowed: Arc<AtomicU8>,
     filter: WatchFilter,
+    /// One of the registry's own (see [`Catalog::subscribe_internal`]).
+    internal: bool,
 }
 
 /// A watcher's reset state: none.
@@ -655,6 +807,28 @@ impl Catalog {
         Ok(self.add_watcher(&mut writer, filter, conn))
     }
 
+    /// [`Catalog::subscribe`] for the registry's own use (the health
+    /// checker): not a client's stream, so neither counted in `Status` nor
+    /// held to the watcher caps.
+    pub fn subscribe_internal(self: &Arc<Self>, filter: WatchFilter) -> WatcherHandle {
+        let mut writer = self.writer.lock();
+        let mut handle = self.add_watcher(&mut writer, filter, None);
+        handle.internal = true;
+        let slot = match &handle.filter.service {
+            Some(s) => writer
+                .watchers
+                .by_service
+                .get_mut(s)
+                .and_then(|m| m.get_mut(&handle.id)),
+            None => writer.watchers.all.get_mut(&handle.id),
+        };
+        if let Some(slot) = slot {
+            slot.counted = false;
+        }
+        self.stats.watchers.fetch_sub(1, Ordering::Relaxed);
+        handle
+    }
+
     fn check_watcher_caps(&self, writer: &Writer, conn: Option<SocketAddr>) -> Result<()> {
         let live = self.stats.watchers.load(Ordering::Relaxed);
         if live >= self.config.max_watchers {
@@ -691,6 +865,7 @@ impl Catalog {
             overflowed: overflowed.clone(),
             service: filter.service.clone(),
             conn,
+            counted: true,
         };
         match &filter.service {
             Some(s) => {
@@ -714,6 +889,7 @@ impl Catalog {
             rx,
             overflowed,
             filter,
+            internal: false,
         }
     }
 
@@ -729,7 +905,9 @@ impl Catalog {
     /// its queue is emptied (O(1) under the write lock) and it goes on from
     /// the next revision; the caller re-reads whatever it needs.
     pub fn resubscribe(&self, handle: &mut WatcherHandle) {
-        self.stats.watcher_resets.fetch_add(1, Ordering::Relaxed);
+        if !handle.internal {
+            self.stats.watcher_resets.fetch_add(1, Ordering::Relaxed);
+        }
         let _writer = self.writer.lock();
         view::drain(handle);
     }
@@ -757,7 +935,9 @@ impl Catalog {
                     watchers.per_conn.remove(&conn);
                 }
             }
-            self.stats.watchers.fetch_sub(1, Ordering::Relaxed);
+            if slot.counted {
+                self.stats.watchers.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -998,6 +1178,7 @@ impl Txn<'_> {
         let restore = self.restore;
         let writer = &mut *self.writer;
         let mut events = Vec::with_capacity(if restore { 0 } else { staged.len() });
+        let mut flips: Vec<PanicFlip> = Vec::new();
         let mut changed = false;
         let mut ops = staged.into_iter().peekable();
         while let Some(first) = ops.next() {
@@ -1023,7 +1204,8 @@ impl Txn<'_> {
                 Some(found) => found,
                 None if has_put => {
                     let name: Arc<str> = service.as_str().into();
-                    let entry = Arc::new(ServiceEntry::new());
+                    let threshold = catalog.config.panic.for_service(&name);
+                    let entry = Arc::new(ServiceEntry::new(threshold));
                     catalog.services.insert(name.clone(), entry.clone());
                     (name, entry)
                 }
@@ -1031,8 +1213,15 @@ impl Txn<'_> {
             };
             let mut state = entry.state.lock();
             let before = state.instances.len();
+            let counts_before = state.counts;
             let mut touched = false;
             let mut top = state.revision;
+            // This group's events, and the classes of what each replaced or
+            // removed (`prev`) and of what it put (`new`), to mark them
+            // served or not once the service's panic mode after the whole
+            // group is known.
+            let first_event = events.len();
+            let mut classes: Vec<(Option<Class>, Option<Class>)> = Vec::new();
             for op in group {
                 match op {
                     Staged::Put(mut instance, id) => {
@@ -1042,18 +1231,28 @@ impl Txn<'_> {
                             instance.revision = revision;
                         }
                         let id = id.unwrap_or_else(|| instance.id.as_str().into());
+                        let class = serving::class_of(&instance);
                         let stored = Stored::encode(&instance);
                         if let Some(record) = record.as_deref_mut() {
                             record.push(((name.clone(), id.clone()), stored.encoded.clone()));
                         }
                         let prev = state.instances.insert(id, stored);
+                        let prev_class =
+                            prev.as_ref().map(|p| serving::class_of_encoded(&p.encoded));
+                        if let Some(c) = prev_class {
+                            state.counts.remove(c);
+                        }
+                        state.counts.add(class);
                         touched = true;
                         if !restore {
+                            classes.push((prev_class, Some(class)));
                             events.push(CatalogEvent {
                                 kind: EventKind::Put {
                                     prev: prev.map(|p| p.decode()),
                                 },
                                 instance: Arc::new(instance),
+                                served_before: false,
+                                served_after: false,
                             });
                         }
                     }
@@ -1061,15 +1260,52 @@ impl Txn<'_> {
                         let Some(prev) = state.instances.remove(&key.id) else {
                             continue;
                         };
+                        let prev_class = serving::class_of_encoded(&prev.encoded);
+                        state.counts.remove(prev_class);
                         touched = true;
                         if !restore {
+                            classes.push((Some(prev_class), None));
                             events.push(CatalogEvent {
                                 kind: EventKind::Delete(reason),
                                 instance: prev.decode(),
+                                served_before: false,
+                                served_after: false,
                             });
                         }
                     }
                     Staged::Forget(_) => unreachable!("grouped apart"),
+                }
+            }
+            if !restore && touched {
+                // Served before / after, against the panic mode of the
+                // service before and after this revision.
+                let was = entry.threshold.panicked(counts_before);
+                let is = entry.threshold.panicked(state.counts);
+                for (ev, (prev, new)) in events[first_event..].iter_mut().zip(&classes) {
+                    ev.served_before = prev.is_some_and(|c| c.served(was));
+                    ev.served_after = new.is_some_and(|c| c.served(is));
+                }
+                if was != is {
+                    // The critical instances this revision left alone
+                    // changed membership too; the rest are in the events.
+                    let changed: std::collections::HashSet<&str> = events[first_event..]
+                        .iter()
+                        .map(|e| e.instance.id.as_str())
+                        .collect();
+                    let instances = state
+                        .instances
+                        .iter()
+                        .filter(|(id, s)| {
+                            !changed.contains(&***id)
+                                && serving::class_of_encoded(&s.encoded) == Class::Critical
+                        })
+                        .map(|(_, s)| s.decode())
+                        .collect();
+                    flips.push(PanicFlip {
+                        service: name.clone(),
+                        panicked: is,
+                        instances,
+                    });
                 }
             }
             let after = state.instances.len();
@@ -1103,11 +1339,13 @@ impl Txn<'_> {
             let batch = Arc::new(RevisionBatch {
                 revision,
                 events,
+                panic_flips: flips,
                 single,
                 encoded: OnceLock::new(),
+                encoded_served: OnceLock::new(),
                 at: Instant::now(),
             });
-            writer.history_len += batch.events.len();
+            writer.history_len += batch.weight();
             writer.history.push_back(batch.clone());
             let max_age = catalog.config.history_age;
             while let Some(front) = writer.history.front() {
@@ -1116,7 +1354,7 @@ impl Txn<'_> {
                 if !(too_many || too_old) || writer.history.len() == 1 {
                     break;
                 }
-                writer.history_len -= front.events.len();
+                writer.history_len -= front.weight();
                 writer.compacted = front.revision;
                 writer.history.pop_front();
             }

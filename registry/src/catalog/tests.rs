@@ -9,6 +9,7 @@ fn config() -> CatalogConfig {
         max_watchers_per_connection: 10,
         watch_buffer: 4,
         max_services: 100,
+        panic: Default::default(),
     }
 }
 
@@ -62,8 +63,7 @@ async fn slow_watcher_is_flagged_not_blocking() {
     let c = Arc::new(Catalog::new(config()));
     let filter = WatchFilter {
         service: Some("a".into()),
-        selector: vec![],
-        reader: None,
+        ..WatchFilter::default()
     };
     let (mut w, _) = c.watch(filter, 0, true, None).unwrap();
     for i in 0..10 {

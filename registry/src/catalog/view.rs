@@ -27,7 +27,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use registry_api::v1::Instance;
 
 use super::{Catalog, RevisionBatch, ServiceSnapshot, Stored, WatchFilter, WatcherHandle};
-use crate::catalog::EventKind;
+use crate::{
+    catalog::EventKind,
+    serving::{PanicThresholds, Served},
+};
 
 /// Walks retried before the last one is made under the write lock.
 const LOCK_FREE_ATTEMPTS: usize = 3;
@@ -45,8 +48,9 @@ pub struct CatalogView {
 pub enum ViewService {
     /// The service's shared snapshot, exact at the view's revision.
     Shared(Arc<ServiceSnapshot>),
-    /// A private copy patched with changes made during the walk.
-    Patched(Arc<Vec<Arc<[u8]>>>),
+    /// A private copy patched with changes made during the walk, and its
+    /// served set (computed with the copy: this path is rare).
+    Patched(Arc<Vec<Arc<[u8]>>>, Arc<Served>),
 }
 
 impl ViewService {
@@ -54,7 +58,7 @@ impl ViewService {
     pub fn encoded(&self) -> Box<dyn Iterator<Item = &[u8]> + '_> {
         match self {
             ViewService::Shared(s) => Box::new(s.entries().iter().map(|(_, b)| &**b)),
-            ViewService::Patched(v) => Box::new(v.iter().map(|b| &**b)),
+            ViewService::Patched(v, _) => Box::new(v.iter().map(|b| &**b)),
         }
     }
 
@@ -62,7 +66,7 @@ impl ViewService {
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         match self {
             ViewService::Shared(s) => s.entries().get(i).map(|(_, b)| &**b),
-            ViewService::Patched(v) => v.get(i).map(|b| &**b),
+            ViewService::Patched(v, _) => v.get(i).map(|b| &**b),
         }
     }
 
@@ -70,7 +74,15 @@ impl ViewService {
     pub fn len(&self) -> usize {
         match self {
             ViewService::Shared(s) => s.len(),
-            ViewService::Patched(v) => v.len(),
+            ViewService::Patched(v, _) => v.len(),
+        }
+    }
+
+    /// Which instances are served by default (see [`crate::serving`]).
+    pub fn served(&self) -> &Served {
+        match self {
+            ViewService::Shared(s) => s.served(),
+            ViewService::Patched(_, served) => served,
         }
     }
 
@@ -132,14 +144,14 @@ impl Catalog {
             let batches: Vec<Arc<RevisionBatch>> = writer.history.range(from..).cloned().collect();
             drain(handle);
             drop(writer);
-            return patch(&filter, r1, walked, &batches);
+            return patch(&filter, r1, walked, &batches, &self.config.panic);
         }
         let writer = self.writer.lock();
         let walked = self.walk(&filter);
         let r1 = self.revision();
         drain(handle);
         drop(writer);
-        patch(&filter, r1, walked, &[])
+        patch(&filter, r1, walked, &[], &self.config.panic)
     }
 
     /// The shared snapshots of the services the filter covers, by name.
@@ -185,6 +197,7 @@ fn patch(
     r1: u64,
     mut walked: BTreeMap<Arc<str>, Option<Arc<ServiceSnapshot>>>,
     batches: &[Arc<RevisionBatch>],
+    panic: &PanicThresholds,
 ) -> CatalogView {
     let mut patched: BTreeMap<Arc<str>, Patch> = BTreeMap::new();
     for batch in batches.iter().filter(|b| b.revision <= r1) {
@@ -223,7 +236,12 @@ fn patch(
     let services = walked
         .into_iter()
         .filter_map(|(name, snap)| match patched.remove(&name) {
-            Some(map) => Some(ViewService::Patched(Arc::new(map.into_values().collect()))),
+            Some(map) => {
+                let entries: Vec<Arc<[u8]>> = map.into_values().collect();
+                let served =
+                    Served::of_encoded(entries.iter().map(|b| &**b), panic.for_service(&name));
+                Some(ViewService::Patched(Arc::new(entries), Arc::new(served)))
+            }
             None => snap.map(ViewService::Shared),
         })
         .collect();

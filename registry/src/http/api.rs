@@ -33,10 +33,8 @@ use serde::de::DeserializeOwned;
 use super::{ApiError, CallerExt, HttpApi, etag, json_answer, longpoll};
 use crate::error::Error;
 
-/// Health of a listed instance. Every instance the registry lists holds a
-/// live lease, and the registry runs no health checks of its own yet, so
-/// today every listed instance is passing; the filter and the labels that
-/// use this are the seam where check results will appear.
+/// Health of a listed instance: the state of its health check (see
+/// [`crate::health`]); an instance without a check is passing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     /// Serving.
@@ -64,8 +62,12 @@ impl Health {
 }
 
 /// The health of a listed instance (see [`Health`]).
-pub fn health_of(_instance: &Instance) -> Health {
-    Health::Passing
+pub fn health_of(instance: &Instance) -> Health {
+    match registry_api::v1::HealthState::try_from(instance.health) {
+        Ok(registry_api::v1::HealthState::Warning) => Health::Warning,
+        Ok(registry_api::v1::HealthState::Critical) => Health::Critical,
+        _ => Health::Passing,
+    }
 }
 
 /// Which health states a read keeps.
@@ -93,12 +95,17 @@ impl HealthFilter {
     }
 
     fn keeps(self, instance: &Instance) -> bool {
-        let h = health_of(instance);
         match self {
-            Self::One(want) => h == want,
-            Self::Serving => h.serving(),
-            Self::Any => true,
+            Self::One(want) => health_of(instance) == want,
+            // Resolve answered the served set already.
+            Self::Serving | Self::Any => true,
         }
+    }
+
+    /// Whether the read needs instances that are not served: every filter
+    /// but `serving` (the default, what gRPC Resolve answers).
+    fn needs_all(self) -> bool {
+        !matches!(self, Self::Serving)
     }
 }
 
@@ -262,10 +269,11 @@ pub async fn resolve(
     let params = ReadParams::parse(query_pairs(query)?, true)?;
     let registry = api.registry();
     let resolve = || -> Result<ResolveResponse, ApiError> {
-        let mut answer = registry.resolve(
+        let mut answer = registry.resolve_with(
             &name,
             &params.selector,
             params.include_lease_ttl,
+            params.health.is_some_and(HealthFilter::needs_all),
             caller.identity(),
         )?;
         if let Some(filter) = params.health {
@@ -287,6 +295,7 @@ pub async fn resolve(
         server.warming_up,
         server.stale,
         answer.service_known,
+        answer.panicked,
         instance_versions(&answer.instances, params.include_lease_ttl),
     ));
     Ok(json_answer(

@@ -107,8 +107,11 @@ impl Waiters {
             return Ok(hub.changed.subscribe());
         }
         let shared = !hubs.contains_key(&service);
+        // Every change of the service wakes its waiters, served or not (a
+        // `health=any` read sees changes of critical instances too).
         let filter = WatchFilter {
             service: service.clone(),
+            include_not_serving: true,
             ..WatchFilter::default()
         };
         let (handle, start) = self.registry.catalog().watch(filter, from, true, None)?;

@@ -132,10 +132,8 @@ pub async fn targets(
     let mut groups = Vec::new();
     for service in &services {
         let answer = registry.resolve(service, &none, false, caller.identity())?;
-        let serving = answer
-            .instances
-            .into_iter()
-            .filter(|i| health_of(i).serving());
+        // The served set (see `crate::serving`), as callers see it.
+        let serving = answer.instances.into_iter();
         if per_service {
             let targets: Vec<String> = serving.map(|i| i.address).collect();
             if !targets.is_empty() {

@@ -93,8 +93,12 @@ async fn open(
     let mut epoch = 0;
     let mut progress = registry.config().watch_progress_interval;
     let mut selector = std::collections::HashMap::new();
+    let mut include_not_serving = false;
     for (k, v) in pairs {
         match k.as_str() {
+            "include_not_serving" | "includeNotServing" => {
+                include_not_serving = super::api::parse_bool("include_not_serving", &v)?
+            }
             "start_revision" | "startRevision" => start_revision = parse_u64("start_revision", &v)?,
             "epoch" => epoch = parse_u64("epoch", &v)?,
             "progress_interval_ms" | "progressIntervalMs" => {
@@ -124,6 +128,7 @@ async fn open(
         service: service.as_deref().map(Arc::from),
         selector,
         reader: None,
+        include_not_serving,
     };
     // As the gRPC Watch (a resume from a cluster node a little ahead waits
     // for this one to catch up rather than reset).

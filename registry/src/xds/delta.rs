@@ -259,7 +259,11 @@ impl Protocol for Delta {
                             continue;
                         }
                         let resource = any.unwrap_or_else(|| {
-                            resources::any(resources::load_assignment(&name, &[]))
+                            resources::any(resources::load_assignment(
+                                &name,
+                                &[],
+                                &crate::serving::Served::all(),
+                            ))
                         });
                         sub.have.insert(name.clone(), version.clone());
                         resources.push(Resource {
@@ -339,7 +343,11 @@ impl Ctx<'_> {
                 }
                 let cap = self.registry.config().max_services;
                 let any = self.cache.get_or_build(name, snap.revision, cap, || {
-                    resources::any(resources::load_assignment(name, snap.instances()))
+                    resources::any(resources::load_assignment(
+                        name,
+                        snap.instances(),
+                        snap.served(),
+                    ))
                 });
                 Some((version, Some(any)))
             }
@@ -354,7 +362,10 @@ impl Ctx<'_> {
             )),
             ResourceType::Cluster => Some((
                 NAME_ONLY_VERSION.to_owned(),
-                Some(resources::any(resources::cluster(name))),
+                Some(resources::any(resources::cluster(
+                    name,
+                    self.registry.config(),
+                ))),
             )),
         }
     }

@@ -15,7 +15,12 @@
 //!   routing over all below half healthy), so gRPC clients in other
 //!   languages and Envoy treat a dead instance as Rust callers do.
 //! - **ClusterLoadAssignment `S`**: the live instances, one locality per
-//!   `zone` metadata value, `weight` as the endpoint's load-balancing weight.
+//!   `zone` metadata value, `weight` as the endpoint's load-balancing weight,
+//!   and a health status from the served set (see [`crate::serving`]):
+//!   served instances are `HEALTHY` (critical ones too while the service is
+//!   in panic mode, since gRPC clients have no panic mode of their own),
+//!   draining and disabled ones `DRAINING`, critical ones `UNHEALTHY`;
+//!   gRPC and Envoy send calls to the healthy ones only.
 //!
 //! Listener, RouteConfiguration and Cluster depend only on the name; they
 //! exist while the service has at least one live instance. The load
@@ -34,7 +39,7 @@ use envoy_types::pb::{
                 Cluster, OutlierDetection,
                 cluster::{
                     ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig,
-                    LbPolicy,
+                    LbConfig, LbPolicy, RoundRobinLbConfig, SlowStartConfig,
                     common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
                 },
             },
@@ -74,8 +79,10 @@ use envoy_types::pb::{
     google::protobuf::{Any, Duration as PbDuration, UInt32Value},
 };
 use envoy_types::util::pack_any;
-use registry_api::v1::Instance;
+use registry_api::v1::{AdminState, Instance};
 use std::sync::Arc;
+
+use crate::{config::Config, serving::Served};
 
 /// The metadata key whose value becomes an endpoint's locality zone.
 pub const ZONE_KEY: &str = "zone";
@@ -108,7 +115,9 @@ const OUTLIER_INTERVAL_SECS: i64 = 1;
 const OUTLIER_FAILURE_PERCENT: u32 = 50;
 /// Below this share of healthy endpoints, route over all of them (Envoy's
 /// panic mode; the client's panic mode when every candidate is ejected).
-pub const HEALTHY_PANIC_PERCENT: f64 = 50.0;
+/// The registry's default panic threshold; a service's own threshold (see
+/// [`crate::serving`]) is what its cluster carries.
+pub const HEALTHY_PANIC_PERCENT: f64 = crate::serving::DEFAULT_PANIC_THRESHOLD;
 
 /// Name of the terminal HTTP filter both gRPC and Envoy expect.
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
@@ -175,8 +184,23 @@ pub fn route_configuration(service: &str) -> RouteConfiguration {
     }
 }
 
-/// An EDS cluster whose endpoints come over the same ADS stream.
-pub fn cluster(service: &str) -> Cluster {
+/// An EDS cluster whose endpoints come over the same ADS stream, with the
+/// service's panic threshold and, when `config.slow_start_window` is set, a
+/// slow start (a new endpoint's weight ramps up linearly over the window,
+/// from 10%).
+pub fn cluster(service: &str, config: &Config) -> Cluster {
+    let window = config.slow_start_window;
+    let lb_config = (!window.is_zero()).then(|| {
+        LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+            slow_start_config: Some(SlowStartConfig {
+                slow_start_window: Some(PbDuration {
+                    seconds: window.as_secs() as i64,
+                    nanos: window.subsec_nanos() as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+    });
     let http2 = HttpProtocolOptions {
         upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
             ExplicitHttpConfig {
@@ -202,7 +226,7 @@ pub fn cluster(service: &str) -> Cluster {
         outlier_detection: Some(outlier_detection()),
         common_lb_config: Some(CommonLbConfig {
             healthy_panic_threshold: Some(Percent {
-                value: HEALTHY_PANIC_PERCENT,
+                value: config.panic.for_service(service).value(),
             }),
             // Traffic across zones follows the locality weights of the load
             // assignment (the sum of each zone's instance weights).
@@ -215,6 +239,7 @@ pub fn cluster(service: &str) -> Cluster {
             HTTP_PROTOCOL_OPTIONS_KEY.to_owned(),
             pack_any(http2),
         )]),
+        lb_config,
         ..Default::default()
     }
 }
@@ -244,13 +269,18 @@ fn outlier_detection() -> OutlierDetection {
 }
 
 /// The service's instances as endpoints, grouped into one locality per
-/// `zone` (instances without one share the empty locality). Instances
-/// whose address is a DNS name are left out: gRPC and Envoy both require
-/// IP addresses in EDS, and one bad endpoint would make them reject the
-/// whole assignment.
-pub fn load_assignment(service: &str, instances: &[Arc<Instance>]) -> ClusterLoadAssignment {
+/// `zone` (instances without one share the empty locality), each with the
+/// health status of the module docs (`served` is the service's served set,
+/// in the order of `instances`). Instances whose address is a DNS name are
+/// left out: gRPC and Envoy both require IP addresses in EDS, and one bad
+/// endpoint would make them reject the whole assignment.
+pub fn load_assignment(
+    service: &str,
+    instances: &[Arc<Instance>],
+    served: &Served,
+) -> ClusterLoadAssignment {
     let mut zones: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
-    for inst in instances {
+    for (n, inst) in instances.iter().enumerate() {
         let Ok(addr) = inst.address.parse::<SocketAddr>() else {
             tracing::debug!(
                 service,
@@ -272,7 +302,13 @@ pub fn load_assignment(service: &str, instances: &[Arc<Instance>]) -> ClusterLoa
                 }),
                 ..Default::default()
             })),
-            health_status: HealthStatus::Healthy as i32,
+            health_status: if served.includes(n) {
+                HealthStatus::Healthy
+            } else if inst.admin_state != AdminState::Active as i32 {
+                HealthStatus::Draining
+            } else {
+                HealthStatus::Unhealthy
+            } as i32,
             load_balancing_weight: Some(UInt32Value {
                 value: inst.weight.max(1),
             }),
@@ -343,6 +379,7 @@ mod tests {
                 inst("d", "db.internal:83", 1, None),
                 inst("e", "10.0.0.5:84", 1, None),
             ],
+            &Served::all(),
         );
         assert_eq!(cla.cluster_name, "prod");
         /// (zone, locality weight, [(ip, port, weight)])
@@ -425,11 +462,99 @@ mod tests {
             ra.cluster_specifier,
             Some(ClusterSpecifier::Cluster("prod".into()))
         );
-        let c = cluster("prod");
+        let c = cluster("prod", &Config::default());
         assert_eq!(
             c.cluster_discovery_type,
             Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
         );
         assert_eq!(c.eds_cluster_config.unwrap().service_name, "prod");
+    }
+
+    #[test]
+    fn endpoint_health_follows_the_served_set() {
+        use crate::serving::{Class, Threshold};
+        use registry_api::v1::HealthState;
+        let mut draining = Instance::clone(&inst("b", "10.0.0.2:80", 1, None));
+        draining.admin_state = AdminState::Draining as i32;
+        let mut critical = Instance::clone(&inst("c", "10.0.0.3:80", 1, None));
+        critical.health = HealthState::Critical as i32;
+        let instances = vec![
+            inst("a", "10.0.0.1:80", 1, None),
+            Arc::new(draining),
+            Arc::new(critical),
+            inst("d", "10.0.0.4:80", 1, None),
+        ];
+        let served = Served::compute(
+            instances.iter().map(|i| crate::serving::class_of(i)),
+            Threshold::default(),
+        );
+        let statuses = |cla: ClusterLoadAssignment| -> Vec<i32> {
+            cla.endpoints[0]
+                .lb_endpoints
+                .iter()
+                .map(|e| e.health_status)
+                .collect()
+        };
+        assert_eq!(
+            statuses(load_assignment("prod", &instances, &served)),
+            [
+                HealthStatus::Healthy as i32,
+                HealthStatus::Draining as i32,
+                HealthStatus::Unhealthy as i32,
+                HealthStatus::Healthy as i32,
+            ]
+        );
+        // 1 of 2 active serving is not below 50%; 1 of 3 is: the critical
+        // one is sent as healthy, the draining one never.
+        let panicked = Served::compute(
+            [
+                Class::Serving,
+                Class::Inactive,
+                Class::Critical,
+                Class::Critical,
+            ],
+            Threshold::default(),
+        );
+        assert!(panicked.panicked());
+        assert_eq!(
+            statuses(load_assignment("prod", &instances, &panicked)),
+            [
+                HealthStatus::Healthy as i32,
+                HealthStatus::Draining as i32,
+                HealthStatus::Healthy as i32,
+                HealthStatus::Healthy as i32,
+            ]
+        );
+    }
+
+    #[test]
+    fn slow_start_and_panic_threshold_come_from_the_config() {
+        let config = Config {
+            slow_start_window: std::time::Duration::from_secs(30),
+            panic: crate::serving::PanicThresholds::new(50.0).with_service("prod", 20.0),
+            ..Config::default()
+        };
+        let c = cluster("prod", &config);
+        let Some(LbConfig::RoundRobinLbConfig(rr)) = c.lb_config else {
+            panic!("no round robin config");
+        };
+        assert_eq!(
+            rr.slow_start_config
+                .unwrap()
+                .slow_start_window
+                .unwrap()
+                .seconds,
+            30
+        );
+        let threshold = |c: Cluster| {
+            c.common_lb_config
+                .unwrap()
+                .healthy_panic_threshold
+                .unwrap()
+                .value
+        };
+        assert_eq!(threshold(cluster("prod", &config)), 20.0);
+        assert_eq!(threshold(cluster("other", &config)), 50.0);
+        assert!(cluster("prod", &Config::default()).lb_config.is_none());
     }
 }

@@ -301,7 +301,7 @@ impl Ctx<'_> {
                 .iter()
                 .map(|n| match ty {
                     ResourceType::Listener => resources::any(resources::listener(n)),
-                    _ => resources::any(resources::cluster(n)),
+                    _ => resources::any(resources::cluster(n, self.registry.config())),
                 })
                 .collect(),
         )
@@ -365,7 +365,11 @@ impl Ctx<'_> {
             }
             let cap = self.registry.config().max_services;
             out.push(self.cache.get_or_build(&name, snap.revision, cap, || {
-                resources::any(resources::load_assignment(&name, snap.instances()))
+                resources::any(resources::load_assignment(
+                    &name,
+                    snap.instances(),
+                    snap.served(),
+                ))
             }));
             sub.sent.insert(name, snap.revision);
         }

@@ -138,10 +138,12 @@ impl Watches {
             if self.watched.contains_key(&name) {
                 continue;
             }
+            // Any change may change the load assignment (an endpoint's
+            // health status), served or not.
             let handle = self.watch(WatchFilter {
                 service: Some(name.clone()),
-                selector: Vec::new(),
-                reader: None,
+                include_not_serving: true,
+                ..WatchFilter::default()
             })?;
             let cancel = CancellationToken::new();
             self.watchers.push(service_changes(

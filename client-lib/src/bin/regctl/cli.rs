@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, fmt::Write as _, io::Write, time::Duration};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use registry_client::{
-    DeregisterTarget, Error, Instance, Query, RegistrationState, RegistryClient, Snapshot,
-    WatchEvent, WatchOptions, shutdown_signal,
+    AdminState, DeregisterTarget, Error, HealthCheck, HealthState, Instance, Query,
+    RegistrationState, RegistryClient, Snapshot, WatchEvent, WatchOptions, shutdown_signal,
 };
 use serde::Serialize;
 
@@ -36,7 +36,7 @@ pub(crate) const DEFAULT_REGISTRY: &str = "http://127.0.0.1:7411";
 #[command(
     name = "regctl",
     version,
-    about = "Resolve, list, watch and register services in a registry"
+    about = "Resolve, list, watch, register, drain and maintain services in a registry"
 )]
 pub(crate) struct Cli {
     /// Registry address (several, comma-separated, are tried in order).
@@ -74,6 +74,15 @@ pub(crate) enum Format {
     Json,
 }
 
+/// `regctl maint on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MaintMode {
+    /// Disable: out of rotation.
+    On,
+    /// Active again.
+    Off,
+}
+
 /// regctl's subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -84,6 +93,10 @@ pub(crate) enum Command {
         /// Only instances with this metadata (repeatable, all must match).
         #[arg(long = "selector", short = 's', value_name = "K=V", value_parser = parse_kv)]
         selector: Vec<(String, String)>,
+        /// Also instances callers are not sent to (critical, draining,
+        /// disabled).
+        #[arg(long)]
+        all: bool,
     },
     /// Services with their instance counts.
     List,
@@ -94,6 +107,33 @@ pub(crate) enum Command {
         /// Only instances with this metadata (repeatable, all must match).
         #[arg(long = "selector", short = 's', value_name = "K=V", value_parser = parse_kv)]
         selector: Vec<(String, String)>,
+        /// Also instances callers are not sent to (critical, draining,
+        /// disabled), with every change of their state.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drain an instance: callers move off at once, its registration stays.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// Why (shown by resolve --all and watch).
+        #[arg(long, default_value = "drained with regctl")]
+        reason: String,
+    },
+    /// Maintenance mode of an instance: `on` takes it out of rotation
+    /// until `off`.
+    Maint {
+        /// `on` or `off`.
+        mode: MaintMode,
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+        /// Why (shown by resolve --all and watch).
+        #[arg(long, default_value = "maintenance")]
+        reason: String,
     },
     /// Register an instance and keep it alive until Ctrl-C, then deregister it.
     Register {
@@ -113,6 +153,9 @@ pub(crate) enum Command {
         /// Load-balancing weight.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// A health check for the registry to run against it.
+        #[command(flatten)]
+        check: Box<CheckArgs>,
     },
     /// Remove one instance (SERVICE ID), or a lease with all its instances (--lease).
     #[command(group = clap::ArgGroup::new("target").required(true).args(["service", "lease"]))]
@@ -133,6 +176,75 @@ pub(crate) enum Command {
         /// Shell to generate for.
         shell: clap_complete::Shell,
     },
+}
+
+/// `regctl register --check ...`: the registry probes the instance and
+/// serves it only while the check passes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct CheckArgs {
+    /// Health check the registry runs: `grpc` (grpc.health.v1, whole
+    /// server), `grpc:SERVICE`, `http:/PATH` (2xx passes, 429 warns) or
+    /// `tcp` (connect).
+    #[arg(long, value_name = "KIND", value_parser = parse_check)]
+    check: Option<HealthCheck>,
+    /// `host:port` to check instead of the instance's address.
+    #[arg(long, requires = "check")]
+    check_address: Option<String>,
+    /// Time between checks (registry default 10s).
+    #[arg(long, requires = "check", value_parser = humantime::parse_duration)]
+    check_interval: Option<Duration>,
+    /// Time one check may take (registry default: the interval, at most 5s).
+    #[arg(long, requires = "check", value_parser = humantime::parse_duration)]
+    check_timeout: Option<Duration>,
+    /// Failed checks in a row before the instance turns critical (default 3).
+    #[arg(long, requires = "check")]
+    failures_before_critical: Option<u32>,
+    /// Passing checks in a row before a critical instance serves again
+    /// (default 1).
+    #[arg(long, requires = "check")]
+    successes_before_passing: Option<u32>,
+    /// Serve it from the start, before its first check passes (default:
+    /// critical until then).
+    #[arg(long, requires = "check")]
+    initially_passing: bool,
+}
+
+impl CheckArgs {
+    /// The check these flags describe, if any.
+    fn build(self) -> Option<HealthCheck> {
+        let mut check = self.check?;
+        if let Some(a) = self.check_address {
+            check = check.address(a);
+        }
+        if let Some(d) = self.check_interval {
+            check = check.interval(d);
+        }
+        if let Some(d) = self.check_timeout {
+            check = check.timeout(d);
+        }
+        if let Some(n) = self.failures_before_critical {
+            check = check.failures_before_critical(n);
+        }
+        if let Some(n) = self.successes_before_passing {
+            check = check.successes_before_passing(n);
+        }
+        if self.initially_passing {
+            check = check.initial_state(HealthState::Passing);
+        }
+        Some(check)
+    }
+}
+
+fn parse_check(s: &str) -> Result<HealthCheck, String> {
+    match s.split_once(':') {
+        None if s == "grpc" => Ok(HealthCheck::grpc("")),
+        None if s == "tcp" => Ok(HealthCheck::tcp()),
+        Some(("grpc", service)) => Ok(HealthCheck::grpc(service)),
+        Some(("http", path)) if path.starts_with('/') => Ok(HealthCheck::http(path)),
+        _ => Err(format!(
+            "{s:?}: expected grpc, grpc:SERVICE, http:/PATH or tcp"
+        )),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -255,7 +367,28 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
     };
     match cli.command {
         Command::Completions { .. } => unreachable!("handled above"),
-        Command::Resolve { service, selector } => resolve(&ctx, service, selector, out).await,
+        Command::Resolve {
+            service,
+            selector,
+            all,
+        } => resolve(&ctx, service, selector, all, out).await,
+        Command::Drain {
+            service,
+            id,
+            reason,
+        } => set_state(&ctx, service, id, AdminState::Draining, reason, out).await,
+        Command::Maint {
+            mode,
+            service,
+            id,
+            reason,
+        } => {
+            let state = match mode {
+                MaintMode::On => AdminState::Disabled,
+                MaintMode::Off => AdminState::Active,
+            };
+            set_state(&ctx, service, id, state, reason, out).await
+        }
         Command::List => list(&ctx, out).await,
         Command::Deregister { service, id, lease } => {
             let target = match (service, id, lease) {
@@ -297,7 +430,11 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             Ok(EXIT_OK)
         }
         Command::Status => status(&ctx, out).await,
-        Command::Watch { service, selector } => watch(&ctx, service, selector, out).await,
+        Command::Watch {
+            service,
+            selector,
+            all,
+        } => watch(&ctx, service, selector, all, out).await,
         Command::Register {
             service,
             address,
@@ -305,7 +442,8 @@ async fn dispatch(cli: Cli, out: &mut (dyn Write + Send)) -> Result<u8, Failure>
             ttl,
             meta,
             weight,
-        } => register(&ctx, service, address, id, ttl, meta, weight, out).await,
+            check,
+        } => register(&ctx, service, address, id, ttl, meta, weight, *check, out).await,
     }
 }
 
@@ -315,18 +453,62 @@ fn query(service: String, selector: Vec<(String, String)>) -> Query {
         .fold(Query::new(service), |q, (k, v)| q.with_selector(k, v))
 }
 
+async fn set_state(
+    ctx: &Ctx,
+    service: String,
+    id: String,
+    state: AdminState,
+    reason: String,
+    out: &mut (dyn Write + Send),
+) -> Result<u8, Failure> {
+    let done = ctx
+        .client
+        .set_instance_state(&service, &id, state, reason)
+        .await
+        .map_err(|e| ctx.fail(e))?;
+    match ctx.format {
+        Format::Json => json_line(
+            out,
+            &JsonStateSet {
+                service: &service,
+                id: &id,
+                admin_state: state.as_str(),
+                revision: done.revision,
+                instance: JsonInstance::from(&done.instance),
+            },
+        )
+        .map_err(io)?,
+        Format::Table => writeln!(
+            out,
+            "{service}/{id} is {} at revision {}",
+            state.as_str(),
+            done.revision
+        )
+        .map_err(io)?,
+    }
+    Ok(EXIT_OK)
+}
+
 async fn resolve(
     ctx: &Ctx,
     service: String,
     selector: Vec<(String, String)>,
+    all: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
-    let resp = ctx
+    let mut request = ctx
         .client
         .resolve(query(service.clone(), selector))
-        .with_lease_ttl()
-        .await
-        .map_err(|e| ctx.fail(e))?;
+        .with_lease_ttl();
+    if all {
+        request = request.include_not_serving();
+    }
+    let resp = request.await.map_err(|e| ctx.fail(e))?;
+    if resp.panicked {
+        eprintln!(
+            "regctl: service {service:?} is in panic mode: too few instances are healthy, so every active one is served"
+        );
+    }
     match ctx.format {
         Format::Json => json_line(
             out,
@@ -335,6 +517,7 @@ async fn resolve(
                 known: resp.service_known,
                 revision: resp.revision,
                 warming_up: resp.server.warming_up,
+                panicked: resp.panicked,
                 instances: resp.instances.iter().map(JsonInstance::from).collect(),
             },
         )
@@ -348,6 +531,8 @@ async fn resolve(
                         i.id.clone(),
                         i.address.clone(),
                         i.weight.to_string(),
+                        i.health.as_str().to_owned(),
+                        i.admin_state.as_str().to_owned(),
                         format_ttl(i.lease_remaining),
                         format_metadata(&i.metadata),
                     ]
@@ -356,7 +541,12 @@ async fn resolve(
             write!(
                 out,
                 "{}",
-                table(&["ID", "ADDRESS", "WEIGHT", "TTL", "METADATA"], rows)
+                table(
+                    &[
+                        "ID", "ADDRESS", "WEIGHT", "HEALTH", "STATE", "TTL", "METADATA"
+                    ],
+                    rows
+                )
             )
             .map_err(io)?;
         }
@@ -457,11 +647,12 @@ async fn watch(
     ctx: &Ctx,
     service: Option<String>,
     selector: Vec<(String, String)>,
+    all: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
     let mut stream = ctx.client.watch(
         query(service.unwrap_or_default(), selector),
-        WatchOptions::default(),
+        WatchOptions::default().include_not_serving(all),
     );
     let mut seen_anything = false;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -588,7 +779,19 @@ fn describe(i: &Instance) -> String {
     } else {
         format!(" {meta}")
     };
-    format!("{}/{} {}{meta}", i.service, i.id, i.address)
+    // Only what is unusual: a serving instance reads as before.
+    let mut state = String::new();
+    if i.health != registry_client::HealthState::Passing {
+        let _ = write!(state, " [{}]", i.health.as_str());
+    }
+    if i.admin_state != AdminState::Active {
+        let _ = write!(state, " [{}", i.admin_state.as_str());
+        if !i.admin_reason.is_empty() {
+            let _ = write!(state, ": {}", i.admin_reason);
+        }
+        state.push(']');
+    }
+    format!("{}/{} {}{meta}{state}", i.service, i.id, i.address)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -600,9 +803,13 @@ async fn register(
     ttl: Duration,
     meta: Vec<(String, String)>,
     weight: u32,
+    check: CheckArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<u8, Failure> {
     let mut instance = Instance::new(service, address).with_weight(weight);
+    if let Some(check) = check.build() {
+        instance = instance.with_check(check);
+    }
     if let Some(id) = id {
         instance = instance.with_id(id);
     }
@@ -752,6 +959,12 @@ struct JsonInstance<'a> {
     revision: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     lease_ttl_ms: Option<u64>,
+    health: &'static str,
+    admin_state: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    admin_reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_check: Option<&'a str>,
 }
 
 impl<'a> From<&'a Instance> for JsonInstance<'a> {
@@ -769,6 +982,10 @@ impl<'a> From<&'a Instance> for JsonInstance<'a> {
             lease_id: i.lease_id,
             revision: i.revision,
             lease_ttl_ms: i.lease_remaining.map(|d| d.as_millis() as u64),
+            health: i.health.as_str(),
+            admin_state: i.admin_state.as_str(),
+            admin_reason: &i.admin_reason,
+            last_check: i.last_check.as_ref().map(|c| c.output.as_str()),
         }
     }
 }
@@ -779,7 +996,17 @@ struct JsonResolve<'a> {
     known: bool,
     revision: u64,
     warming_up: bool,
+    panicked: bool,
     instances: Vec<JsonInstance<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonStateSet<'a> {
+    service: &'a str,
+    id: &'a str,
+    admin_state: &'static str,
+    revision: u64,
+    instance: JsonInstance<'a>,
 }
 
 #[derive(Debug, Serialize)]
