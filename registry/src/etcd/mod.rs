@@ -530,8 +530,11 @@ impl EtcdStore {
                 if !store.is_stale() {
                     return;
                 }
-                if applied.changed().await.is_err() {
-                    return;
+                // Woken by the session's first `applied`; the short poll is
+                // a backstop against a wake-up racing the stale flag.
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
         })

@@ -282,8 +282,11 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
             .watch(ReceiverStream::new(w_rx)),
     )
     .await?;
-    store.applied.send_replace(revision as u64);
+    // Fresh first, then the notification: whoever wakes on `applied` (the
+    // first-sync wait at start) must see the node fresh, or on a quiet
+    // cluster it would wait for an event that never comes.
     store.stale.store(false, Ordering::Release);
+    store.applied.send_replace(revision as u64);
     let mut pending_renewal: Option<tokio::time::Instant> = None;
     tracing::info!(revision, lease, "etcd session up");
 
