@@ -217,6 +217,18 @@ async fn session(store: &Arc<EtcdStore>) -> Result<(), Status> {
             "our etcd lease expired; granting a new one and re-putting our instances"
         );
         lease_lost = true;
+        // etcd deletes an expired lease's keys lazily (its lessor revokes
+        // expired leases in batches, e.g. only once a paused etcd runs
+        // again). Revoke it now, so the listing below no longer shows our
+        // instances under the old lease (where they would look like another
+        // node's and be forgotten) and no late revocation deletes what we
+        // are about to put back. NotFound: etcd already revoked it.
+        match call(leases.lease_revoke(LeaseRevokeRequest { id: lease })).await {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) if status.message().contains("lease not found") => {}
+            Err(status) => return Err(status),
+        }
         lease = grant(&mut leases, ttl_s).await?;
     }
     store.node_lease.store(lease, Ordering::Release);
