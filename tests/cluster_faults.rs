@@ -25,6 +25,9 @@
 //! - callers' calls that failed for lack of an address (no instance to
 //!   send to within the call's 1 s deadline): goal 0.
 //!
+//! `FAULTS_LOG=registry_client=info` (an env filter) prints the test's
+//! clients' own logs (keepers, resolvers, balanced channels) to stderr.
+//!
 //! `cargo test` runs the short form (6 services, 3 callers, 6 s outages,
 //! 2 s etcd leases; about a minute). The full run of the issue (20 services, 5
 //! callers, 20 s outages, 10 s etcd leases) is
@@ -300,6 +303,12 @@ keeps them always.";
     }
 
     pub(crate) fn main() {
+        if std::env::var_os("FAULTS_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_env("FAULTS_LOG"))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let settings = match settings_from_args() {
             Ok(Some(s)) => s,
             Ok(None) => return,

@@ -308,6 +308,7 @@ pub(crate) fn spawn(endpoints: Arc<Endpoints>) -> (Arc<KeeperHandle>, Weak<()>) 
         backoff: Backoff::default(),
         epoch: 0,
         last_stale_probe: None,
+        former_leases: std::collections::VecDeque::new(),
     };
     tokio::spawn(async move {
         let _alive = alive;
@@ -434,7 +435,15 @@ struct Keeper {
     epoch: u64,
     /// When the keeper last looked for a node that is not stale.
     last_stale_probe: Option<Instant>,
+    /// Leases this keeper held and gave up (most recent last, bounded): a
+    /// key still showing one of them is our own earlier registration (e.g.
+    /// put back by a cluster node after it lost its etcd lease), not
+    /// another process taking the id.
+    former_leases: std::collections::VecDeque<u64>,
 }
+
+/// How many given-up leases a keeper remembers as its own.
+const FORMER_LEASES: usize = 64;
 
 impl Keeper {
     async fn run(mut self) {
@@ -732,10 +741,14 @@ impl Keeper {
                     };
                     self.settle_on(node, ttl);
                     let group = self.groups.get_mut(&ttl).expect("group of a live entry");
+                    let replaced = group.lease.filter(|l| l.id != granted.id).map(|l| l.id);
                     if group.lease.is_none_or(|l| l.id != granted.id) {
                         group.next_renew = Instant::now() + granted.renew_interval();
                     }
                     group.lease = Some(granted);
+                    if let Some(old) = replaced {
+                        self.remember_former(old);
+                    }
                     let entry = self.entries.get_mut(key).expect("entry being registered");
                     entry.registered = true;
                     entry.replaced_by = None;
@@ -1022,6 +1035,11 @@ impl Keeper {
             }
             return;
         }
+        if self.former_leases.contains(&instance.lease_id) {
+            // Our own earlier registration, still (or again) in the catalog:
+            // not a conflict; registering again replaces it.
+            return;
+        }
         // Only news newer than our own registration counts: the watch may
         // still be showing the state just before it.
         let newer = entry.epoch != epoch
@@ -1228,7 +1246,18 @@ impl Keeper {
         }
     }
 
+    fn remember_former(&mut self, lease_id: u64) {
+        if self.former_leases.contains(&lease_id) {
+            return;
+        }
+        if self.former_leases.len() == FORMER_LEASES {
+            self.former_leases.pop_front();
+        }
+        self.former_leases.push_back(lease_id);
+    }
+
     fn lease_lost(&mut self, lease_id: u64) {
+        self.remember_former(lease_id);
         for group in self.groups.values_mut() {
             if group.lease.is_some_and(|l| l.id == lease_id) {
                 group.lease = None;
