@@ -56,8 +56,10 @@ const CATALOG_FACTOR: u64 = 8;
 const PER_WATCHER: u64 = 256 * 1024;
 /// Register latencies sampled for each p99.
 const SAMPLES: usize = 300;
-/// Absolute slack on the 2x latency rule: below this, scheduler noise on a
-/// shared 2-core machine, not the registry.
+/// Absolute slack added to the 2x latency rule: scheduler noise of a debug
+/// build on a shared 2-core machine (a p99 of ~2 ms moves by this much from
+/// run to run), far below the stalls the rule is about (a writer lock held
+/// for O(catalog) work: tens to hundreds of milliseconds).
 const LATENCY_SLACK: Duration = Duration::from_millis(1);
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -183,7 +185,7 @@ async fn five_hundred_unread_watch_all_streams_keep_rss_and_register_latency_bou
     let idle_p99 = p99(register_latencies(&mut client, probe_lease, SAMPLES).await);
     let rss_idle = server.rss_bytes();
     let bound = rss_idle + CATALOG_FACTOR * catalog_bytes + WATCHERS as u64 * PER_WATCHER;
-    let latency_limit = (idle_p99 * 2).max(idle_p99 + LATENCY_SLACK);
+    let latency_limit = idle_p99 * 2 + LATENCY_SLACK;
     println!(
         "watch_memory: catalog {:.1} MiB encoded, registry RSS {:.1} MiB idle, bound {:.1} MiB; Register p99 idle {idle_p99:?} (limit {latency_limit:?})",
         catalog_bytes as f64 / MIB,
@@ -296,14 +298,14 @@ async fn five_hundred_unread_watch_all_streams_keep_rss_and_register_latency_bou
     }
     if opening_p99 > latency_limit {
         problems.push(format!(
-            "Register p99 was {opening_p99:?} while the streams were being opened, above 2 x the idle {idle_p99:?}"
+            "Register p99 was {opening_p99:?} while the streams were being opened, above 2 x the idle {idle_p99:?} + {LATENCY_SLACK:?}"
         ));
     }
     if let Some(p) = open_p99
         && p > latency_limit
     {
         problems.push(format!(
-            "Register p99 was {p:?} with {WATCHERS} unread streams open, above 2 x the idle {idle_p99:?}"
+            "Register p99 was {p:?} with {WATCHERS} unread streams open, above 2 x the idle {idle_p99:?} + {LATENCY_SLACK:?}"
         ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
