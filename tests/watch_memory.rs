@@ -3,7 +3,7 @@
 //! and never read. The registry (the real binary, so RSS is its own) must
 //! stay under a stated RSS bound, and Register's p99 latency, while the
 //! streams are being opened and once they are all open, must stay within
-//! twice its idle figure.
+//! twice its idle figure (plus 1 ms of scheduler noise, see LATENCY_SLACK).
 //!
 //! The streams are really unread: they come over connections whose HTTP/2
 //! windows are small (16 KiB per stream, 64 KiB per connection) and their
