@@ -1123,6 +1123,8 @@ impl Txn<'_> {
         writer.history_len = 0;
         writer.compacted = revision;
         writer.listing.revision = revision;
+        catalog.listing.store(Arc::new(writer.listing.clone()));
+        catalog.revision.store(revision, Ordering::Release);
         for slot in writer
             .watchers
             .all
@@ -1131,8 +1133,6 @@ impl Txn<'_> {
         {
             slot.overflowed.store(RESET_EPOCH, Ordering::Release);
         }
-        catalog.listing.store(Arc::new(writer.listing.clone()));
-        catalog.revision.store(revision, Ordering::Release);
     }
 
     /// [`Txn::commit`] at a revision given from outside (the etcd store:
@@ -1333,6 +1333,7 @@ impl Txn<'_> {
             writer.history_len = 0;
             writer.compacted = revision;
         }
+        let mut batch_out = None;
         if !events.is_empty() {
             let first = &events[0].instance.service;
             let single = events.iter().all(|e| e.instance.service == *first);
@@ -1358,11 +1359,19 @@ impl Txn<'_> {
                 writer.compacted = front.revision;
                 writer.history.pop_front();
             }
-            fan_out(&writer.watchers, &batch);
+            batch_out = Some(batch);
         }
         writer.listing.revision = revision;
         catalog.listing.store(Arc::new(writer.listing.clone()));
         catalog.revision.store(revision, Ordering::Release);
+        // Watchers hear of the revision only once everything a reader may
+        // consult for it (the listing, the catalog revision) shows it: an
+        // xDS stream woken by this batch builds its wildcard CDS from the
+        // listing, and would otherwise see the service set of the revision
+        // before and drop the change.
+        if let Some(batch) = batch_out {
+            fan_out(&writer.watchers, &batch);
+        }
         revision
     }
 }
