@@ -11,9 +11,9 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::TestServer;
+use common::{TestServer, api};
 use futures::StreamExt;
-use registry::{Config, auth::hash_token};
+use registry::Config;
 use registry_client::{
     AdminState, DeleteReason, Instance, RegistryClient, WatchEvent, WatchOptions,
 };
@@ -26,8 +26,7 @@ const READER: &str = "reader-secret";
 const ADMIN: &str = "admin-secret";
 
 fn auth_file() -> PathBuf {
-    let text = format!(
-        r#"
+    let roles = r#"
 [roles.prod]
 register = ["prod"]
 read = ["prod"]
@@ -37,36 +36,16 @@ read = ["*"]
 
 [roles.ops]
 admin = ["*"]
-
-[[tokens]]
-name = "prod-deployer"
-sha256 = "{}"
-roles = ["prod"]
-
-[[tokens]]
-name = "prod-other"
-sha256 = "{}"
-roles = ["prod"]
-
-[[tokens]]
-name = "dashboard"
-sha256 = "{}"
-roles = ["reader"]
-
-[[tokens]]
-name = "oncall"
-sha256 = "{}"
-roles = ["ops"]
-"#,
-        hash_token(PROD),
-        hash_token(OTHER),
-        hash_token(READER),
-        hash_token(ADMIN),
-    );
-    let path =
-        std::env::temp_dir().join(format!("registry-drain-auth-{}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path
+"#;
+    api::auth_file(
+        roles,
+        &[
+            ("prod-deployer", PROD, &["prod"]),
+            ("prod-other", OTHER, &["prod"]),
+            ("dashboard", READER, &["reader"]),
+            ("oncall", ADMIN, &["ops"]),
+        ],
+    )
 }
 
 struct Out {

@@ -1,26 +1,17 @@
 //! Interop: a stock gRPC implementation that is not ours (Python's grpcio,
 //! from PyPI) discovers ProdService through the registry's xDS server alone.
 //!
-//! The Python interpreter comes from `REGISTRY_TEST_PYTHON` (which `.ci/run`
-//! exports for the virtualenv it creates), else `.ci-venv/bin/python` in the
-//! workspace. Under CI (`CI` set) a missing or incomplete interpreter fails
-//! the test; elsewhere the test is skipped with a message saying how to get
-//! one.
+//! The interpreter, the stubs and the bootstrap come from `common::python`
+//! (under CI a missing interpreter fails the test; elsewhere it is skipped).
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, sync::atomic::Ordering, time::Duration};
 
-use common::{TestServer, prod::ProdInstance};
+use common::{TestServer, prod::ProdInstance, python};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader},
-    process::{Child, ChildStdout, Command},
+    process::{Child, ChildStdout},
     time::Instant,
 };
 
@@ -28,69 +19,6 @@ const TTL: Duration = Duration::from_secs(5);
 /// The issue's bound: after an instance deregisters, the Python client must
 /// stop reaching it within this.
 const STOP_WITHIN: Duration = Duration::from_secs(1);
-
-/// The interpreter to use, or `None` (after explaining) to skip.
-async fn python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidate = std::env::var_os("REGISTRY_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".ci-venv/bin/python"));
-    let usable = Command::new(&candidate)
-        .args(["-c", "import grpc, grpc_tools.protoc"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(candidate);
-    }
-    let why = format!(
-        "no Python with grpcio and grpcio-tools at {} (set REGISTRY_TEST_PYTHON, or run \
-         `python3 -m venv .ci-venv && .ci-venv/bin/pip install -r tests/python/requirements.txt`)",
-        candidate.display()
-    );
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
-        panic!("{why}; .ci/run must create it");
-    }
-    eprintln!("SKIPPED xds_python: {why}");
-    None
-}
-
-/// Generates prod_pb2 / prod_pb2_grpc into `dir` with grpcio-tools.
-async fn generate_stubs(python: &Path, dir: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(python)
-        .arg("-m")
-        .arg("grpc_tools.protoc")
-        .arg(format!("-I{}", root.join("proto/examples").display()))
-        .arg(format!("--python_out={}", dir.display()))
-        .arg(format!("--grpc_python_out={}", dir.display()))
-        .arg(root.join("proto/examples/prod.proto"))
-        .output()
-        .await
-        .expect("run grpc_tools.protoc");
-    assert!(
-        out.status.success(),
-        "grpc_tools.protoc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The gRPC xDS bootstrap pointing at the test registry.
-fn bootstrap(server: &TestServer) -> String {
-    format!(
-        r#"{{
-  "xds_servers": [{{
-    "server_uri": "{}",
-    "channel_creds": [{{"type": "insecure"}}],
-    "server_features": ["xds_v3"]
-  }}],
-  "node": {{"id": "xds-python-test", "locality": {{"zone": "test"}}}}
-}}"#,
-        server.addr
-    )
-}
 
 /// The Python client's output, line by line, with a deadline per line.
 struct Calls {
@@ -119,35 +47,19 @@ async fn stderr_of(child: &mut Child) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpc_client_balances_and_drops_a_deregistered_instance() {
-    let Some(python) = python().await else {
+    let Some(python) = python::python("xds_python").await else {
         return;
     };
     let dir =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("xds-python-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    generate_stubs(&python, &dir).await;
 
     let server = TestServer::start_with(TestServer::no_warmup_config()).await;
     let mut instances = Vec::new();
     for id in ["prod-a", "prod-b", "prod-c"] {
         instances.push(ProdInstance::start(&server.url, id, TTL).await);
     }
-    let bootstrap_path = dir.join("bootstrap.json");
-    std::fs::write(&bootstrap_path, bootstrap(&server)).unwrap();
-
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/xds_client.py");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .args(["xds:///prod", "30", "0.01"])
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap_path)
-        .env("PYTHONPATH", &dir)
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start python client");
+    let mut child = python::xds_client(&python, &dir, server.addr, "xds:///prod", 30).await;
     let mut calls = Calls {
         lines: BufReader::new(child.stdout.take().unwrap()).lines(),
     };

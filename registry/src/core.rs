@@ -675,18 +675,8 @@ impl Registry {
         let lease_id = txn.lease_of(service, id).ok_or_else(|| {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
         })?;
-        if let Some(c) = caller {
-            let owner = self
-                .shared
-                .leases
-                .get(lease_id)
-                .and_then(|l| l.owner.clone());
-            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, service) {
-                return Err(Error::PermissionDenied(format!(
-                    "instance {id:?} of service {service:?} is registered by another identity; only it or an admin may remove it"
-                )));
-            }
-        }
+        let lease = self.shared.leases.get(lease_id);
+        owner_or_admin(caller, lease.as_deref(), service, id, "remove it")?;
         let key = InstanceKey {
             service: service.into(),
             id: id.into(),
@@ -756,14 +746,7 @@ impl Registry {
             Error::NotFound(format!("instance {id:?} of service {service:?} not found"))
         })?;
         let lease = self.shared.leases.get(current.lease_id);
-        if let Some(c) = caller {
-            let owner = lease.as_ref().and_then(|l| l.owner.clone());
-            if owner.as_deref() != Some(&*c.name) && !c.may(Action::Admin, service) {
-                return Err(Error::PermissionDenied(format!(
-                    "instance {id:?} of service {service:?} is registered by another identity; only it or an admin may change its state"
-                )));
-            }
-        }
+        owner_or_admin(caller, lease.as_deref(), service, id, "change its state")?;
         if self.shared.store.etcd().is_some() && lease.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "instance {id:?} of service {service:?} is registered through another registry node; change its state on that node"
@@ -1109,6 +1092,26 @@ fn carry_states(instance: &mut Instance, previous: Option<&Instance>, same_lease
             instance.admin_reason = p.admin_reason.clone();
         }
     }
+}
+
+/// With auth on, only the identity that registered an instance (the owner
+/// of its lease) or an admin of its service may act on it (`what`: the
+/// action, for the message).
+fn owner_or_admin(
+    caller: Option<&Identity>,
+    lease: Option<&Lease>,
+    service: &str,
+    id: &str,
+    what: &str,
+) -> Result<()> {
+    let Some(c) = caller else { return Ok(()) };
+    let owner = lease.and_then(|l| l.owner.as_deref());
+    if owner != Some(&*c.name) && !c.may(Action::Admin, service) {
+        return Err(Error::PermissionDenied(format!(
+            "instance {id:?} of service {service:?} is registered by another identity; only it or an admin may {what}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
